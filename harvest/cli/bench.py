@@ -1,0 +1,24 @@
+"""`harvest bench SUITE [--quick] [--out DIR]`: one entry point for every benchmark suite."""
+
+from importlib import import_module
+from pathlib import Path
+
+import typer
+
+from harvest.cli.app import app
+
+# suite name -> module in workloads/bench exposing `run(quick: bool, out: Path) -> dict`
+SUITES = {"engine": "workloads.bench.engine"}
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help=f"One of: {', '.join(SUITES)}."),
+    quick: bool = typer.Option(False, "--quick", help="Small CI-sized run (under 3 minutes on 2 cores)."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Directory for SUITE.json and plots."),
+) -> None:
+    """Run a benchmark suite: prints a table, writes OUT/SUITE.json and PNG plots."""
+    if suite not in SUITES:
+        raise typer.BadParameter(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}", param_hint="SUITE")
+    out.mkdir(parents=True, exist_ok=True)
+    import_module(SUITES[suite]).run(quick=quick, out=out)

@@ -1,0 +1,53 @@
+"""Incremental detokenization with stop strings, for requests that stream text."""
+
+from __future__ import annotations
+
+
+class Detokenizer:
+    """Decodes a growing list of token ids a small window at a time.
+
+    Text is released only once it is complete UTF-8 and cannot be the start of a stop
+    string; a stop string ends the text (the string itself is not included).
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop or []
+        self.hold_back = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # everything decoded so far (stop string cut off once found)
+        self.emitted = 0  # characters of `text` already released
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text that became final."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self._check_stop()
+        end = len(self.text) if self.stopped else max(self.emitted, len(self.text) - self.hold_back)
+        delta, self.emitted = self.text[self.emitted : end], end
+        return delta
+
+    def flush(self) -> str:
+        """Release what was held back (the request ended without a stop string)."""
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
+        return delta
+
+    def _check_stop(self) -> None:
+        if self.stopped or not self.stop:
+            return
+        # only the newly added tail (plus an overlap) can contain a new match
+        start = max(0, self.emitted - self.hold_back)
+        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True

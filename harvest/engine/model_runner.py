@@ -1,0 +1,144 @@
+"""Loads a Hugging Face causal LM and runs one forward over a ragged batch.
+
+Knows nothing of scheduling: it gets requests and how many new tokens of each to compute,
+writes their keys/values into the paged pool and returns the logits of the rows that
+finish catching up this step (the ones that sample a token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from harvest.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, PrefillChunk
+from harvest.engine.request import Request
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        config = config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            max_position_embeddings=config.max_position_embeddings,
+            sliding_window=getattr(config, "sliding_window", None),
+        )
+
+    def block_bytes(self, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * elem
+
+
+def load_shape(model_path: str) -> ModelShape:
+    return ModelShape.from_config(AutoConfig.from_pretrained(model_path))
+
+
+class ModelRunner:
+    def __init__(self, model_path: str, device: str, dtype: str, num_blocks: int, block_size: int) -> None:
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.block_size = block_size
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
+        ).to(self.device)
+        self.model.eval()
+        self.shape = ModelShape.from_config(self.model.config)
+        s = self.shape
+        self.kv_cache = torch.zeros(
+            s.num_layers, 2, num_blocks * block_size, s.num_kv_heads, s.head_dim,
+            dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        blocks = torch.tensor(block_table, dtype=torch.long)
+        pos = torch.arange(start, end)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(self, requests: list[Request], num_new_tokens: list[int]):
+        """Flatten the batch into input ids, positions, slots and attention metadata."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        decode_index: list[int] = []
+        decodes: list[Request] = []
+        prefills: list[PrefillChunk] = []
+        sample_index: list[int] = []
+        for req, n in zip(requests, num_new_tokens):
+            start = req.num_computed_tokens
+            query_start = len(input_ids)
+            input_ids += req.token_ids[start : start + n]
+            positions += range(start, start + n)
+            if start + n == req.num_tokens:
+                sample_index.append(query_start + n - 1)
+            if n == 1:
+                decode_index.append(query_start)
+                decodes.append(req)
+            else:
+                prefills.append(PrefillChunk(query_start, n, start, self._slots(req.block_table, 0, start + n)))
+        pos = torch.tensor(positions, dtype=torch.long)
+        slot_mapping = self._slot_mapping(requests, num_new_tokens)
+        decode_slots, decode_mask = self._decode_context(decodes)
+        dev = self.device
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=slot_mapping.to(dev),
+            decode_index=torch.tensor(decode_index, dtype=torch.long, device=dev),
+            decode_slots=decode_slots.to(dev),
+            decode_mask=decode_mask.to(dev),
+            prefills=[PrefillChunk(c.query_start, c.query_len, c.context_len, c.slots.to(dev)) for c in prefills],
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        return ids, pos.to(dev), meta, torch.tensor(sample_index, dtype=torch.long, device=dev)
+
+    def _slot_mapping(self, requests: list[Request], num_new_tokens: list[int]) -> torch.Tensor:
+        parts = [
+            self._slots(r.block_table, r.num_computed_tokens, r.num_computed_tokens + n)
+            for r, n in zip(requests, num_new_tokens)
+        ]
+        return torch.cat(parts)
+
+    def _decode_context(self, decodes: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded context slots of every single-token query; computed once, used by every layer."""
+        if not decodes:
+            return torch.empty(0, 0, dtype=torch.long), torch.empty(0, 1, 1, 0, dtype=torch.bool)
+        ctx = torch.tensor([r.num_computed_tokens + 1 for r in decodes])
+        max_blocks = max(len(r.block_table) for r in decodes)
+        tables = torch.tensor([r.block_table + [0] * (max_blocks - len(r.block_table)) for r in decodes])
+        offsets = torch.arange(self.block_size)
+        slots = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, : int(ctx.max())]
+        mask = torch.arange(slots.shape[1]) < ctx[:, None]
+        return slots, mask[:, None, None, :]
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        requests: list[Request],
+        num_new_tokens: list[int],
+        abort: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Run the step; returns float32 logits [num_sampling_rows, vocab] in batch order."""
+        ids, pos, meta, sample_index = self.prepare(requests, num_new_tokens)
+        meta.abort = abort
+        out = self.model(
+            input_ids=ids[None],
+            position_ids=pos[None],
+            use_cache=False,
+            logits_to_keep=sample_index,
+            harvest_batch=meta,
+        )
+        return out.logits[0].float()

@@ -1,0 +1,115 @@
+"""A request owns its state; everything derived is a property."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from harvest.engine.sampling import SamplingParams, make_generator
+
+
+class RequestClass(str, enum.Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos, stop token or stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"
+
+
+class Request:
+    """Prompt + generated token ids and one progress counter, `num_computed_tokens`.
+
+    Prefill, chunked prefill and recompute after preemption are all the same thing:
+    `num_computed_tokens` catching up with `num_tokens`.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_class: RequestClass = RequestClass.OFFLINE,
+        arrival_time: float | None = None,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: empty prompt")
+        self.request_id = request_id
+        self.params = params
+        self.request_class = RequestClass(request_class)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.generator: torch.Generator | None = make_generator(params)
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_online(self) -> bool:
+        return self.request_class is RequestClass.ONLINE
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.request_class.value}, {self.status.value}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={len(self.block_table)})"
+        )
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request, or (`finished`) the whole completion.
+
+    `token_ids` and `text` are cumulative; `new_token_ids` and `delta_text` are this step's
+    part. Mid-stream `text` is filled only for requests that stream text.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]
+    text: str = ""
+    delta_text: str = ""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_preemptions: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)

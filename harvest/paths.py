@@ -1,0 +1,25 @@
+"""Where harvest keeps its local state (models, embedded Redis data)."""
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """$HARVEST_HOME, else $XDG_DATA_HOME/harvest, else ~/.local/share/harvest."""
+    if home := os.environ.get("HARVEST_HOME"):
+        return Path(home)
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "harvest"
+
+
+def default_model_dir() -> Path:
+    return data_dir() / "models" / "tiny-llama"
+
+
+def ensure_default_model(train_seconds: float = 60.0) -> Path:
+    """The demo model: a tiny llama trained briefly on the bundled corpus, built once."""
+    path = default_model_dir()
+    if not (path / "config.json").exists():
+        from harvest.models.tiny import make_tiny
+
+        make_tiny(path, "llama", hidden=128, layers=4, train_seconds=train_seconds)
+    return path
