@@ -19,6 +19,8 @@ def bench(
 ) -> None:
     """Run a benchmark suite: prints a table, writes OUT/SUITE.json and PNG plots."""
     if suite not in SUITES:
-        raise typer.BadParameter(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}", param_hint="SUITE")
+        raise typer.BadParameter(
+            f"unknown suite {suite!r}; choose from {', '.join(SUITES)}", param_hint="SUITE"
+        )
     out.mkdir(parents=True, exist_ok=True)
     import_module(SUITES[suite]).run(quick=quick, out=out)

@@ -24,6 +24,9 @@ def demo(max_tokens: int = typer.Option(32, help="Tokens to generate per prompt.
     from harvest.engine import Engine, SamplingParams
     from harvest.paths import default_model_dir, ensure_default_model
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     console = Console()
     if not (default_model_dir() / "config.json").exists():
         with console.status("training the tiny demo model on the bundled corpus (about a minute)..."):
@@ -37,4 +40,6 @@ def demo(max_tokens: int = typer.Option(32, help="Tokens to generate per prompt.
         table.add_row(prompt, out.text.strip(), out.finish_reason.value)
     console.print(table)
     tokens = sum(o.num_output_tokens for o in outputs)
-    console.print(f"{len(outputs)} requests, {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.0f} tok/s)")
+    console.print(
+        f"{len(outputs)} requests, {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.0f} tok/s)"
+    )

@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 ATTN_IMPLEMENTATION = "harvest_paged"
 
 
-class LayerAbort(Exception):  # noqa: N818 - a control-flow signal, not an error
+class LayerAbort(Exception):
     """Raised at a layer boundary to abandon the step in flight (see `AttentionMetadata.abort`)."""
 
 
@@ -68,8 +68,11 @@ def paged_attention(
     out = torch.empty_like(q.transpose(0, 1))  # [tokens, heads, head_dim]
     if meta.num_decodes:
         qd = q[:, meta.decode_index].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, d]
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [n, kv_heads, ctx, d]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        shape = (*meta.decode_slots.shape, *k_cache.shape[1:])
+        flat = meta.decode_slots.flatten()
+        # index_select is several times faster than advanced indexing for this gather on CPU
+        kd = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # [n, kv_heads, ctx, d]
+        vd = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
         )
@@ -77,8 +80,8 @@ def paged_attention(
     for chunk in meta.prefills:
         start, n, ctx = chunk.query_start, chunk.query_len, chunk.context_len
         qp = q[:, start : start + n].unsqueeze(0)
-        kp = k_cache[chunk.slots].transpose(0, 1).unsqueeze(0)
-        vp = v_cache[chunk.slots].transpose(0, 1).unsqueeze(0)
+        kp = k_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        vp = v_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
         if ctx == 0:
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scaling, enable_gqa=True)
         else:  # causal, aligned to the end: query i sees keys 0..ctx+i

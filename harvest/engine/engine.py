@@ -32,7 +32,9 @@ class Engine:
             max_len = min(max_len, shape.sliding_window)  # we attend over full context only
         self.max_model_len = max_len
         cache = config.cache
-        num_blocks = cache.num_blocks or self._blocks_for(cache, shape.block_bytes(cache.block_size, DTYPES[config.dtype]))
+        num_blocks = cache.num_blocks or self._blocks_for(
+            cache, shape.block_bytes(cache.block_size, DTYPES[config.dtype])
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.runner = ModelRunner(config.model, config.device, config.dtype, num_blocks, cache.block_size)
         self.block_manager = BlockManager(num_blocks, cache.block_size)
@@ -46,7 +48,9 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, **kwargs) -> Engine:
         """`Engine.from_pretrained(path, device=..., num_blocks=..., max_num_seqs=...)`."""
-        cache = CacheConfig(**{k: kwargs.pop(k) for k in ("block_size", "num_blocks", "kv_cache_bytes") if k in kwargs})
+        cache = CacheConfig(
+            **{k: kwargs.pop(k) for k in ("block_size", "num_blocks", "kv_cache_bytes") if k in kwargs}
+        )
         sched = SchedulerConfig(
             **{k: kwargs.pop(k) for k in ("max_num_batched_tokens", "max_num_seqs") if k in kwargs}
         )
@@ -116,7 +120,9 @@ class Engine:
 
     def _update(self, batch: ScheduledBatch, logits) -> list[RequestOutput]:
         sampling = [
-            r for r, n in zip(batch.requests, batch.num_new_tokens) if r.num_computed_tokens + n == r.num_tokens
+            r
+            for r, n in zip(batch.requests, batch.num_new_tokens)
+            if r.num_computed_tokens + n == r.num_tokens
         ]
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
@@ -155,7 +161,9 @@ class Engine:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 
-    def _final_output(self, req: Request, new_token_ids: list[int] | None = None, delta: str = "") -> RequestOutput:
+    def _final_output(
+        self, req: Request, new_token_ids: list[int] | None = None, delta: str = ""
+    ) -> RequestOutput:
         self.requests.pop(req.request_id, None)
         detok = self._detokenizers.pop(req.request_id, None)
         output_ids = req.output_token_ids

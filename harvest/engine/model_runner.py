@@ -89,7 +89,9 @@ class ModelRunner:
                 decode_index.append(query_start)
                 decodes.append(req)
             else:
-                prefills.append(PrefillChunk(query_start, n, start, self._slots(req.block_table, 0, start + n)))
+                prefills.append(
+                    PrefillChunk(query_start, n, start, self._slots(req.block_table, 0, start + n))
+                )
         pos = torch.tensor(positions, dtype=torch.long)
         slot_mapping = self._slot_mapping(requests, num_new_tokens)
         decode_slots, decode_mask = self._decode_context(decodes)
@@ -100,17 +102,24 @@ class ModelRunner:
             decode_index=torch.tensor(decode_index, dtype=torch.long, device=dev),
             decode_slots=decode_slots.to(dev),
             decode_mask=decode_mask.to(dev),
-            prefills=[PrefillChunk(c.query_start, c.query_len, c.context_len, c.slots.to(dev)) for c in prefills],
+            prefills=[
+                PrefillChunk(c.query_start, c.query_len, c.context_len, c.slots.to(dev)) for c in prefills
+            ],
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         return ids, pos.to(dev), meta, torch.tensor(sample_index, dtype=torch.long, device=dev)
 
     def _slot_mapping(self, requests: list[Request], num_new_tokens: list[int]) -> torch.Tensor:
-        parts = [
-            self._slots(r.block_table, r.num_computed_tokens, r.num_computed_tokens + n)
-            for r, n in zip(requests, num_new_tokens)
-        ]
-        return torch.cat(parts)
+        # plain Python: most rows are single decode tokens, where tensor ops cost more than they save
+        bs = self.block_size
+        slots: list[int] = []
+        for req, n in zip(requests, num_new_tokens):
+            table = req.block_table
+            slots += [
+                table[pos // bs] * bs + pos % bs
+                for pos in range(req.num_computed_tokens, req.num_computed_tokens + n)
+            ]
+        return torch.tensor(slots, dtype=torch.long)
 
     def _decode_context(self, decodes: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded context slots of every single-token query; computed once, used by every layer."""

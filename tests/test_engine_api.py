@@ -1,0 +1,149 @@
+"""Engine behaviour beyond greedy equality: sampling, stops, streaming, abort, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from harvest.engine import FinishReason, SamplingParams
+from harvest.engine.block_manager import BlockManager
+from harvest.engine.request import Request
+from tests.helpers import make_engine, make_prompts, run_checked
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return make_engine(tiny_model)
+
+
+def test_generate_returns_outputs_in_input_order(engine):
+    prompts = ["The miller", "Once upon a time there was a little river that ran", "Q"]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    batched = engine.generate(prompts, params)
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+    assert all(o.text == engine.tokenizer.decode(o.token_ids) for o in batched if o.finish_reason == "length")
+    assert [o.num_prompt_tokens for o in batched] == [len(engine.tokenizer.encode(p)) for p in prompts]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    prompts = make_prompts(engine, [5, 9, 14])
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    alone = engine.generate([prompts[1]], params)[0].token_ids
+    batched = engine.generate(prompts, params)[1].token_ids
+    other_seed = engine.generate([prompts[1]], SamplingParams(max_tokens=10, temperature=1.0, seed=99))[0]
+    assert alone == batched
+    assert other_seed.token_ids != alone
+
+
+def test_top_k_one_is_greedy(engine):
+    prompt = make_prompts(engine, [11])
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0))[0]
+    top1 = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.7, top_k=1, seed=5))[0]
+    assert greedy.token_ids == top1.token_ids
+
+
+def test_stop_token_ids_and_ignore_eos(engine):
+    prompt = make_prompts(engine, [8])
+    free = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason == FinishReason.STOP
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert free.finish_reason == FinishReason.LENGTH and free.num_output_tokens == 10
+
+
+def test_stop_string_truncates_and_streams_consistently(engine):
+    prompt = make_prompts(engine, [8])[0]
+    free = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    assert stop.strip(), f"pick a visible stop string from {free.text!r}"
+    rid = engine.add_request(
+        prompt, SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True)
+    )
+    deltas, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == rid
+            deltas.append(out.delta_text)
+            final = out if out.finished else final
+    assert final.finish_reason == FinishReason.STOP
+    assert final.text == free.text[: free.text.index(stop)]
+    assert "".join(deltas) == final.text
+
+
+def test_streamed_text_deltas_add_up(engine):
+    rid = engine.add_request(make_prompts(engine, [6])[0], SamplingParams(max_tokens=15, temperature=0),
+                             stream_text=True)  # fmt: skip
+    deltas, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas.append(out.delta_text)
+            if out.finished:
+                final = out
+    assert final.request_id == rid
+    assert "".join(deltas) == final.text
+    assert final.text == engine.tokenizer.decode(final.token_ids, skip_special_tokens=True)
+
+
+def test_abort_returns_blocks(tiny_model):
+    engine = make_engine(tiny_model)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+           for p in make_prompts(engine, [10, 20, 30])]  # fmt: skip
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    out = engine.abort(ids[1])
+    assert out.finished and out.finish_reason == FinishReason.ABORT and out.num_output_tokens == 2
+    engine.block_manager.check_integrity(engine.scheduler.running + list(engine.scheduler.waiting))
+    assert engine.abort(ids[1]) is None  # second abort is a no-op
+    for rid in (ids[0], ids[2]):
+        engine.abort(rid)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.has_unfinished()
+
+
+def test_finished_requests_return_all_blocks(tiny_model):
+    engine = make_engine(tiny_model, num_blocks=40)
+    for p in make_prompts(engine):
+        engine.add_request(p, SamplingParams(max_tokens=5, temperature=0))
+    done = run_checked(engine)  # asserts the pool is whole again at the end
+    assert len(done) == 10
+
+
+def test_context_limit_finishes_with_length(tiny_model):
+    engine = make_engine(tiny_model, max_model_len=24)
+    out = engine.generate(
+        make_prompts(engine, [20]), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    )
+    assert out[0].finish_reason == FinishReason.LENGTH
+    assert out[0].num_prompt_tokens + out[0].num_output_tokens == 24
+    with pytest.raises(ValueError, match="at most 23"):
+        engine.add_request(list(range(1, 30)), SamplingParams())
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+     ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"stop": [""]}, "stop")],
+)  # fmt: skip
+def test_sampling_params_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_block_manager_all_or_nothing():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    a = Request("a", [1] * 9, SamplingParams())
+    b = Request("b", [1] * 9, SamplingParams())
+    assert bm.allocate(a, 9) and len(a.block_table) == 3
+    assert not bm.allocate(b, 9) and b.block_table == []  # needs 3, only 2 free: nothing taken
+    assert bm.allocate(a, 12) and len(a.block_table) == 3  # still fits in block 3
+    assert bm.allocate(b, 8)
+    bm.check_integrity([a, b])
+    bm.free(a)
+    assert bm.num_free_blocks == 3 and a.block_table == []
+    bm.check_integrity([b])
+    b.block_table.append(b.block_table[0])  # corrupt: a block twice
+    with pytest.raises(AssertionError):
+        bm.check_integrity([b])
