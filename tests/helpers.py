@@ -11,6 +11,7 @@ PROMPT_LENGTHS = [1, 3, 7, 12, 20, 33, 47, 64, 5, 90]
 
 def make_engine(model: Path, **kwargs) -> Engine:
     kwargs.setdefault("block_size", 4)
+    kwargs.setdefault("profile_latency", False)
     return Engine.from_pretrained(str(model), **kwargs)
 
 
@@ -29,7 +30,6 @@ def run_checked(engine: Engine) -> dict[str, RequestOutput]:
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out
-        live = engine.scheduler.running + list(engine.scheduler.waiting)
-        engine.block_manager.check_integrity(live)
+        engine.block_manager.check_integrity(engine.scheduler.unfinished())
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     return done

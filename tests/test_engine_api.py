@@ -88,17 +88,22 @@ def test_streamed_text_deltas_add_up(engine):
 
 def test_abort_returns_blocks(tiny_model):
     engine = make_engine(tiny_model)
-    ids = [engine.add_request(p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
-           for p in make_prompts(engine, [10, 20, 30])]  # fmt: skip
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in make_prompts(engine, [10, 20, 30])]
     engine.step()
     engine.step()
     assert engine.block_manager.num_used_blocks > 0
-    out = engine.abort(ids[1])
-    assert out.finished and out.finish_reason == FinishReason.ABORT and out.num_output_tokens == 2
-    engine.block_manager.check_integrity(engine.scheduler.running + list(engine.scheduler.waiting))
-    assert engine.abort(ids[1]) is None  # second abort is a no-op
+    engine.abort(ids[1])
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs[ids[1]].finished and outs[ids[1]].finish_reason == FinishReason.ABORT
+    assert outs[ids[1]].num_output_tokens == 2
+    engine.block_manager.check_integrity(engine.scheduler.unfinished())
+    engine.abort(ids[1])  # a second abort is a no-op
+    assert ids[1] not in {o.request_id for o in engine.step()}
     for rid in (ids[0], ids[2]):
         engine.abort(rid)
+    final = [o for o in engine.step() if o.finished]
+    assert {o.request_id for o in final} == {ids[0], ids[2]}
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.has_unfinished()
 

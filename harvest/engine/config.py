@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 
@@ -18,14 +19,51 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 
 
+class Policy(str, enum.Enum):
+    """How online and offline requests share the engine (compared by `harvest bench coserve`)."""
+
+    ONLINE_ONLY = "online-only"  # offline requests are never scheduled
+    FCFS = "fcfs"  # one queue, no classes: naive co-location
+    PRIORITY_RECOMPUTE = "priority-recompute"  # online first; evicted offline work restarts (vLLM)
+    HARVEST = "harvest"  # online first, SLO-aware offline budget, checkpoints, layer-level abort
+
+
+@dataclass
+class SLOConfig:
+    """Online latency targets the harvest policy sizes offline work against."""
+
+    ttft_s: float = 1.0
+    tpot_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.ttft_s <= 0 or self.tpot_s <= 0:
+            raise ValueError(f"SLO targets must be > 0, got ttft_s={self.ttft_s}, tpot_s={self.tpot_s}")
+
+
 @dataclass
 class SchedulerConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_num_seqs: int = 64
+    policy: Policy = Policy.HARVEST
+    slo: SLOConfig = field(default_factory=SLOConfig)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        try:
+            self.policy = Policy(self.policy)
+        except ValueError:
+            raise ValueError(
+                f"policy must be one of {[p.value for p in Policy]}, got {self.policy!r}"
+            ) from None
+
+    @property
+    def has_classes(self) -> bool:
+        return self.policy is not Policy.FCFS
+
+    @property
+    def checkpoints(self) -> bool:
+        return self.policy is Policy.HARVEST
 
 
 @dataclass
@@ -36,6 +74,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    profile_latency: bool = True  # profile step latency at start-up (harvest policy only)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -3,28 +3,45 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from transformers import AutoTokenizer
 
+from harvest.engine.attention import LayerAbort
 from harvest.engine.block_manager import BlockManager
-from harvest.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from harvest.engine.checkpoint import Checkpointer, CheckpointStore, HostCheckpointStore
+from harvest.engine.config import CacheConfig, EngineConfig, Policy, SchedulerConfig, SLOConfig
 from harvest.engine.detokenizer import Detokenizer
+from harvest.engine.latency_model import LatencyModel, profile
+from harvest.engine.metrics import EngineStats, StepMetrics
 from harvest.engine.model_runner import DTYPES, ModelRunner, load_shape
-from harvest.engine.request import FinishReason, Request, RequestClass, RequestOutput, RequestStatus
+from harvest.engine.request import (
+    FinishReason,
+    Request,
+    RequestClass,
+    RequestOutput,
+    RequestState,
+    RequestStatus,
+)
 from harvest.engine.sampling import SamplingParams, sample
 from harvest.engine.scheduler import ScheduledBatch, Scheduler
 
+CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes")
+SCHEDULER_KEYS = ("max_num_batched_tokens", "max_num_seqs", "policy", "slo")
+
 
 class Engine:
-    """One model replica with a paged KV pool and continuous batching.
+    """One model replica with a paged KV pool, continuous batching and two request classes.
 
-    Single-threaded by design: callers (the Ray worker, the local job loop) own the loop
-    and call `add_request`/`abort` between steps.
+    `step()` runs on one thread. `add_request`, `abort` and `resume` may be called from any
+    thread: they go through an inbox that the next step drains, and an online arrival
+    abandons an offline-only step in flight at the next layer boundary (harvest policy).
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, checkpoint_store: CheckpointStore | None = None) -> None:
         self.config = config
         shape = load_shape(config.model)
         max_len = config.max_model_len or shape.max_position_embeddings
@@ -32,29 +49,35 @@ class Engine:
             max_len = min(max_len, shape.sliding_window)  # we attend over full context only
         self.max_model_len = max_len
         cache = config.cache
-        num_blocks = cache.num_blocks or self._blocks_for(
-            cache, shape.block_bytes(cache.block_size, DTYPES[config.dtype])
-        )
+        block_bytes = shape.block_bytes(cache.block_size, DTYPES[config.dtype])
+        num_blocks = cache.num_blocks or self._blocks_for(cache, block_bytes)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.runner = ModelRunner(config.model, config.device, config.dtype, num_blocks, cache.block_size)
         self.block_manager = BlockManager(num_blocks, cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.latency = LatencyModel()
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency)
+        self.policy = config.scheduler.policy
+        self.checkpoint_store = HostCheckpointStore() if checkpoint_store is None else checkpoint_store
+        self.checkpointer = Checkpointer(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._online_arrived = threading.Event()
         self._ids = itertools.count()
         self.eos_token_ids = self._eos_ids()
-        self.num_steps = 0
+        self.stats = EngineStats()
+        self.last_step = StepMetrics(kv_blocks_total=num_blocks)
+        if self.policy is Policy.HARVEST and config.profile_latency:
+            self.profile_latency()
 
     @classmethod
-    def from_pretrained(cls, model: str, **kwargs) -> Engine:
-        """`Engine.from_pretrained(path, device=..., num_blocks=..., max_num_seqs=...)`."""
-        cache = CacheConfig(
-            **{k: kwargs.pop(k) for k in ("block_size", "num_blocks", "kv_cache_bytes") if k in kwargs}
-        )
-        sched = SchedulerConfig(
-            **{k: kwargs.pop(k) for k in ("max_num_batched_tokens", "max_num_seqs") if k in kwargs}
-        )
-        return cls(EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs))
+    def from_pretrained(cls, model: str, checkpoint_store: CheckpointStore | None = None, **kwargs) -> Engine:
+        """`Engine.from_pretrained(path, device=..., num_blocks=..., max_num_seqs=..., policy=...)`."""
+        cache = CacheConfig(**{k: kwargs.pop(k) for k in CACHE_KEYS if k in kwargs})
+        if isinstance(kwargs.get("slo"), dict):
+            kwargs["slo"] = SLOConfig(**kwargs["slo"])
+        sched = SchedulerConfig(**{k: kwargs.pop(k) for k in SCHEDULER_KEYS if k in kwargs})
+        return cls(EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs), checkpoint_store)
 
     def _blocks_for(self, cache: CacheConfig, block_bytes: int) -> int:
         enough = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
@@ -70,6 +93,14 @@ class Engine:
     def capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.block_manager.block_size
 
+    def profile_latency(self) -> None:
+        """Fit the step-latency model to timed forwards over a grid of batch shapes."""
+        sched = self.config.scheduler
+        samples = profile(self.runner.execute, self.block_manager, sched.max_num_batched_tokens,
+                          sched.max_num_seqs, self.max_model_len)  # fmt: skip
+        self.latency.profile_samples = [(s.features(), t) for s, t in samples]
+        self.latency.fit()
+
     # ------------------------------------------------------------------ requests
 
     def add_request(
@@ -84,46 +115,115 @@ class Engine:
         """Queue a request; returns its id. `stream_text` adds text deltas to step outputs."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"duplicate request id {request_id!r}")
         limit = min(self.max_model_len, self.capacity_tokens)
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; this engine takes at most {limit - 1}")
+        request_id = request_id or f"req-{next(self._ids)}"
         req = Request(request_id, ids, params, RequestClass(request_class), arrival_time)
-        self.requests[request_id] = req
-        if stream_text or params.stop:
-            self._detokenizers[request_id] = Detokenizer(self.tokenizer, params.stop)
-        self.scheduler.add(req)
+        self._enqueue(req, stream_text)
         return request_id
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        req = self.requests.get(request_id)
-        if req is None or req.is_finished:
-            return None
-        self._finish(req, FinishReason.ABORT)
-        return self._final_output(req)
+    def resume(self, state: RequestState, stream_text: bool = False) -> str:
+        """Continue a request exported by `export` (from this engine or another sharing the store)."""
+        req = Request.from_state(state)
+        # trust only what the store holds, and always leave at least one token to compute
+        stored = self.checkpoint_store.num_blocks(req.request_id) * self.block_manager.block_size
+        last_full = (req.num_tokens - 1) // self.block_manager.block_size * self.block_manager.block_size
+        req.checkpointed_tokens = min(req.checkpointed_tokens, stored, last_full)
+        self._enqueue(req, stream_text)
+        return req.request_id
+
+    def _enqueue(self, req: Request, stream_text: bool) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if self.policy is Policy.ONLINE_ONLY and not req.is_online:
+            raise ValueError("this engine runs the online-only policy: offline requests are not accepted")
+        self.requests[req.request_id] = req
+        if stream_text or req.params.stop:
+            detok = Detokenizer(self.tokenizer, req.params.stop)
+            for token in req.output_token_ids:
+                detok.push(token)
+            self._detokenizers[req.request_id] = detok
+        self._inbox.append(("add", req))
+        if req.is_online:
+            self._online_arrived.set()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its final output (finish reason `abort`) comes from the next step."""
+        self._inbox.append(("abort", request_id))
+
+    def export(self, request_id: str) -> RequestState:
+        """Take a request out of this engine (between steps), checkpointing its full blocks."""
+        req = self.requests[request_id]
+        if self.scheduler.config.checkpoints and req.status is RequestStatus.RUNNING:
+            self.checkpointer.save(req)
+            self.checkpointer.poll(wait=True)
+        if not self.scheduler.config.checkpoints:
+            req.checkpointed_tokens = 0
+        self.scheduler.finish(req)
+        self.requests.pop(request_id)
+        self._detokenizers.pop(request_id, None)
+        return req.export_state()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._inbox) or self.scheduler.has_unfinished()
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        self._online_arrived.clear()
+        outputs = []
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self.scheduler.add(item)
+            elif (req := self.requests.get(item)) is not None and not req.is_finished:
+                self._finish(req, FinishReason.ABORT)
+                outputs.append(self._final_output(req))
+        return outputs
 
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
         if not batch:
-            return []
-        logits = self.runner.execute(batch.requests, batch.num_new_tokens)
-        outputs = self._update(batch, logits)
-        self.num_steps += 1
+            return outputs
+        start = time.perf_counter()
+        restored = self._restore(batch)
+        abort = None
+        if self.policy is Policy.HARVEST and batch.offline_only:
+            abort = self._online_arrived.is_set
+        try:
+            logits = self.runner.execute(batch.requests, batch.num_new_tokens, abort)
+        except LayerAbort:
+            # nothing was committed: progress counters advance only in _update, and the
+            # keys/values written so far sit in slots past num_computed_tokens
+            self._record(batch, start, restored, aborted=True)
+            return outputs
+        outputs += self._update(batch, logits)
+        checkpointed = self._checkpoint()
+        self._record(batch, start, restored, checkpointed=checkpointed)
         return outputs
 
+    def _restore(self, batch: ScheduledBatch) -> int:
+        restored = 0
+        for req in batch.restored:
+            if self.checkpointer.restore(req):
+                restored += req.checkpointed_tokens
+            else:  # the checkpoint is gone (node loss): recompute from the start, still correct
+                req.checkpointed_tokens = 0
+                req.num_computed_tokens = 0
+        return restored
+
+    def _checkpoint(self) -> int:
+        if not self.scheduler.config.checkpoints:
+            return 0
+        saved = sum(self.checkpointer.save(r) for r in self.scheduler.running if not r.is_online)
+        self.checkpointer.poll()
+        return saved
+
     def _update(self, batch: ScheduledBatch, logits) -> list[RequestOutput]:
-        sampling = [
-            r
-            for r, n in zip(batch.requests, batch.num_new_tokens)
-            if r.num_computed_tokens + n == r.num_tokens
-        ]
+        pairs = zip(batch.requests, batch.num_new_tokens)
+        sampling = [r for r, n in pairs if r.num_computed_tokens + n == r.num_tokens]
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
         token_ids = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
@@ -142,7 +242,43 @@ class Engine:
             else:
                 text = detok.text[: detok.emitted] if detok is not None else ""
                 outputs.append(RequestOutput(req.request_id, [token], req.output_token_ids, text, delta))
+        if req_count := len(sampling):
+            online = sum(r.is_online for r in sampling)
+            self.stats.generated_online += online
+            self.stats.generated_offline += req_count - online
         return outputs
+
+    def _record(self, batch: ScheduledBatch, start: float, restored: int, aborted: bool = False,
+                checkpointed: int = 0) -> None:  # fmt: skip
+        elapsed = time.perf_counter() - start
+        if not aborted and batch.shape.seqs:
+            self.latency.observe(batch.shape, elapsed)
+        unfinished = self.scheduler.unfinished()
+        running = self.scheduler.running
+        online_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens) if r.is_online)
+        m = StepMetrics(
+            time=time.monotonic(),
+            online_running=sum(r.is_online for r in running),
+            offline_running=sum(not r.is_online for r in running),
+            online_waiting=sum(r.is_online for r in unfinished) - sum(r.is_online for r in running),
+            offline_waiting=sum(not r.is_online for r in unfinished) - sum(not r.is_online for r in running),
+            online_tokens=0 if aborted else online_tokens,
+            offline_tokens=0 if aborted else batch.num_tokens - online_tokens,
+            kv_blocks_online=sum(len(r.block_table) for r in running if r.is_online),
+            kv_blocks_offline=sum(len(r.block_table) for r in running if not r.is_online),
+            kv_blocks_total=self.block_manager.num_blocks,
+            offline_token_budget=batch.offline_token_budget,
+            latency_budget_s=batch.latency_budget_s,
+            predicted_latency_s=self.latency.predict(batch.shape),
+            measured_latency_s=elapsed,
+            preemptions=len(batch.preempted),
+            recomputed_tokens=batch.recomputed_tokens,
+            restored_tokens=restored,
+            checkpointed_blocks=checkpointed,
+            aborted=aborted,
+        )
+        self.last_step = m
+        self.stats.add(m)
 
     def _finish_reason(self, req: Request, token: int, detok: Detokenizer | None) -> FinishReason | None:
         p = req.params
@@ -158,6 +294,7 @@ class Engine:
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         self.scheduler.finish(req)
+        self.checkpointer.drop(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 

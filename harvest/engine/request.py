@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,6 +59,7 @@ class Request:
         self.generator: torch.Generator | None = make_generator(params)
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +89,32 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def export_state(self) -> RequestState:
+        gen = self.generator
+        return RequestState(
+            request_id=self.request_id,
+            token_ids=list(self.token_ids),
+            num_prompt_tokens=self.num_prompt_tokens,
+            params=asdict(self.params),
+            request_class=self.request_class.value,
+            arrival_time=self.arrival_time,
+            checkpointed_tokens=self.checkpointed_tokens,
+            num_preemptions=self.num_preemptions,
+            generator_state=gen.get_state().numpy().tobytes() if gen is not None else None,
+        )
+
+    @classmethod
+    def from_state(cls, state: RequestState) -> Request:
+        params = SamplingParams(**state.params)
+        req = cls(state.request_id, state.token_ids[: state.num_prompt_tokens], params, state.request_class,
+                  state.arrival_time)  # fmt: skip
+        req.token_ids = list(state.token_ids)
+        req.checkpointed_tokens = state.checkpointed_tokens
+        req.num_preemptions = state.num_preemptions
+        if req.generator is not None and state.generator_state is not None:
+            req.generator.set_state(torch.frombuffer(bytearray(state.generator_state), dtype=torch.uint8))
+        return req
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, {self.request_class.value}, {self.status.value}, "
@@ -113,3 +141,20 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_preemptions: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RequestState:
+    """Everything needed to continue a request on another engine: tokens so far, sampling
+    parameters and RNG state, and how many leading tokens the checkpoint store holds (the
+    store is keyed by `request_id`)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: dict[str, Any]
+    request_class: str
+    arrival_time: float
+    checkpointed_tokens: int = 0
+    num_preemptions: int = 0
+    generator_state: bytes | None = None

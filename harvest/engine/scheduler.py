@@ -1,4 +1,4 @@
-"""Iteration-level scheduler: which requests run this step and how many tokens each."""
+"""Iteration-level scheduler with two request classes: which requests run this step, and how much."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from harvest.engine.block_manager import BlockManager
-from harvest.engine.config import SchedulerConfig
+from harvest.engine.config import Policy, SchedulerConfig
+from harvest.engine.latency_model import BatchShape, LatencyModel
 from harvest.engine.request import Request, RequestStatus
 
 
@@ -15,80 +16,178 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    restored: list[Request] = field(default_factory=list)  # resume from a checkpoint this step
+    shape: BatchShape = field(default_factory=BatchShape)
+    latency_budget_s: float | None = None
+    offline_token_budget: int = 0
+    recomputed_tokens: int = 0
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
         self.num_new_tokens.append(num_tokens)
+        self.shape.add(num_tokens, request.num_computed_tokens)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def offline_only(self) -> bool:
+        return not any(r.is_online for r in self.requests)
 
     def __bool__(self) -> bool:
         return bool(self.requests)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, latency: LatencyModel) -> None:
         self.config = config
-        self.blocks = block_manager
-        self.waiting: deque[Request] = deque()
+        self.blocks = blocks
+        self.latency = latency
+        self.online_waiting: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()  # offline, or everything under fcfs
         self.running: list[Request] = []
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        queue = self.online_waiting if request.is_online and self.config.has_classes else self.waiting
+        queue.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.online_waiting or self.waiting or self.running)
+
+    def unfinished(self) -> list[Request]:
+        return [*self.running, *self.online_waiting, *self.waiting]
 
     def schedule(self) -> ScheduledBatch:
-        """Fill one step's token budget.
+        """Build one step.
 
-        Running requests go first, in arrival order, each taking what it still has to
-        compute (one token when decoding, a chunk when prefilling). When the pool has no
-        block for one of them, the latest-arrived running request is preempted (its blocks
-        freed, its progress reset, back to the head of the queue). Then waiting requests
-        are admitted in order while the budget, `max_num_seqs` and free blocks allow; a
-        request that does not fit blocks those behind it, so arrival order is kept.
+        1. Online requests first: running ones in arrival order, then waiting ones. When
+           they need a block or a seat, offline sequences are evicted (latest first), and
+           only when no offline one is left does a later online request give way.
+        2. Offline requests get what is left of the token budget, and, under `harvest`,
+           only as much as the latency model predicts keeps the step within the online
+           TPOT SLO while online requests are present (none present: the best batch).
+           An offline sequence that does not fit is paused (keeps its blocks); a waiting
+           one that held a checkpoint resumes from it.
+        `fcfs` has no classes: everything is the offline path without a latency budget.
         """
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        running = sorted(self.running, key=lambda r: r.arrival_time)
-        while running and budget:
-            req = running.pop(0)
-            n = min(req.num_uncomputed_tokens, budget)
-            while not self.blocks.allocate(req, req.num_computed_tokens + n):
-                victim = running.pop() if running else req
-                self._preempt(victim, batch)
-                if victim is req:
+        by_arrival = sorted(self.running, key=lambda r: r.arrival_time)
+        if self.config.has_classes:
+            for req in [r for r in by_arrival if r.is_online]:
+                budget -= self._schedule_running(req, budget, batch, online=True)
+            while self.online_waiting and budget:
+                if not self._admit(self.online_waiting, budget, batch, online=True):
                     break
-            else:
-                batch.add(req, n)
-                budget -= n
-        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            n = min(req.num_uncomputed_tokens, budget)
-            if not self.blocks.allocate(req, req.num_computed_tokens + n):
+                budget -= batch.num_new_tokens[-1]
+        if self.config.policy is Policy.ONLINE_ONLY:
+            return batch
+        if self.config.policy is Policy.HARVEST and any(r.is_online for r in self.unfinished()):
+            batch.latency_budget_s = self.config.slo.tpot_s
+        batch.offline_token_budget = self._fit(budget, 0, batch)
+        for req in [r for r in by_arrival if not (r.is_online and self.config.has_classes)]:
+            budget -= self._schedule_running(req, budget, batch, online=False)
+        while self.waiting and budget:
+            if not self._admit(self.waiting, budget, batch, online=False):
                 break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            batch.add(req, n)
-            budget -= n
+            budget -= batch.num_new_tokens[-1]
         return batch
+
+    def _schedule_running(self, req: Request, budget: int, batch: ScheduledBatch, online: bool) -> int:
+        if req not in self.running or req.status is not RequestStatus.RUNNING:
+            return 0  # evicted earlier in this step
+        n = min(req.num_uncomputed_tokens, budget)
+        if not online:
+            n = self._fit(n, req.num_computed_tokens, batch)
+        if n == 0 or not self._allocate(req, n, batch, online):
+            return 0  # paused this step (or evicted)
+        batch.add(req, n)
+        return n
+
+    def _admit(self, queue: deque[Request], budget: int, batch: ScheduledBatch, online: bool) -> bool:
+        req = queue[0]
+        if len(self.running) >= self.config.max_num_seqs and not (online and self._evict(batch, req)):
+            return False
+        restore = req.checkpointed_tokens > 0 and req.num_computed_tokens == 0
+        computed = req.checkpointed_tokens if restore else req.num_computed_tokens
+        n = min(req.num_tokens - computed, budget)
+        if not online:
+            n = self._fit(n, computed, batch)
+        req.num_computed_tokens = computed
+        if n == 0 or not self._allocate(req, n, batch, online):
+            req.num_computed_tokens = 0 if restore else computed
+            return False
+        queue.popleft()
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        if restore:
+            batch.restored.append(req)
+        batch.add(req, n)
+        return True
+
+    def _allocate(self, req: Request, n: int, batch: ScheduledBatch, online: bool) -> bool:
+        while not self.blocks.allocate(req, req.num_computed_tokens + n):
+            if not self._evict(batch, req, allow_online=online):
+                if req.status is RequestStatus.RUNNING and not online:
+                    return False  # offline: stay paused with the blocks it has
+                if req.status is RequestStatus.RUNNING:
+                    self._preempt(req, batch)  # an online request with nothing left to evict
+                return False
+        return True
+
+    def _evict(self, batch: ScheduledBatch, for_req: Request, allow_online: bool = False) -> bool:
+        """Preempt the latest-arrived running request not in this step, offline ones first.
+
+        An online request may displace any offline one; otherwise only later arrivals give
+        way, so the oldest work always progresses and nothing thrashes.
+        """
+        classes = self.config.has_classes
+        online_for = for_req.is_online and classes
+        candidates = [r for r in self.running if r is not for_req and r not in batch.requests]
+        offline = [r for r in candidates if not (r.is_online and classes)]
+        if not online_for:
+            offline = [r for r in offline if r.arrival_time > for_req.arrival_time]
+        later_online = [
+            r for r in candidates if r.is_online and classes and r.arrival_time > for_req.arrival_time
+        ]
+        pool = offline or (later_online if allow_online else [])
+        if not pool:
+            return False
+        self._preempt(max(pool, key=lambda r: r.arrival_time), batch)
+        return True
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         self.running.remove(req)
         self.blocks.free(req)
+        kept = req.checkpointed_tokens if self.config.checkpoints else 0
+        batch.recomputed_tokens += req.num_computed_tokens - kept
         req.num_computed_tokens = 0
+        req.checkpointed_tokens = kept
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
-        self.waiting.appendleft(req)
+        queue = self.online_waiting if req.is_online and self.config.has_classes else self.waiting
+        queue.appendleft(req)
         batch.preempted.append(req)
 
+    def _fit(self, n: int, context_len: int, batch: ScheduledBatch) -> int:
+        """The most of `n` new tokens (at `context_len`) the step's latency budget admits."""
+        limit = batch.latency_budget_s
+        if limit is None or n == 0 or not self.latency.fitted:
+            return n
+        if self.latency.predict(batch.shape.with_added(n, context_len)) <= limit:
+            return n
+        lo, hi = 0, n  # predict() grows with n: binary search the largest fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.latency.predict(batch.shape.with_added(mid, context_len)) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def finish(self, req: Request) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+        for queue in (self.running, self.online_waiting, self.waiting):
+            if req in queue:
+                queue.remove(req)
         self.blocks.free(req)

@@ -1,0 +1,121 @@
+"""Incremental KV checkpointing: full blocks of offline sequences are copied aside as they fill.
+
+When an offline sequence is evicted, only the tokens after its last checkpointed block
+are lost; on resume (here or on another engine sharing the store) the checkpointed
+blocks are copied back into fresh blocks and only that short tail is recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from harvest.engine.request import Request
+
+
+class CheckpointStore(Protocol):
+    """Where checkpointed KV blocks live. Chunks arrive in block order, per request.
+
+    A chunk is a tensor [layers, 2, n_blocks, block_size, kv_heads, head_dim] holding the
+    request's blocks `first_block .. first_block + n_blocks - 1`.
+    """
+
+    def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None: ...
+
+    def get(self, key: str) -> torch.Tensor | None: ...  # all blocks from 0, concatenated
+
+    def num_blocks(self, key: str) -> int: ...
+
+    def drop(self, key: str) -> None: ...
+
+
+class HostCheckpointStore:
+    """An in-memory host store: the engine's own, and the one engine tests share."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[str, list[torch.Tensor]] = {}
+
+    def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
+        chunks = self._chunks.setdefault(key, [])
+        if first_block != sum(c.shape[2] for c in chunks):
+            raise ValueError(f"checkpoint {key!r}: chunk at block {first_block} is out of order")
+        chunks.append(chunk)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        chunks = self._chunks.get(key)
+        return torch.cat(chunks, dim=2) if chunks else None
+
+    def num_blocks(self, key: str) -> int:
+        return sum(c.shape[2] for c in self._chunks.get(key, []))
+
+    def drop(self, key: str) -> None:
+        self._chunks.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+
+class Checkpointer:
+    """Copies newly filled blocks of a request from the KV pool into a `CheckpointStore`.
+
+    On CUDA the device-to-host copy runs on a side stream into pinned memory, so it never
+    blocks the compute stream; a copy counts as checkpointed once its event has fired.
+    """
+
+    def __init__(self, kv_cache: torch.Tensor, block_size: int, store: CheckpointStore) -> None:
+        layers, two, slots, kv_heads, head_dim = kv_cache.shape
+        self.blocks_view = kv_cache.view(layers, two, slots // block_size, block_size, kv_heads, head_dim)
+        self.block_size = block_size
+        self.store = store
+        self.cuda = kv_cache.is_cuda
+        self.stream = torch.cuda.Stream(kv_cache.device) if self.cuda else None
+        self._pending: list[tuple[Request, int, torch.Tensor, torch.Tensor, object]] = []
+
+    def save(self, req: Request) -> int:
+        """Checkpoint the request's blocks that are full and not yet saved; returns how many."""
+        done = req.checkpointed_tokens // self.block_size + sum(p[1] for p in self._pending if p[0] is req)
+        full = min(req.num_computed_tokens // self.block_size, len(req.block_table))
+        if full <= done:
+            return 0
+        index = torch.tensor(req.block_table[done:full], device=self.blocks_view.device)
+        chunk = self.blocks_view.index_select(2, index)  # device copy, ordered on the compute stream
+        if not self.cuda:
+            self.store.put(req.request_id, done, chunk)
+            req.checkpointed_tokens = full * self.block_size
+            return full - done
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+            host.copy_(chunk, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        chunk.record_stream(self.stream)
+        self._pending.append((req, full - done, host, chunk, event))
+        return full - done
+
+    def poll(self, wait: bool = False) -> None:
+        """Hand finished copies to the store (all of them, in order, when `wait`)."""
+        still = []
+        for req, n, host, chunk, event in self._pending:
+            if still or not (wait or event.query()):
+                still.append((req, n, host, chunk, event))
+                continue
+            event.synchronize()
+            self.store.put(req.request_id, req.checkpointed_tokens // self.block_size, host)
+            req.checkpointed_tokens += n * self.block_size
+        self._pending = still
+
+    def restore(self, req: Request) -> bool:
+        """Copy the checkpoint back into the request's (new) first blocks."""
+        n = req.checkpointed_tokens // self.block_size
+        data = self.store.get(req.request_id)
+        if data is None or data.shape[2] < n or len(req.block_table) < n:
+            return False
+        index = torch.tensor(req.block_table[:n], device=self.blocks_view.device)
+        self.blocks_view.index_copy_(2, index, data[:, :, :n].to(self.blocks_view.device))
+        return True
+
+    def drop(self, req: Request) -> None:
+        self._pending = [p for p in self._pending if p[0] is not req]
+        self.store.drop(req.request_id)

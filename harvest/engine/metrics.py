@@ -1,0 +1,60 @@
+"""Per-step metrics and running totals, for the worker, the controller and the benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class StepMetrics:
+    time: float = 0.0  # monotonic time at the end of the step
+    online_running: int = 0
+    online_waiting: int = 0
+    offline_running: int = 0
+    offline_waiting: int = 0
+    online_tokens: int = 0  # tokens computed this step, by class
+    offline_tokens: int = 0
+    kv_blocks_online: int = 0
+    kv_blocks_offline: int = 0
+    kv_blocks_total: int = 0
+    offline_token_budget: int = 0  # offline tokens the scheduler could admit this step
+    latency_budget_s: float | None = None  # None: no online work, offline runs at the best batch
+    predicted_latency_s: float = 0.0
+    measured_latency_s: float = 0.0
+    preemptions: int = 0
+    recomputed_tokens: int = 0  # tokens whose KV was lost to preemption and must be recomputed
+    restored_tokens: int = 0  # tokens whose KV came back from a checkpoint
+    checkpointed_blocks: int = 0
+    aborted: bool = False  # abandoned at a layer boundary for an arriving online request
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EngineStats:
+    """Totals since the engine started."""
+
+    steps: int = 0
+    aborted_steps: int = 0
+    online_tokens: int = 0
+    offline_tokens: int = 0
+    generated_online: int = 0
+    generated_offline: int = 0
+    preemptions: int = 0
+    recomputed_tokens: int = 0
+    restored_tokens: int = 0
+    checkpointed_blocks: int = 0
+
+    def add(self, step: StepMetrics) -> None:
+        self.steps += 1
+        self.aborted_steps += step.aborted
+        self.online_tokens += step.online_tokens
+        self.offline_tokens += step.offline_tokens
+        self.preemptions += step.preemptions
+        self.recomputed_tokens += step.recomputed_tokens
+        self.restored_tokens += step.restored_tokens
+        self.checkpointed_blocks += step.checkpointed_blocks
+
+    def as_dict(self) -> dict:
+        return asdict(self)
