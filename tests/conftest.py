@@ -88,3 +88,45 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------------- offline job queue
+
+
+@pytest.fixture
+def queue_store(redis_server):
+    """A JobStore on the test's private redis-server."""
+    from harvest.queue import JobStore
+
+    return JobStore.from_url(redis_server.url)
+
+
+@pytest.fixture
+def queue_client(redis_server):
+    from harvest.client import HarvestClient
+
+    return HarvestClient(redis_server.url)
+
+
+@pytest.fixture(scope="session")
+def queue_engine(tiny_model):
+    """One tiny-model engine shared by the queue tests (offline only: no latency profile needed)."""
+    from harvest.engine import Engine
+
+    return Engine.from_pretrained(str(tiny_model), max_num_seqs=32, profile_latency=False)
+
+
+@pytest.fixture
+def make_job(queue_store):
+    """make_job(n, shard_size=..., max_tokens=..., **JobOptions fields) -> id of an in_progress job."""
+    from harvest.queue import JobOptions
+    from harvest.queue.inputs import read_items
+    from harvest.queue.submit import submit
+
+    def make(n: int, shard_size: int = 4, max_tokens: int = 4, **options) -> str:
+        defaults = {"max_tokens": max_tokens, "temperature": 0}
+        opts = JobOptions(shard_size=shard_size, defaults=defaults, **options)
+        prompts = [f"prompt number {i}" for i in range(n)]
+        return submit(queue_store, lambda: read_items(prompts, opts.defaults), opts)
+
+    return make

@@ -23,13 +23,16 @@ def make_prompts(engine: Engine, lengths: list[int] = PROMPT_LENGTHS) -> list[li
     return [ids[7 * i : 7 * i + n] for i, n in enumerate(lengths)]
 
 
-def run_checked(engine: Engine) -> dict[str, RequestOutput]:
+def run_checked(engine: Engine, max_steps: int = 5000) -> dict[str, RequestOutput]:
     """Step to completion, checking block-manager integrity after every step."""
     done: dict[str, RequestOutput] = {}
-    while engine.has_unfinished():
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out
         engine.block_manager.check_integrity(engine.scheduler.unfinished())
+    assert not engine.has_unfinished(), f"stuck after {max_steps} steps: {engine.scheduler.unfinished()}"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     return done

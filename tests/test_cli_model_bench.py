@@ -20,7 +20,8 @@ def test_make_tiny_cli_writes_a_loadable_model(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert model.config.model_type == "qwen2"
     assert tok.decode(tok.encode("The miller ran.")) == "The miller ran."
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).count("<|im_start|>") == 1
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat.count("<|im_start|>") == 1
 
 
 def test_make_tiny_cli_rejects_unknown_arch(tmp_path):

@@ -242,3 +242,13 @@ def test_generous_slo_lets_offline_share_the_step(profiled):
         assert set(offline) <= set(done)
     finally:
         slo.tpot_s = old
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority-recompute", "harvest"])
+def test_backlog_queued_at_once_completes_in_a_small_pool(tiny_model, policy):
+    # equal arrival times once deadlocked eviction ("only later arrivals give way")
+    engine = make_engine(tiny_model, policy=policy, num_blocks=24)
+    for p in make_prompts(engine, [20] * 6):
+        engine.add_request(p, GREEDY, arrival_time=0.0)
+    done = run_checked(engine)
+    assert len(done) == 6 and engine.stats.preemptions > 0

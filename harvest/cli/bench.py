@@ -8,7 +8,11 @@ import typer
 from harvest.cli.app import app
 
 # suite name -> module in workloads/bench exposing `run(quick: bool, out: Path) -> dict`
-SUITES = {"engine": "workloads.bench.engine"}
+SUITES = {
+    "engine": "workloads.bench.engine",
+    "coserve": "workloads.bench.coserve",
+    "queue": "workloads.bench.queue",
+}
 
 
 @app.command()

@@ -21,10 +21,10 @@ PROMPTS = [
 @app.command()
 def demo(max_tokens: int = typer.Option(32, help="Tokens to generate per prompt.")) -> None:
     """Build the tiny demo model once, then batch-generate with the engine."""
+    import transformers
+
     from harvest.engine import Engine, SamplingParams
     from harvest.paths import default_model_dir, ensure_default_model
-
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     console = Console()

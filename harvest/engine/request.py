@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
+_creation = itertools.count()
+
+
 class Request:
     """Prompt + generated token ids and one progress counter, `num_computed_tokens`.
 
@@ -50,6 +54,7 @@ class Request:
         self.params = params
         self.request_class = RequestClass(request_class)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self._created = next(_creation)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
@@ -60,6 +65,11 @@ class Request:
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
+
+    @property
+    def order(self) -> tuple[float, int]:
+        """Arrival order; ties (a backlog queued at once) broken by creation order."""
+        return (self.arrival_time, self._created)
 
     @property
     def num_tokens(self) -> int:

@@ -73,7 +73,7 @@ class Scheduler:
         """
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        by_arrival = sorted(self.running, key=lambda r: r.arrival_time)
+        by_arrival = sorted(self.running, key=lambda r: r.order)
         if self.config.has_classes:
             for req in [r for r in by_arrival if r.is_online]:
                 budget -= self._schedule_running(req, budget, batch, online=True)
@@ -147,14 +147,12 @@ class Scheduler:
         candidates = [r for r in self.running if r is not for_req and r not in batch.requests]
         offline = [r for r in candidates if not (r.is_online and classes)]
         if not online_for:
-            offline = [r for r in offline if r.arrival_time > for_req.arrival_time]
-        later_online = [
-            r for r in candidates if r.is_online and classes and r.arrival_time > for_req.arrival_time
-        ]
+            offline = [r for r in offline if r.order > for_req.order]
+        later_online = [r for r in candidates if r.is_online and classes and r.order > for_req.order]
         pool = offline or (later_online if allow_online else [])
         if not pool:
             return False
-        self._preempt(max(pool, key=lambda r: r.arrival_time), batch)
+        self._preempt(max(pool, key=lambda r: r.order), batch)
         return True
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:

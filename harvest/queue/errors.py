@@ -1,0 +1,39 @@
+"""Exceptions the client, CLI and workers can tell apart."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harvest.queue.inputs import InputError
+
+
+class QueueError(Exception):
+    """Base class for queue errors."""
+
+
+class JobNotFoundError(QueueError, KeyError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no such job: {self.job_id}"
+
+
+class RedisUnavailableError(QueueError, ConnectionError):
+    def __init__(self, url: str, cause: Exception) -> None:
+        super().__init__(f"cannot reach Redis at {url}: {cause}")
+        self.url = url
+
+
+class InvalidInputError(QueueError, ValueError):
+    """The input had bad lines and was rejected; `errors` names each line and reason."""
+
+    def __init__(self, errors: list[InputError], num_errors: int | None = None, job_id: str | None = None):
+        self.errors = errors
+        self.num_errors = len(errors) if num_errors is None else num_errors
+        self.job_id = job_id
+        shown = "\n".join(f"  {e}" for e in errors[:20])
+        more = f"\n  ... and {self.num_errors - 20} more" if self.num_errors > 20 else ""
+        super().__init__(f"{self.num_errors} invalid input line(s):\n{shown}{more}")

@@ -1,0 +1,292 @@
+"""The queue's multi-key updates as Lua scripts: each one runs atomically inside Redis.
+
+A crash (of a worker, a client or Redis itself with AOF on) can only happen between two
+scripts, never inside one, so every state below is consistent. Keys are derived from
+the prefix passed as ARGV[1] (single-instance Redis; a cluster would need hash tags).
+
+Layout (P = prefix, J = job id, N = shard number):
+  P:jobs                zset  J -> created ms
+  P:job:J               hash  job record, counters (total/completed/failed/leased/shards_finished)
+  P:job:J:ready         list  shard numbers waiting for a lease
+  P:job:J:shard:N       hash  state, token, attempts, worker, size, requests (JSON), last_error
+  P:job:J:shard:N:results   hash index -> result JSON (HSETNX: the first write wins)
+  P:job:J:shard:N:progress  hash index -> progress JSON
+  P:active              list  jobs with ready shards, rotated for round-robin leasing
+  P:leases              zset  "J/N" -> lease deadline ms
+  P:deadlines           zset  J -> expiry ms (completion window)
+  P:dead                zset  "J/N" -> dead-lettered ms
+  P:finalizing          set   jobs whose last shard finished
+  P:tokens              counter of fencing tokens
+"""
+
+PRELUDE = r"""
+local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function jkey(job) return P .. ':job:' .. job end
+local function skey(job, n) return P .. ':job:' .. job .. ':shard:' .. n end
+
+-- the shard is no longer leased: count it off its job and settle a cancelling job
+local function unlease(job, n, now)
+  redis.call('ZREM', P .. ':leases', job .. '/' .. n)
+  local jk = jkey(job)
+  local leased = redis.call('HINCRBY', jk, 'leased', -1)
+  if leased <= 0 and redis.call('HGET', jk, 'status') == 'cancelling' then
+    redis.call('HSET', jk, 'status', 'cancelled', 'cancelled_ms', now)
+  end
+end
+
+-- a shard reached done or dead: the job may now be finished (true: it just was)
+local function shard_finished(job, now)
+  local jk = jkey(job)
+  local finished = redis.call('HINCRBY', jk, 'shards_finished', 1)
+  if finished >= tonumber(redis.call('HGET', jk, 'num_shards'))
+      and redis.call('HGET', jk, 'status') == 'in_progress' then
+    redis.call('HSET', jk, 'status', 'finalizing', 'finalizing_ms', now)
+    redis.call('SADD', P .. ':finalizing', job)
+    redis.call('ZREM', P .. ':deadlines', job)
+    redis.call('LREM', P .. ':active', 0, job)
+    return true
+  end
+  return false
+end
+
+local function make_ready(job, n)
+  redis.call('HSET', skey(job, n), 'state', 'ready')
+  redis.call('LPUSH', jkey(job) .. ':ready', n)  -- front: a retried shard holds older work
+  if not redis.call('LPOS', P .. ':active', job) then redis.call('RPUSH', P .. ':active', job) end
+end
+
+-- an attempt ended badly (error or expired lease): retry, or dead-letter after max_attempts
+local function retry_or_dead(job, n, err, now)
+  local sk, jk = skey(job, n), jkey(job)
+  redis.call('HSET', sk, 'last_error', err)
+  if redis.call('HGET', jk, 'status') ~= 'in_progress' then
+    redis.call('HSET', sk, 'state', 'cancelled')
+    return 'closed'
+  end
+  local attempts = tonumber(redis.call('HGET', sk, 'attempts'))
+  if attempts < tonumber(redis.call('HGET', jk, 'max_attempts')) then
+    make_ready(job, n)
+    return 'requeued'
+  end
+  redis.call('HSET', sk, 'state', 'dead')
+  redis.call('ZADD', P .. ':dead', now, job .. '/' .. n)
+  local record = cjson.encode({status = 'failed', error = {code = 'shard_failed', message = err},
+                               finished_at = now / 1000, attempt = attempts})
+  local failed = 0
+  for i = 0, tonumber(redis.call('HGET', sk, 'size')) - 1 do
+    failed = failed + redis.call('HSETNX', sk .. ':results', i, record)
+  end
+  redis.call('DEL', sk .. ':progress')
+  redis.call('HINCRBY', jk, 'failed', failed)
+  shard_finished(job, now)
+  return 'dead'
+end
+
+-- is (job, n) leased under this token? every write a worker makes is fenced by this
+local function holds(job, n, token)
+  local s = redis.call('HMGET', skey(job, n), 'state', 'token')
+  return s[1] == 'leased' and s[2] == token
+end
+
+-- return expired leases to their jobs (or the dead letters) and expire overdue jobs
+local function sweep(now, limit)
+  local reclaimed = 0
+  for _, member in ipairs(redis.call('ZRANGE', P .. ':leases', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
+    local job, n = string.match(member, '^(.*)/(%d+)$')
+    local worker = redis.call('HGET', skey(job, n), 'worker') or '?'
+    unlease(job, n, now)
+    retry_or_dead(job, n, 'lease expired (worker ' .. worker .. ' stopped renewing)', now)
+    reclaimed = reclaimed + 1
+  end
+  for _, job in ipairs(redis.call('ZRANGE', P .. ':deadlines', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
+    redis.call('ZREM', P .. ':deadlines', job)
+    local jk = jkey(job)
+    if redis.call('HGET', jk, 'status') == 'in_progress' then
+      redis.call('HSET', jk, 'status', 'expired', 'expired_ms', now)
+      redis.call('LREM', P .. ':active', 0, job)
+      redis.call('DEL', jk .. ':ready')
+    end
+  end
+  return reclaimed
+end
+"""
+
+# ARGV: prefix, job, completion_window_ms (0: none) -> new status
+ACTIVATE = r"""
+local job, window = ARGV[2], tonumber(ARGV[3])
+local jk = jkey(job)
+if redis.call('HGET', jk, 'status') ~= 'validating' then return redis.call('HGET', jk, 'status') end
+local now = now_ms()
+redis.call('HSET', jk, 'status', 'in_progress', 'in_progress_ms', now)
+if window > 0 then
+  redis.call('HSET', jk, 'expires_ms', now + window)
+  redis.call('ZADD', P .. ':deadlines', now + window, job)
+end
+if tonumber(redis.call('HGET', jk, 'num_shards')) == 0 then
+  redis.call('HSET', jk, 'status', 'finalizing', 'finalizing_ms', now)
+  redis.call('SADD', P .. ':finalizing', job)
+  return 'finalizing'
+end
+redis.call('RPUSH', P .. ':active', job)
+return 'in_progress'
+"""
+
+# ARGV: prefix, worker, visibility_ms, max_shards, sweep_limit
+# -> {{job, n, token, attempts, requests, {done indices}, {index, progress, ...}}, ...}
+LEASE = r"""
+local worker, visibility, max_shards = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_ms()
+sweep(now, tonumber(ARGV[5]))
+local active, got = P .. ':active', {}
+while #got < max_shards do
+  local job = redis.call('LMOVE', active, active, 'LEFT', 'RIGHT')  -- round-robin over jobs
+  if not job then break end
+  local jk = jkey(job)
+  local n = false
+  if redis.call('HGET', jk, 'status') == 'in_progress' then n = redis.call('LPOP', jk .. ':ready') end
+  if not n then
+    redis.call('LREM', active, 0, job)
+  else
+    local sk = skey(job, n)
+    local token = redis.call('INCR', P .. ':tokens')
+    local attempts = redis.call('HINCRBY', sk, 'attempts', 1)
+    redis.call('HSET', sk, 'state', 'leased', 'token', token, 'worker', worker, 'leased_ms', now)
+    redis.call('HINCRBY', jk, 'leased', 1)
+    redis.call('ZADD', P .. ':leases', now + visibility, job .. '/' .. n)
+    table.insert(got, {job, n, token, attempts, redis.call('HGET', sk, 'requests'),
+                       redis.call('HKEYS', sk .. ':results'), redis.call('HGETALL', sk .. ':progress')})
+  end
+end
+return got
+"""
+
+# ARGV: prefix, job, n, token, visibility_ms -> ok | lost | closed
+RENEW = r"""
+local job, n, token = ARGV[2], ARGV[3], ARGV[4]
+if not holds(job, n, token) then return 'lost' end
+local status = redis.call('HGET', jkey(job), 'status')
+if status ~= 'in_progress' then return 'closed' end
+redis.call('ZADD', P .. ':leases', now_ms() + tonumber(ARGV[5]), job .. '/' .. n)
+return 'ok'
+"""
+
+# ARGV: prefix, job, n, token, then (index, 'c'|'f', result JSON) triples
+# -> {'ok'|'dup', ...} per result, or 'lost' | 'closed' for all of them
+WRITE_RESULTS = r"""
+local job, n, token = ARGV[2], ARGV[3], ARGV[4]
+if not holds(job, n, token) then return 'lost' end
+local jk, sk = jkey(job), skey(job, n)
+local status = redis.call('HGET', jk, 'status')
+if status ~= 'in_progress' and status ~= 'cancelling' then return 'closed' end
+local out = {}
+for i = 5, #ARGV, 3 do
+  if redis.call('HSETNX', sk .. ':results', ARGV[i], ARGV[i + 2]) == 1 then
+    redis.call('HINCRBY', jk, ARGV[i + 1] == 'c' and 'completed' or 'failed', 1)
+    redis.call('HDEL', sk .. ':progress', ARGV[i])
+    table.insert(out, 'ok')
+  else
+    table.insert(out, 'dup')
+  end
+end
+return out
+"""
+
+# ARGV: prefix, job, n, token, then (index, progress JSON) pairs -> ok | lost
+SAVE_PROGRESS = r"""
+local job, n, token = ARGV[2], ARGV[3], ARGV[4]
+if not holds(job, n, token) then return 'lost' end
+local sk = skey(job, n)
+for i = 5, #ARGV, 2 do
+  if redis.call('HEXISTS', sk .. ':results', ARGV[i]) == 0 then
+    redis.call('HSET', sk .. ':progress', ARGV[i], ARGV[i + 1])
+  end
+end
+return 'ok'
+"""
+
+# ARGV: prefix, job, n, token -> ok | last (ok, and the job's last shard) | lost | incomplete
+ACK = r"""
+local job, n, token = ARGV[2], ARGV[3], ARGV[4]
+if not holds(job, n, token) then return 'lost' end
+local sk = skey(job, n)
+if redis.call('HLEN', sk .. ':results') < tonumber(redis.call('HGET', sk, 'size')) then
+  return 'incomplete'
+end
+local now = now_ms()
+redis.call('HSET', sk, 'state', 'done')
+redis.call('DEL', sk .. ':progress')
+unlease(job, n, now)
+return shard_finished(job, now) and 'last' or 'ok'
+"""
+
+# ARGV: prefix, job, n, token, error -> requeued | dead | closed | lost
+FAIL = r"""
+local job, n, token = ARGV[2], ARGV[3], ARGV[4]
+if not holds(job, n, token) then return 'lost' end
+local now = now_ms()
+unlease(job, n, now)
+return retry_or_dead(job, n, ARGV[5], now)
+"""
+
+# give a shard back without using up an attempt (graceful shutdown, job cancelled/expired)
+# ARGV: prefix, job, n, token -> requeued | closed | lost
+RELEASE = r"""
+local job, n, token = ARGV[2], ARGV[3], ARGV[4]
+if not holds(job, n, token) then return 'lost' end
+unlease(job, n, now_ms())
+if redis.call('HGET', jkey(job), 'status') ~= 'in_progress' then
+  redis.call('HSET', skey(job, n), 'state', 'cancelled')
+  return 'closed'
+end
+redis.call('HINCRBY', skey(job, n), 'attempts', -1)
+make_ready(job, n)
+return 'requeued'
+"""
+
+# ARGV: prefix, limit -> {reclaimed leases, jobs waiting in finalizing}
+SWEEP = r"""
+local reclaimed = sweep(now_ms(), tonumber(ARGV[2]))
+return {reclaimed, redis.call('SMEMBERS', P .. ':finalizing')}
+"""
+
+# ARGV: prefix, job -> status after the call
+FINALIZE = r"""
+local job = ARGV[2]
+local jk = jkey(job)
+redis.call('SREM', P .. ':finalizing', job)
+if redis.call('HGET', jk, 'status') == 'finalizing' then
+  redis.call('HSET', jk, 'status', 'completed', 'completed_ms', now_ms())
+end
+return redis.call('HGET', jk, 'status')
+"""
+
+# ARGV: prefix, job -> status after the call (false: no such job)
+CANCEL = r"""
+local job = ARGV[2]
+local jk = jkey(job)
+local status = redis.call('HGET', jk, 'status')
+if status ~= 'in_progress' and status ~= 'validating' then return status end
+local now = now_ms()
+redis.call('LREM', P .. ':active', 0, job)
+redis.call('DEL', jk .. ':ready')
+redis.call('ZREM', P .. ':deadlines', job)
+if tonumber(redis.call('HGET', jk, 'leased') or '0') > 0 then
+  redis.call('HSET', jk, 'status', 'cancelling', 'cancelling_ms', now)
+else
+  redis.call('HSET', jk, 'status', 'cancelled', 'cancelling_ms', now, 'cancelled_ms', now)
+end
+return redis.call('HGET', jk, 'status')
+"""
+
+# ARGV: prefix, job, errors JSON, num_errors -> status after the call
+REJECT = r"""
+local jk = jkey(ARGV[2])
+if redis.call('HGET', jk, 'status') == 'validating' then
+  redis.call('HSET', jk, 'status', 'failed', 'failed_ms', now_ms(), 'errors', ARGV[3], 'num_errors', ARGV[4])
+end
+return redis.call('HGET', jk, 'status')
+"""

@@ -1,0 +1,142 @@
+"""ShardRun: one leased shard's requests inside an engine.
+
+It turns payloads into engine requests (resuming from stored progress), follows their
+outputs, and builds one Result per request. It never talks to Redis: the worker decides
+when to write what it produces, so the same class serves the local loop and the Ray
+worker that interleaves online traffic in the same engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from harvest.queue.inputs import CHAT, RequestSpec
+from harvest.queue.models import Lease, Progress, Result
+
+if TYPE_CHECKING:
+    from harvest.engine import RequestOutput, SamplingParams
+
+
+@dataclass
+class _Running:
+    index: int
+    spec: RequestSpec
+    params: SamplingParams
+    prompt_ids: list[int]  # the original prompt, without resumed tokens
+    resumed: list[int]  # output ids carried over from an earlier attempt
+    started_at: float
+    start_mono: float
+    output_ids: list[int] = field(default_factory=list)  # generated in this attempt
+    saved: int = 0  # len(resumed + output_ids) at the last progress save
+    ttft_s: float | None = None
+
+    @property
+    def all_output_ids(self) -> list[int]:
+        return self.resumed + self.output_ids
+
+
+class ShardRun:
+    """Feeds one lease's unfinished requests to `engine` and collects their results."""
+
+    def __init__(self, lease: Lease, engine: Any, worker: str) -> None:
+        self.lease = lease
+        self.engine = engine
+        self.worker = worker
+        self.running: dict[str, _Running] = {}  # engine request id -> state
+        self.results: dict[int, Result] = {}  # produced, not yet written
+        self.pending = set(range(len(lease.requests))) - lease.done  # indices without a stored result
+
+    def request_id(self, index: int) -> str:
+        # the token makes ids unique across attempts, in case a stale copy is still in the engine
+        return f"{self.lease.job_id}/{self.lease.shard}/{index}@{self.lease.token}"
+
+    def start(self) -> None:
+        """Add every pending request to the engine; bad ones become error results at once."""
+        tok = self.engine.tokenizer
+        for index in sorted(self.pending):
+            spec = RequestSpec.from_payload(self.lease.requests[index])
+            now, mono = time.time(), time.monotonic()
+            try:
+                params = spec.sampling_params()
+                if spec.url == CHAT:
+                    text = tok.apply_chat_template(spec.messages, add_generation_prompt=True, tokenize=False)
+                    prompt_ids = tok.encode(text, add_special_tokens=False)
+                elif isinstance(spec.prompt, str):
+                    prompt_ids = tok.encode(spec.prompt)
+                else:
+                    prompt_ids = list(spec.prompt or [])
+                progress = self.lease.progress.get(index, Progress())
+                run = _Running(index, spec, params, prompt_ids, list(progress.token_ids), now, mono)
+                run.saved = len(run.resumed)
+                left = params.max_tokens - len(run.resumed)
+                if left <= 0:  # finished before the crash, result not yet written
+                    self.results[index] = self._result(run, "length", mono)
+                    continue
+                resume_params = replace(params, max_tokens=left)
+                rid = self.request_id(index)
+                self.engine.add_request(prompt_ids + run.resumed, resume_params, request_id=rid,
+                                        request_class="offline")  # fmt: skip
+                self.running[rid] = run
+            except Exception as exc:  # a bad request fails alone, never its shard
+                self.results[index] = Result.error(
+                    "invalid_request", str(exc), started_at=now, finished_at=time.time(),
+                    worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+
+    def on_output(self, out: RequestOutput) -> None:
+        run = self.running.get(out.request_id)
+        if run is None:
+            return
+        mono = time.monotonic()
+        if run.ttft_s is None and out.new_token_ids:
+            run.ttft_s = mono - run.start_mono
+        run.output_ids = list(out.token_ids)
+        if out.finished:
+            del self.running[out.request_id]
+            reason = out.finish_reason.value if out.finish_reason is not None else None
+            self.results[run.index] = self._result(run, reason, mono, out.text)
+
+    def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None) -> Result:
+        ids = run.all_output_ids
+        if text is None or run.resumed:
+            text = self._decode(ids, run.params, reason)
+        return Result(
+            status="completed", text=text, token_ids=ids, finish_reason=reason,
+            prompt_tokens=len(run.prompt_ids), completion_tokens=len(ids), resumed_tokens=len(run.resumed),
+            started_at=run.started_at, finished_at=time.time(), ttft_s=run.ttft_s,
+            latency_s=mono - run.start_mono, worker=self.worker, attempt=self.lease.attempt,
+        )  # fmt: skip
+
+    def _decode(self, ids: list[int], params: SamplingParams, reason: str | None) -> str:
+        """Text of a resumed request: its stop strings may straddle the resume point."""
+        text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in params.stop if s in text]
+        return text[: min(cuts)] if cuts and reason == "stop" else text
+
+    def progress_updates(self) -> dict[int, Progress]:
+        """Requests that generated tokens since the last call (their full progress so far)."""
+        updates = {}
+        for run in self.running.values():
+            ids = run.all_output_ids
+            if len(ids) > run.saved:
+                updates[run.index] = Progress(ids)
+                run.saved = len(ids)
+        return updates
+
+    def take_results(self) -> dict[int, Result]:
+        results, self.results = self.results, {}
+        return results
+
+    def mark_written(self, indices: list[int]) -> None:
+        self.pending.difference_update(indices)
+
+    def abort(self) -> None:
+        """Drop this shard's requests from the engine (lease lost or job closed)."""
+        for rid in list(self.running):
+            self.engine.abort(rid)
+        self.running.clear()
+
+    @property
+    def done(self) -> bool:
+        return not self.pending and not self.running and not self.results

@@ -1,0 +1,271 @@
+"""JobStore: the Redis job store. Every state change is one Lua script (see lua.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from harvest.queue import lua
+from harvest.queue.config import JobOptions
+from harvest.queue.errors import JobNotFoundError, RedisUnavailableError
+from harvest.queue.models import Job, JobStatus, Lease, Progress, Result
+
+SWEEP_LIMIT = 64  # expired leases reclaimed per call: keeps each script short
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that retries briefly on dropped connections; raises RedisUnavailableError."""
+    client = redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2,
+        socket_timeout=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RedisUnavailableError(url, exc) from exc
+    return client
+
+
+class JobStore:
+    """Jobs, shards, leases, progress and results in one Redis, under `prefix`."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "harvest") -> None:
+        self.r = client
+        self.prefix = prefix
+        self._scripts = {
+            name: client.register_script(lua.PRELUDE + getattr(lua, name))
+            for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
+                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT")
+        }  # fmt: skip
+        self.load_scripts()
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "harvest") -> JobStore:
+        return cls(connect(url), prefix)
+
+    def _run(self, name: str, *args: Any, client: Any = None) -> Any:
+        if client is None:  # a Script call reloads the script itself after a Redis restart
+            return self._scripts[name](args=[self.prefix, *args], client=self.r)
+        # in a pipeline, a Script call would first ask SCRIPT EXISTS: one extra round trip per
+        # write; plain EVALSHA instead, and after a restart the caller sees NoScriptError and
+        # calls load_scripts() before retrying
+        return client.evalsha(self._scripts[name].sha, 0, self.prefix, *args)
+
+    def load_scripts(self) -> None:
+        for script in self._scripts.values():
+            script.sha = self.r.script_load(script.script)
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def shard_key(self, job_id: str, shard: int) -> str:
+        return f"{self.prefix}:job:{job_id}:shard:{shard}"
+
+    # ------------------------------------------------------------------ submitting
+
+    def create_job(self, options: JobOptions) -> str:
+        """Write a job record in `validating`; no shard of it can be leased yet."""
+        job_id = f"batch_{uuid.uuid4().hex[:20]}"
+        now_ms = int(time.time() * 1000)
+        record = {
+            "id": job_id, "status": JobStatus.VALIDATING.value, "name": options.name,
+            "model": options.model, "owner": options.owner,
+            "defaults": json.dumps(options.defaults), "metadata": json.dumps(options.metadata),
+            "shard_size": options.shard_size, "max_attempts": options.max_attempts,
+            "completion_window_ms": int((options.completion_window_s or 0) * 1000),
+            "total": 0, "completed": 0, "failed": 0, "num_shards": 0, "shards_finished": 0, "leased": 0,
+            "created_ms": now_ms,
+        }  # fmt: skip
+        with self.r.pipeline() as pipe:
+            pipe.hset(self.job_key(job_id), mapping=record)
+            pipe.zadd(f"{self.prefix}:jobs", {job_id: now_ms})
+            pipe.execute()
+        return job_id
+
+    def add_shards(self, job_id: str, shards: Iterable[list[dict[str, Any]]], first: int) -> int:
+        """Write shards numbered from `first` (one pipeline); returns how many requests they hold."""
+        total = 0
+        with self.r.pipeline(transaction=False) as pipe:
+            for n, requests in enumerate(shards, start=first):
+                key = self.shard_key(job_id, n)
+                pipe.hset(key, mapping={"state": "ready", "size": len(requests), "attempts": 0, "token": 0,
+                                        "requests": json.dumps(requests, separators=(",", ":"))})  # fmt: skip
+                pipe.rpush(f"{self.job_key(job_id)}:ready", n)
+                pipe.hincrby(self.job_key(job_id), "num_shards", 1)
+                pipe.hincrby(self.job_key(job_id), "total", len(requests))
+                total += len(requests)
+            pipe.execute()
+        return total
+
+    def activate(self, job_id: str) -> JobStatus:
+        """validating -> in_progress: its shards become leasable and its window starts."""
+        window_ms = int(self.r.hget(self.job_key(job_id), "completion_window_ms") or 0)
+        status = JobStatus(self._run("ACTIVATE", job_id, window_ms))
+        if status is JobStatus.FINALIZING:
+            status = JobStatus(self._run("FINALIZE", job_id))
+        return status
+
+    def reject(self, job_id: str, errors: list[dict[str, Any]], num_errors: int) -> JobStatus:
+        return JobStatus(self._run("REJECT", job_id, json.dumps(errors), num_errors))
+
+    # ------------------------------------------------------------------ reading jobs
+
+    def get_job(self, job_id: str) -> Job:
+        h = self.r.hgetall(self.job_key(job_id))
+        if not h:
+            raise JobNotFoundError(job_id)
+        return Job.from_hash(h)
+
+    def list_jobs(self, limit: int = 100) -> list[Job]:
+        """Newest first."""
+        ids = self.r.zrevrange(f"{self.prefix}:jobs", 0, limit - 1)
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.job_key(job_id))
+            return [Job.from_hash(h) for h in pipe.execute() if h]
+
+    def shard_requests(self, job_id: str, shard: int) -> list[dict[str, Any]]:
+        return json.loads(self.r.hget(self.shard_key(job_id, shard), "requests") or "[]")
+
+    def shard_info(self, job_id: str, shard: int) -> dict[str, str]:
+        return self.r.hgetall(self.shard_key(job_id, shard))
+
+    def shard_results(self, job_id: str, shard: int) -> dict[int, Result]:
+        raw = self.r.hgetall(f"{self.shard_key(job_id, shard)}:results")
+        return {int(i): Result.from_json(s) for i, s in raw.items()}
+
+    def iter_shards(self, job_id: str) -> Iterator[tuple[int, list[dict[str, Any]], dict[int, Result]]]:
+        """(shard, requests, results) in input order, one shard in memory at a time."""
+        for shard in range(self.get_job(job_id).num_shards):
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.hget(self.shard_key(job_id, shard), "requests")
+                pipe.hgetall(f"{self.shard_key(job_id, shard)}:results")
+                requests, results = pipe.execute()
+            yield (
+                shard,
+                json.loads(requests or "[]"),
+                {int(i): Result.from_json(s) for i, s in results.items()},
+            )
+
+    def get_progress(self, job_id: str, shard: int) -> dict[int, Progress]:
+        raw = self.r.hgetall(f"{self.shard_key(job_id, shard)}:progress")
+        return {int(i): Progress.from_json(s) for i, s in raw.items()}
+
+    def dead_letters(self) -> list[tuple[str, int, str]]:
+        """(job, shard, last error) of every dead-lettered shard, oldest first."""
+        out = []
+        for member in self.r.zrange(f"{self.prefix}:dead", 0, -1):
+            job_id, shard = member.rsplit("/", 1)
+            out.append(
+                (job_id, int(shard), self.r.hget(self.shard_key(job_id, int(shard)), "last_error") or "")
+            )
+        return out
+
+    # ------------------------------------------------------------------ worker verbs
+
+    def lease(self, worker: str, visibility_s: float, max_shards: int = 1) -> list[Lease]:
+        """Lease up to `max_shards` shards (round-robin over jobs); reclaims expired leases first."""
+        got = self._run("LEASE", worker, int(visibility_s * 1000), max_shards, SWEEP_LIMIT)
+        leases = []
+        for job_id, shard, token, attempts, requests, done, progress in got:
+            pairs = zip(progress[::2], progress[1::2])
+            lease = Lease(job_id, int(shard), int(token), int(attempts), json.loads(requests))
+            lease.done = {int(i) for i in done}
+            lease.progress = {int(i): Progress.from_json(p) for i, p in pairs}
+            leases.append(lease)
+        return leases
+
+    def renew(self, lease: Lease, visibility_s: float, client: Any = None) -> str:
+        """'ok'; 'lost' (taken over: stop working on it); 'closed' (job cancelled or expired)."""
+        return self._run(
+            "RENEW", lease.job_id, lease.shard, lease.token, int(visibility_s * 1000), client=client
+        )
+
+    def write_results(self, lease: Lease, results: dict[int, Result], client: Any = None) -> list[str] | str:
+        """Fenced, idempotent: 'ok'/'dup' per result, or 'lost'/'closed' when nothing was written.
+
+        With a pipeline as `client` the answer comes from its execute().
+        """
+        args: list[Any] = []
+        for index, result in results.items():
+            args += [index, "c" if result.ok else "f", result.to_json()]
+        return self._run("WRITE_RESULTS", lease.job_id, lease.shard, lease.token, *args, client=client)
+
+    def save_progress(self, lease: Lease, progress: dict[int, Progress], client: Any = None) -> str:
+        args: list[Any] = []
+        for index, p in progress.items():
+            args += [index, p.to_json()]
+        return self._run("SAVE_PROGRESS", lease.job_id, lease.shard, lease.token, *args, client=client)
+
+    def ack(self, lease: Lease, client: Any = None) -> str:
+        """'ok' (shard done), 'incomplete' (a request has no result yet) or 'lost'.
+
+        With a pipeline as `client`, pass its reply through `after_ack`.
+        """
+        reply = self._run("ACK", lease.job_id, lease.shard, lease.token, client=client)
+        return reply if client is not None else self.after_ack(lease, reply)
+
+    def after_ack(self, lease: Lease, reply: str) -> str:
+        if reply == "last":  # the job's last shard: completed right away
+            self.finalize(lease.job_id)
+            return "ok"
+        return reply
+
+    def fail(self, lease: Lease, error: str) -> str:
+        """The attempt failed: 'requeued', 'dead' (dead-lettered), 'closed' or 'lost'."""
+        status = self._run("FAIL", lease.job_id, lease.shard, lease.token, error)
+        if status == "dead":
+            self.finalize(lease.job_id)
+        return status
+
+    def release(self, lease: Lease) -> str:
+        """Give the shard back unfinished without spending an attempt: 'requeued', 'closed', 'lost'."""
+        return self._run("RELEASE", lease.job_id, lease.shard, lease.token)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def finalize(self, job_id: str) -> JobStatus:
+        """finalizing -> completed (the hook where a server-side export would go)."""
+        return JobStatus(self._run("FINALIZE", job_id))
+
+    def sweep(self) -> int:
+        """Reclaim expired leases, expire overdue jobs, finish jobs left in finalizing.
+
+        Leasing sweeps too; clients call this so that jobs progress with no worker alive.
+        """
+        reclaimed, finalizing = self._run("SWEEP", SWEEP_LIMIT)
+        for job_id in finalizing:
+            self.finalize(job_id)
+        return int(reclaimed)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        status = self._run("CANCEL", job_id)
+        if not status:
+            raise JobNotFoundError(job_id)
+        return JobStatus(status)
+
+    def delete_job(self, job_id: str) -> None:
+        """Drop a finished job and everything under it."""
+        job = self.get_job(job_id)
+        if not job.status.is_terminal:
+            raise ValueError(f"job {job_id} is {job.status.value}; cancel it first")
+        keys = [self.job_key(job_id), f"{self.job_key(job_id)}:ready"]
+        for n in range(job.num_shards):
+            sk = self.shard_key(job_id, n)
+            keys += [sk, f"{sk}:results", f"{sk}:progress"]
+        with self.r.pipeline() as pipe:
+            pipe.delete(*keys)
+            pipe.zrem(f"{self.prefix}:jobs", job_id)
+            pipe.zrem(f"{self.prefix}:dead", *[f"{job_id}/{n}" for n in range(job.num_shards)] or ["-"])
+            pipe.execute()

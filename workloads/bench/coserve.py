@@ -1,0 +1,290 @@
+"""`harvest bench coserve`: the four policies on the same online trace and offline backlog.
+
+One process, one model, one machine, run back to back:
+1. calibration: the service time of one online request on an idle engine sets the default
+   online rate, so that `online-only` is busy about 30% of the time;
+2. `online-only`, whose P99 TTFT and P50 TPOT set the SLOs (1.2x and 2x, overridable);
+3. `fcfs`, `priority-recompute` and `harvest` with the same trace plus an offline backlog of
+   5x as many requests queued at t=0;
+4. `saturated_tokens_per_s`: offline alone at the best batch.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harvest.engine import Engine
+from workloads.bench.common import console, print_table, write_result
+from workloads.bench.plots import plot_coserve
+from workloads.replay import ReplayRun, random_prompt, replay
+from workloads.traces import gamma_arrivals
+
+POLICIES = ("online-only", "fcfs", "priority-recompute", "harvest")
+# CI-sized: a smaller model, fewer and shorter requests (under 3 minutes on 2 cores)
+QUICK = dict(
+    num_online=20,
+    hidden=128,
+    layers=4,
+    heads=4,
+    online_output="lognormal:16:0.5:48",
+    offline_output="lognormal:48:0.5:128",
+    offline_prompt="lognormal:192:0.5:512",
+)
+
+
+@dataclass
+class CoserveConfig:
+    num_online: int = 200
+    rate: float | None = None  # online requests/s; None: calibrated to ~30% busy
+    target_busy: float = 0.3
+    cv: float = 2.0
+    backlog_factor: int = 5
+    online_prompt: str = "lognormal:96:0.5:384"
+    online_output: str = "lognormal:32:0.5:96"
+    offline_prompt: str = "lognormal:256:0.5:768"
+    offline_output: str = "lognormal:96:0.5:256"
+    ttft_slo_s: float | None = None  # None: 1.2x online-only P99 TTFT
+    tpot_slo_s: float | None = None  # None: 2x online-only P50 TPOT
+    hidden: int = 192
+    layers: int = 6
+    heads: int = 6
+    block_size: int = 16
+    num_blocks: int = 512
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    seed: int = 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, engine: Engine) -> dict:
+    ttft = [r.ttft_s for r in run.online]
+    tpot = [r.tpot_s for r in run.online if r.tpot_s is not None]
+    ok = [
+        r.ttft_s <= ttft_slo and (r.tpot_s is None or r.tpot_s <= tpot_slo)
+        for r in run.online
+        if ttft_slo is not None
+    ]
+    return {
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "slo_attainment": sum(ok) / len(ok) if ok else float("nan"),
+        "online_tokens_per_s": run.online_tokens / run.duration_s,
+        "offline_tokens_per_s": run.offline_tokens / run.duration_s,
+        "total_tokens_per_s": (run.online_tokens + run.offline_tokens) / run.duration_s,
+        "preemptions": engine.stats.preemptions,
+        "recomputed_tokens": engine.stats.recomputed_tokens,
+        "restored_tokens": engine.stats.restored_tokens,
+        "aborted_steps": engine.stats.aborted_steps,
+        "busy_fraction": run.busy_s / run.duration_s,
+        "duration_s": run.duration_s,
+        "num_online": len(run.online),
+    }
+
+
+def make_engine(model_dir: Path, cfg: CoserveConfig, policy: str, slo: dict | None = None) -> Engine:
+    return Engine.from_pretrained(
+        str(model_dir),
+        policy=policy,
+        block_size=cfg.block_size,
+        num_blocks=cfg.num_blocks,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        **({"slo": slo} if slo else {}),
+    )
+
+
+def calibrate_rate(model_dir: Path, cfg: CoserveConfig, vocab: int) -> float:
+    """Requests/s at which an online-only engine would be busy `target_busy` of the time."""
+    engine = make_engine(model_dir, cfg, "online-only")
+    probe = gamma_arrivals(
+        1.0,
+        0.0,
+        num_requests=8,
+        prompt_len=cfg.online_prompt,
+        output_len=cfg.online_output,
+        seed=cfg.seed + 1,
+    )
+    rng = random.Random(cfg.seed)
+    times = []
+    for a in probe:
+        from harvest.engine import SamplingParams
+
+        params = SamplingParams(max_tokens=a.output_tokens, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        engine.add_request(random_prompt(a.prompt_tokens, vocab, rng), params, request_class="online")
+        while engine.has_unfinished():
+            engine.step()
+        times.append(time.perf_counter() - start)
+    return cfg.target_busy / statistics.median(times[2:])  # first ones warm up
+
+
+def saturated_rate(model_dir: Path, cfg: CoserveConfig, backlog, seconds: float) -> float:
+    engine = make_engine(model_dir, cfg, "harvest")
+    from harvest.engine import SamplingParams
+
+    for prompt, n in backlog:
+        engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    before, start = engine.stats.generated_offline, time.perf_counter()
+    while time.perf_counter() - start < seconds and engine.has_unfinished():
+        engine.step()
+    return (engine.stats.generated_offline - before) / (time.perf_counter() - start)
+
+
+def run(quick: bool, out: Path, **overrides) -> dict:
+    import transformers
+    from rich.progress import Progress
+
+    from harvest.models.tiny import make_tiny
+    from workloads.lengths import LengthDist
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    cfg = CoserveConfig(**{**(QUICK if quick else {}), **overrides})
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny(
+            Path(tmp) / "coserve-llama", "llama", hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads
+        )
+        vocab = 500
+        rate = cfg.rate or calibrate_rate(model_dir, cfg, vocab)
+        arrivals = gamma_arrivals(
+            rate,
+            cfg.cv,
+            num_requests=cfg.num_online,
+            prompt_len=cfg.online_prompt,
+            output_len=cfg.online_output,
+            seed=cfg.seed,
+        )
+        rng = random.Random(cfg.seed + 2)
+        p_dist, o_dist = LengthDist.parse(cfg.offline_prompt), LengthDist.parse(cfg.offline_output)
+        backlog = [
+            (random_prompt(p_dist.sample(rng), vocab, rng), o_dist.sample(rng))
+            for _ in range(cfg.backlog_factor * cfg.num_online)
+        ]
+        results: dict[str, dict] = {}
+        timelines: dict[str, list[dict]] = {}
+        online_latency: dict[str, dict[str, list[float]]] = {}
+        slo: dict | None = None
+        with Progress(console=console, transient=True) as progress:
+            for policy in POLICIES:
+                task = progress.add_task(f"{policy}: online requests done", total=len(arrivals))
+                engine = make_engine(model_dir, cfg, policy, slo)
+                run_ = replay(
+                    engine,
+                    arrivals,
+                    [] if policy == "online-only" else backlog,
+                    vocab,
+                    cfg.seed,
+                    on_step=lambda done, task=task: progress.update(task, completed=done),
+                )
+                progress.update(task, completed=len(arrivals))
+                if policy == "online-only":
+                    base = summarize(run_, None, None, engine)
+                    slo = {
+                        "ttft_s": cfg.ttft_slo_s or 1.2 * base["ttft_p99_s"],
+                        "tpot_s": cfg.tpot_slo_s or 2.0 * base["tpot_p50_s"],
+                    }
+                results[policy] = summarize(run_, slo["ttft_s"], slo["tpot_s"], engine)
+                timelines[policy] = run_.timeline
+                online_latency[policy] = {
+                    "ttft_s": [r.ttft_s for r in run_.online],
+                    "tpot_s": [r.tpot_s for r in run_.online if r.tpot_s is not None],
+                }
+            progress.add_task("saturated offline throughput", total=None)
+            saturated = saturated_rate(model_dir, cfg, backlog, 5.0 if quick else 15.0)
+    result = {
+        "slo": slo,
+        "online_rate_rps": rate,
+        "saturated_tokens_per_s": saturated,
+        "policies": results,
+        "targets": evaluate_targets(results),
+        "config": {**asdict(cfg), "quick": quick},
+        "online_latency": online_latency,
+    }
+    _print(result)
+    plot_coserve(timelines, online_latency, slo, out)
+    write_result(out, "coserve", result)
+    return result
+
+
+def evaluate_targets(r: dict[str, dict]) -> dict[str, dict]:
+    """The co-serving issue's targets for `harvest`, each with the measured ratio and met/not."""
+    h, base, fcfs, prio = r["harvest"], r["online-only"], r["fcfs"], r["priority-recompute"]
+
+    def target(value: float, bound: float, at_most: bool) -> dict:
+        met = value <= bound if at_most else value >= bound
+        return {"value": value, "bound": bound, "met": bool(met)}
+
+    return {
+        "ttft_p99_vs_online_only": target(h["ttft_p99_s"] / base["ttft_p99_s"], 1.2, at_most=True),
+        "slo_attainment": target(h["slo_attainment"], 0.99, at_most=False),
+        "total_throughput_vs_online_only": target(
+            h["total_tokens_per_s"] / base["total_tokens_per_s"], 2.35, at_most=False
+        ),
+        "total_throughput_vs_fcfs": target(
+            h["total_tokens_per_s"] / fcfs["total_tokens_per_s"], 0.8, at_most=False
+        ),
+        "fcfs_ttft_p99_over_harvest": target(fcfs["ttft_p99_s"] / h["ttft_p99_s"], 10.0, at_most=False),
+        "recomputed_vs_priority_recompute": target(
+            h["recomputed_tokens"] / max(1, prio["recomputed_tokens"]), 0.10, at_most=True
+        ),
+    }
+
+
+def _print(result: dict) -> None:
+    cols = [
+        "policy",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "SLO att.",
+        "online tok/s",
+        "offline tok/s",
+        "total tok/s",
+        "preempt",
+        "recomputed",
+    ]
+    rows = [
+        [
+            name,
+            p["ttft_p50_s"],
+            p["ttft_p99_s"],
+            p["tpot_p50_s"],
+            p["tpot_p99_s"],
+            p["slo_attainment"],
+            p["online_tokens_per_s"],
+            p["offline_tokens_per_s"],
+            p["total_tokens_per_s"],
+            p["preemptions"],
+            p["recomputed_tokens"],
+        ]
+        for name, p in result["policies"].items()
+    ]
+    slo = result["slo"]
+    print_table(
+        f"coserve (SLO: TTFT {slo['ttft_s'] * 1e3:.1f} ms, TPOT {slo['tpot_s'] * 1e3:.1f} ms; "
+        f"online rate {result['online_rate_rps']:.2f} req/s)",
+        cols,
+        rows,
+    )
+    print_table(
+        "harvest targets",
+        ["target", "value", "bound", "met"],
+        [[k, v["value"], v["bound"], "yes" if v["met"] else "NO"] for k, v in result["targets"].items()],
+    )
+    console.print(f"saturated offline throughput: {result['saturated_tokens_per_s']:.0f} tok/s")

@@ -1,0 +1,130 @@
+"""PNG plots for the co-serving benchmarks: latency CDFs, throughput over time, offline budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+COLORS = {
+    "online-only": "tab:gray",
+    "fcfs": "tab:red",
+    "priority-recompute": "tab:orange",
+    "harvest": "tab:green",
+}
+
+
+def _cdf(ax, values: list[float], label: str, color: str | None) -> None:
+    if not values:
+        return
+    xs = sorted(v * 1e3 for v in values)
+    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+    ax.step(xs, ys, where="post", label=label, color=color)
+
+
+def plot_latency_cdfs(latency: dict[str, dict[str, list[float]]], slo: dict | None, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in latency.items():
+        _cdf(axes[0], values["ttft_s"], name, COLORS.get(name))
+        _cdf(axes[1], values["tpot_s"], name, COLORS.get(name))
+    for ax, key, title in ((axes[0], "ttft_s", "TTFT"), (axes[1], "tpot_s", "TPOT (mean per request)")):
+        if slo:
+            ax.axvline(slo[key] * 1e3, color="black", linestyle="--", linewidth=1, label="SLO")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{title} (ms, log)")
+        ax.set_ylabel("fraction of online requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Online latency CDFs per policy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bins(timeline: list[dict], key: str, width: float) -> tuple[list[float], list[float]]:
+    if not timeline:
+        return [], []
+    n = int(timeline[-1]["time"] // width) + 1
+    sums = [0.0] * n
+    for step in timeline:
+        sums[int(max(step["time"], 0) // width)] += step[key]
+    return [i * width for i in range(n)], [s / width for s in sums]
+
+
+def plot_throughput(timelines: dict[str, list[dict]], path: Path, width: float = 1.0) -> None:
+    names = [n for n in timelines if n != "online-only"] or list(timelines)
+    fig, axes = plt.subplots(len(names), 1, figsize=(11, 2.6 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        t, online = _bins(timelines[name], "online_tokens", width)
+        _, offline = _bins(timelines[name], "offline_tokens", width)
+        ax.stackplot(
+            t,
+            online,
+            offline,
+            labels=["online", "offline"],
+            colors=["tab:blue", "tab:green"],
+            alpha=0.8,
+            step="post",
+        )
+        marks = [s["time"] for s in timelines[name] if s["preemptions"]]
+        if marks:
+            top = max(o + f for o, f in zip(online, offline)) or 1
+            ax.plot(marks, [top * 1.02] * len(marks), "v", color="tab:red", markersize=4, label="preemption")
+        ax.set_ylabel("tokens/s computed")
+        ax.set_title(name, fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_budget(timeline: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(11, 3.5))
+    t = [s["time"] for s in timeline]
+    ax.plot(
+        t,
+        [s["offline_token_budget"] for s in timeline],
+        color="tab:green",
+        linewidth=0.8,
+        label="offline token budget (tokens/step)",
+    )
+    ax.plot(
+        t,
+        [s["offline_tokens"] for s in timeline],
+        color="tab:olive",
+        linewidth=0.6,
+        alpha=0.7,
+        label="offline tokens scheduled",
+    )
+    ax.set_ylabel("tokens per step")
+    ax.set_xlabel("time (s)")
+    twin = ax.twinx()
+    twin.plot(
+        t,
+        [s["online_running"] + s["online_waiting"] for s in timeline],
+        color="tab:blue",
+        linewidth=0.8,
+        label="online requests in engine",
+    )
+    twin.set_ylabel("online requests")
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, loc="upper right", fontsize=8)
+    ax.set_title("harvest: offline budget vs online load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_coserve(
+    timelines: dict[str, list[dict]], latency: dict, slo: dict | None, out: Path, prefix: str = "coserve"
+) -> None:
+    plot_latency_cdfs(latency, slo, out / f"{prefix}_latency_cdf.png")
+    plot_throughput(timelines, out / f"{prefix}_throughput.png")
+    if "harvest" in timelines:
+        plot_budget(timelines["harvest"], out / f"{prefix}_budget.png")

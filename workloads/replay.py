@@ -1,0 +1,115 @@
+"""Replay an online trace against an in-process engine while an offline backlog waits.
+
+Online requests arrive from a feeder thread at their trace times (the engine's inbox is
+thread-safe, so an arrival can cut an offline-only step short at a layer boundary, as it
+would in the service); the calling thread runs the step loop until every online request
+has finished. Everything is timed with the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from harvest.engine import Engine, SamplingParams
+from workloads.traces import Arrival
+
+
+@dataclass
+class OnlineResult:
+    arrival_s: float
+    ttft_s: float
+    tpot_s: float | None  # mean time per output token after the first; None for one-token outputs
+    output_tokens: int
+
+
+@dataclass
+class ReplayRun:
+    duration_s: float
+    online: list[OnlineResult]
+    online_tokens: int
+    offline_tokens: int
+    busy_s: float  # time spent inside engine steps
+    timeline: list[dict] = field(default_factory=list)  # per-step metrics, time relative to start
+
+
+def random_prompt(length: int, vocab: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+def replay(
+    engine: Engine,
+    arrivals: list[Arrival],
+    backlog: list[tuple[list[int], int]],
+    vocab: int,
+    seed: int = 0,
+    on_step=None,
+) -> ReplayRun:
+    """Run `arrivals` (online) with `backlog` (offline prompts, max tokens) queued at t=0."""
+    rng = random.Random(seed)
+    online_prompts = [random_prompt(a.prompt_tokens, vocab, rng) for a in arrivals]
+    start = time.monotonic() + 0.01
+    for i, (prompt, max_tokens) in enumerate(backlog):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        engine.add_request(prompt, params, request_id=f"offline-{i}", arrival_time=start)
+    wake = threading.Event()
+    stop = threading.Event()
+
+    def feed() -> None:
+        for i, (a, prompt) in enumerate(zip(arrivals, online_prompts)):
+            delay = start + a.time_s - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                return
+            params = SamplingParams(max_tokens=a.output_tokens, temperature=0, ignore_eos=True)
+            engine.add_request(
+                prompt,
+                params,
+                request_id=f"online-{i}",
+                request_class="online",
+                arrival_time=start + a.time_s,
+            )
+            wake.set()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    online: list[OnlineResult] = []
+    timeline: list[dict] = []
+    busy = 0.0
+    stats_before = (engine.stats.generated_online, engine.stats.generated_offline)
+    feeder.start()
+    try:
+        while len(online) < len(arrivals):
+            if not engine.has_unfinished():
+                wake.wait(0.05)
+                wake.clear()
+                continue
+            t = time.perf_counter()
+            outputs = engine.step()
+            busy += time.perf_counter() - t
+            timeline.append({**engine.last_step.as_dict(), "time": engine.last_step.time - start})
+            if on_step is not None:
+                on_step(len(online))
+            for out in outputs:
+                if out.finished and out.request_id.startswith("online-"):
+                    online.append(_online_result(out, start))
+    finally:
+        stop.set()
+        feeder.join()
+    duration = time.monotonic() - start
+    return ReplayRun(
+        duration_s=duration,
+        online=online,
+        online_tokens=engine.stats.generated_online - stats_before[0],
+        offline_tokens=engine.stats.generated_offline - stats_before[1],
+        busy_s=busy,
+        timeline=timeline,
+    )
+
+
+def _online_result(out, start: float) -> OnlineResult:
+    m = out.metrics
+    ttft = m["first_token_time"] - m["arrival_time"]
+    n = out.num_output_tokens
+    tpot = (m["finish_time"] - m["first_token_time"]) / (n - 1) if n > 1 else None
+    return OnlineResult(m["arrival_time"] - start, ttft, tpot, n)
