@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from harvest.engine import FinishReason, SamplingParams
@@ -217,7 +219,7 @@ def test_slo_limits_offline_only_while_online_runs(profiled):
         online = engine.add_request([5, 6, 7], ONLINE, request_class="online")
         outs = step_checked(engine)
         assert {o.request_id for o in outs} == {online}
-        assert engine.last_step.offline_tokens == 0 and engine.last_step.latency_budget_s == 1e-9
+        assert engine.last_step.offline_tokens == 0 and engine.last_step.latency_budget_s <= 1e-9
         while not any(o.request_id == online and o.finished for o in outs):
             assert engine.last_step.offline_tokens == 0
             outs = step_checked(engine)
@@ -231,17 +233,18 @@ def test_slo_limits_offline_only_while_online_runs(profiled):
 def test_generous_slo_lets_offline_share_the_step(profiled):
     engine = profiled
     slo = engine.scheduler.config.slo
-    old, slo.tpot_s = slo.tpot_s, 60.0  # far above any step of a tiny model, however loaded the machine
+    old = (slo.tpot_s, slo.ttft_s)
+    slo.tpot_s = slo.ttft_s = 60.0  # far above any step of a tiny model, however loaded the machine
     try:
         offline = [engine.add_request(p, GREEDY) for p in make_prompts(engine, [40, 50])]
         online = engine.add_request([5, 6, 7], ONLINE, request_class="online")
         outs = step_checked(engine)
         assert online in {o.request_id for o in outs}
-        assert engine.last_step.offline_tokens == 90 and engine.last_step.latency_budget_s == 60.0
+        assert engine.last_step.offline_tokens == 90 and engine.last_step.latency_budget_s > 40
         done = run_checked(engine)
         assert set(offline) <= set(done)
     finally:
-        slo.tpot_s = old
+        slo.tpot_s, slo.ttft_s = old
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority-recompute", "harvest"])
@@ -252,3 +255,19 @@ def test_backlog_queued_at_once_completes_in_a_small_pool(tiny_model, policy):
         engine.add_request(p, GREEDY, arrival_time=0.0)
     done = run_checked(engine)
     assert len(done) == 6 and engine.stats.preemptions > 0
+
+
+def test_ttft_deadline_shrinks_the_budget(profiled):
+    engine = profiled
+    slo = engine.scheduler.config.slo
+    old = (slo.tpot_s, slo.ttft_s)
+    slo.tpot_s, slo.ttft_s = 60.0, 0.5
+    try:
+        engine.add_request(make_prompts(engine, [40])[0], GREEDY)
+        # an online request that has already waited past its TTFT target: offline must not slow it further
+        engine.add_request([5, 6, 7], ONLINE, request_class="online", arrival_time=time.monotonic() - 1.0)
+        step_checked(engine)
+        assert engine.last_step.latency_budget_s == 0.0 and engine.last_step.offline_tokens == 0
+        run_checked(engine)
+    finally:
+        slo.tpot_s, slo.ttft_s = old

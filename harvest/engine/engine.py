@@ -183,11 +183,11 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()  # the latency model learns whole steps, scheduling included
         outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        start = time.perf_counter()
         restored = self._restore(batch)
         abort = None
         if self.policy is Policy.HARVEST and batch.offline_only:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -66,7 +67,8 @@ class Scheduler:
            only when no offline one is left does a later online request give way.
         2. Offline requests get what is left of the token budget, and, under `harvest`,
            only as much as the latency model predicts keeps the step within the online
-           TPOT SLO while online requests are present (none present: the best batch).
+           SLOs while online requests are present (`_latency_budget`; none present: the
+           best batch).
            An offline sequence that does not fit is paused (keeps its blocks); a waiting
            one that held a checkpoint resumes from it.
         `fcfs` has no classes: everything is the offline path without a latency budget.
@@ -83,8 +85,8 @@ class Scheduler:
                 budget -= batch.num_new_tokens[-1]
         if self.config.policy is Policy.ONLINE_ONLY:
             return batch
-        if self.config.policy is Policy.HARVEST and any(r.is_online for r in self.unfinished()):
-            batch.latency_budget_s = self.config.slo.tpot_s
+        if self.config.policy is Policy.HARVEST:
+            batch.latency_budget_s = self._latency_budget()
         batch.offline_token_budget = self._fit(budget, 0, batch)
         for req in [r for r in by_arrival if not (r.is_online and self.config.has_classes)]:
             budget -= self._schedule_running(req, budget, batch, online=False)
@@ -93,6 +95,20 @@ class Scheduler:
                 break
             budget -= batch.num_new_tokens[-1]
         return batch
+
+    def _latency_budget(self) -> float | None:
+        """How long this step may take: the TPOT target while online requests decode, less
+        while one still waits for its first token and its TTFT deadline is near. None when
+        no online request is in the engine (offline then runs at the best batch)."""
+        online = [r for r in (*self.running, *self.online_waiting) if r.is_online]
+        if not online:
+            return None
+        slo, now = self.config.slo, time.monotonic()
+        budget = slo.tpot_s
+        for r in online:
+            if r.first_token_time is None:
+                budget = min(budget, r.arrival_time + slo.ttft_s - now)
+        return max(0.0, budget * slo.headroom)
 
     def _schedule_running(self, req: Request, budget: int, batch: ScheduledBatch, online: bool) -> int:
         if req not in self.running or req.status is not RequestStatus.RUNNING:

@@ -1,0 +1,113 @@
+"""The OpenAI-compatible HTTP app: `build_app(backend)` gives a FastAPI app with no Ray in it.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (behind the API
+key when one is set), GET /health, GET /metrics. Every request through here is online.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from harvest.api.auth import BearerAuth
+from harvest.api.backend import Backend, BackendUnavailable
+from harvest.api.errors import APIError, install_error_handlers, model_not_found, unavailable
+from harvest.api.generation import ClientDisconnected, Generation
+from harvest.api.inputs import chat_inputs, completion_inputs
+from harvest.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from harvest.api.streaming import SSEResponse, chat_events, completion_events
+from harvest.engine import RequestOutput
+from harvest.serving import PROMETHEUS_CONTENT_TYPE
+
+
+def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+    """The app over `backend`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
+    app = FastAPI(title="harvest", summary="OpenAI-compatible online serving for harvest.")
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    started = int(time.time())
+
+    def check_model(model: str) -> None:
+        if model not in backend.model_names():
+            raise model_not_found(model)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=started) for name in backend.model_names()])
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request) -> Response | CompletionResponse:
+        check_model(body.model)
+        inputs = completion_inputs(body, backend.tokenizer, backend.max_model_len)
+        gen = await Generation.start(backend, f"cmpl-{uuid.uuid4().hex}", inputs)
+        if body.stream:
+            return SSEResponse(completion_events(gen, body.model, _include_usage(body)), gen)
+        final = await _collect(gen, request)
+        choice = CompletionChoice(text=final.text, finish_reason=_finish_reason(final))
+        return CompletionResponse(id=gen.request_id, created=gen.created, model=body.model,
+                                  choices=[choice], usage=Usage.of(*gen.usage_tokens()))  # fmt: skip
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> Response | ChatCompletionResponse:
+        check_model(body.model)
+        inputs = chat_inputs(body, backend.tokenizer, backend.max_model_len)
+        gen = await Generation.start(backend, f"chatcmpl-{uuid.uuid4().hex}", inputs)
+        if body.stream:
+            return SSEResponse(chat_events(gen, body.model, _include_usage(body)), gen)
+        final = await _collect(gen, request)
+        choice = ChatChoice(message=AssistantMessage(content=final.text), finish_reason=_finish_reason(final))
+        return ChatCompletionResponse(id=gen.request_id, created=gen.created, model=body.model,
+                                      choices=[choice], usage=Usage.of(*gen.usage_tokens()))  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            ok = await backend.health()
+        except Exception:
+            ok = False
+        if not ok:
+            return unavailable("the model backend is not healthy").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await backend.metrics_text(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return app
+
+
+async def _collect(gen: Generation, request: Request) -> RequestOutput:
+    try:
+        return await gen.collect(request)
+    except BackendUnavailable as exc:
+        raise unavailable(str(exc)) from exc
+    except ClientDisconnected:
+        # nobody reads this answer; the status is for access logs (nginx's "client closed")
+        raise APIError(499, "client closed the request") from None
+    finally:
+        await gen.close()
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _finish_reason(final: RequestOutput) -> str | None:
+    return final.finish_reason.value if final.finish_reason is not None else None

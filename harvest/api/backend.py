@@ -1,0 +1,68 @@
+"""The seam between the HTTP layer and whatever runs the model.
+
+`build_app` speaks only to a `Backend`: `LocalBackend` runs one in-process `EngineLoop`
+(tests, a single-process server); the Ray Serve deployment implements the same protocol
+by forwarding to GPU worker actors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from transformers import PreTrainedTokenizerBase
+
+from harvest.engine import RequestOutput, SamplingParams
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot take the request now (stopped, dead, overloaded): HTTP 503."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the OpenAI-compatible app needs from the serving side.
+
+    `tokenizer` and `max_model_len` are read on every request, so they must be cheap
+    (load them once). Prompts arrive already tokenized and validated against
+    `max_model_len`: prompt + max_tokens fits, so the backend need not check it again.
+    """
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer: chat templates and prompt token counts."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt + output) one request may hold."""
+        ...
+
+    def model_names(self) -> list[str]:
+        """Names accepted in the `model` field; the first is the one served by default."""
+        ...
+
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one online request; yields its step outputs with `delta_text`, the last `finished`.
+
+        Raises `BackendUnavailable` (before or during the stream) when it cannot serve it,
+        and `ValueError` for a request the engine refuses (answered as a 400).
+        Closing or cancelling the iterator early must abort the request; the app also calls
+        `abort` then, so both paths must be harmless when repeated.
+        """
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request, fire and forget: it is called from cleanup code that may be
+        in a cancelled task, so it must not block or await. Unknown ids are ignored."""
+        ...
+
+    async def health(self) -> bool:
+        """True while the backend can serve requests."""
+        ...
+
+    async def metrics_text(self) -> str:
+        """Prometheus text exposition (format 0.0.4) of the backend's metrics."""
+        ...

@@ -1,0 +1,70 @@
+"""LocalBackend: the `Backend` protocol over one in-process `EngineLoop`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from transformers import PreTrainedTokenizerBase
+
+from harvest.api.backend import BackendUnavailable
+from harvest.engine import RequestClass, RequestOutput, SamplingParams
+from harvest.serving import EngineLoop, EngineLoopError, render_engine_metrics
+
+
+class LocalBackend:
+    """Serves online requests from `loop` under `model_name` (tests, a one-process server).
+
+    `max_pending` caps unfinished online requests (None: no cap); past it new requests get
+    503 rather than queueing without bound. `max_stall_s` is the health check's limit on
+    a step that does not finish.
+    """
+
+    def __init__(
+        self,
+        loop: EngineLoop,
+        model_name: str,
+        *,
+        max_pending: int | None = None,
+        max_stall_s: float = 30.0,
+    ) -> None:
+        self.loop = loop
+        self.model_name = model_name
+        self.max_pending = max_pending
+        self.max_stall_s = max_stall_s
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.loop.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        engine = self.loop.engine
+        # the engine also ends a request when the KV pool cannot hold a longer one
+        return min(engine.max_model_len, engine.capacity_tokens)
+
+    def model_names(self) -> list[str]:
+        return [self.model_name]
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self.max_pending is not None and self.loop.num_pending(RequestClass.ONLINE) >= self.max_pending:
+            raise BackendUnavailable(f"too many requests in flight (limit {self.max_pending})")
+        outputs = self.loop.generate(prompt_token_ids, params, request_id, RequestClass.ONLINE,
+                                     stream_text=True)  # fmt: skip
+        try:
+            async for out in outputs:
+                yield out
+        except EngineLoopError as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        finally:
+            await outputs.aclose()  # aborts the engine request if we leave early
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    async def health(self) -> bool:
+        return self.loop.healthy(self.max_stall_s)
+
+    async def metrics_text(self) -> str:
+        return render_engine_metrics({self.model_name: self.loop.stats(self.max_stall_s)})

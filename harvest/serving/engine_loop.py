@@ -1,0 +1,301 @@
+"""EngineLoop: one engine stepping on a background thread, with thread-safe and asyncio APIs.
+
+The engine itself is single-threaded: only the loop thread calls `step()`. Requests go
+in through the engine's inbox (`add_request` / `abort` are thread-safe) and the loop
+routes each step's outputs to the request's sink: a plain callback (`submit`, for
+threads such as the offline worker) or an asyncio queue fed with `call_soon_threadsafe`
+(`generate`, for HTTP handlers and Ray async actors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from harvest.engine import Engine, RequestClass, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[RequestOutput], None]
+ErrorCallback = Callable[[BaseException], None]
+StepHook = Callable[[list[RequestOutput]], None]
+
+
+def _ignore(_: RequestOutput) -> None:
+    pass
+
+
+class EngineLoopError(RuntimeError):
+    """The loop cannot serve the request: it was stopped or its thread died."""
+
+
+@dataclass
+class _Sink:
+    request_class: RequestClass
+    on_output: OutputCallback
+    on_error: ErrorCallback | None
+
+
+class EngineLoop:
+    """Runs `engine.step()` continuously on a daemon thread started by the constructor.
+
+    `on_step(outputs)` (optional) is called on the loop thread after every step with all of
+    that step's outputs, including those of requests added to the engine directly (the
+    offline queue worker's `sync`); with `idle_tick_s` it is also called with `[]` that
+    often while the engine is idle, so such a hook can go on polling for work. Whoever
+    adds requests to the engine directly must call `wake()` afterwards.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        on_step: StepHook | None = None,
+        idle_tick_s: float | None = None,
+        name: str = "harvest-engine-loop",
+    ) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self.idle_tick_s = idle_tick_s
+        self._lock = threading.Lock()
+        self._sinks: dict[str, _Sink] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._finished: Counter[str] = Counter()  # finish reason -> requests the engine finished
+        self._steps = 0
+        self._idle = False  # blocked on the wake event: a submission wakes it at once
+        # last time the loop provably made progress: a completed step, or waking up idle
+        self._progress_time = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        request_class: RequestClass | str = RequestClass.OFFLINE,
+        on_output: OutputCallback | None = None,
+        *,
+        on_error: ErrorCallback | None = None,
+        stream_text: bool = False,
+    ) -> str:
+        """Add a request from any thread; returns its id.
+
+        `on_output` is called on the loop thread for each of the request's step outputs
+        (the last has `.finished`); it must be quick and must not block. If the loop stops
+        or dies first, `on_error` gets an `EngineLoopError`. Raises `EngineLoopError` when
+        the loop is not running and `ValueError` for a request the engine refuses.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        sink = _Sink(RequestClass(request_class), on_output or _ignore, on_error)
+        with self._lock:
+            if not self.running:
+                raise EngineLoopError(self._why_not_running())
+            if request_id in self._sinks:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            # registered before the engine sees the request, so no output can miss its sink
+            self._sinks[request_id] = sink
+        try:
+            self.engine.add_request(prompt, params, request_id=request_id, request_class=request_class,
+                                    stream_text=stream_text)  # fmt: skip
+        except BaseException:
+            with self._lock:
+                self._sinks.pop(request_id, None)
+            raise
+        self._wake.set()
+        return request_id
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        request_class: RequestClass | str = RequestClass.ONLINE,
+        stream_text: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's step outputs; the last has `.finished`.
+
+        Leaving early (the consumer is cancelled, or closes the iterator, e.g. on a client
+        disconnect) aborts the request in the engine. Raises `EngineLoopError` if the loop
+        is stopped or dies before the request finishes.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def put(item: RequestOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        request_id = self.submit(prompt, params, request_id, request_class, put, on_error=put,
+                                 stream_text=stream_text)  # fmt: skip
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine no longer runs it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._detach(request_id)
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort from any thread; the request's sink still gets its final `abort` output."""
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def _detach(self, request_id: str) -> None:
+        """Drop a request's callbacks but keep it pending until the engine says it ended."""
+        with self._lock:
+            if (sink := self._sinks.get(request_id)) is not None:
+                # its consumer is gone, and with it maybe the event loop the callbacks target
+                sink.on_output, sink.on_error = _ignore, None
+
+    def wake(self) -> None:
+        """Make an idle loop look at the engine again (after adding requests to it directly)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                # a submission after this check has set the event, so wait() returns at once
+                if not self.engine.has_unfinished():
+                    self._idle = True
+                    woken = self._wake.wait(self.idle_tick_s)
+                    self._progress_time = time.monotonic()
+                    self._idle = False
+                    if not woken and self.on_step is not None:
+                        self._call_hook([])
+                    continue
+                outputs = self.engine.step()
+                self._steps += 1
+                self._route(outputs)
+                if self.on_step is not None:
+                    self._call_hook(outputs)
+                self._progress_time = time.monotonic()
+        except BaseException as exc:
+            log.exception("engine loop died")
+            self._error = exc
+        finally:
+            self._fail_pending()
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                if out.finished:
+                    sink = self._sinks.pop(out.request_id, None)
+                    self._finished[out.finish_reason.value if out.finish_reason else "unknown"] += 1
+                else:
+                    sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            try:
+                sink.on_output(out)
+            except Exception:
+                # e.g. the consumer's event loop has closed: nobody listens any more
+                log.warning("output callback of %s failed; aborting it", out.request_id, exc_info=True)
+                with self._lock:
+                    self._sinks.pop(out.request_id, None)
+                if not out.finished:
+                    self.engine.abort(out.request_id)
+
+    def _call_hook(self, outputs: list[RequestOutput]) -> None:
+        try:
+            self.on_step(outputs)
+        except Exception:
+            # a failing hook (say, Redis down) must not take online serving down with it
+            log.exception("engine loop on_step hook failed")
+
+    def _fail_pending(self) -> None:
+        with self._lock:
+            self._stopping = True  # no new submissions from here on
+            sinks, self._sinks = self._sinks, {}
+        error = EngineLoopError(self._why_not_running())
+        for request_id, sink in sinks.items():
+            self.engine.abort(request_id)  # leave the engine clean for whoever steps it next
+            if sink.on_error is not None:
+                try:
+                    sink.on_error(error)
+                except Exception:
+                    log.warning("error callback of %s failed", request_id, exc_info=True)
+
+    # ------------------------------------------------------------------ lifecycle and health
+
+    @property
+    def running(self) -> bool:
+        return not self._stopping and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that killed the loop thread, if any."""
+        return self._error
+
+    def _why_not_running(self) -> str:
+        return f"engine loop died: {self._error!r}" if self._error else "engine loop is stopped"
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stop after the current step; pending requests get `EngineLoopError`.
+
+        Returns False if the thread did not exit within `timeout` (a step that never ends).
+        """
+        self._stopping = True
+        self._wake.set()
+        if threading.current_thread() is self._thread:
+            return False  # called from a callback: the loop exits when it returns
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def last_step_age_s(self) -> float:
+        return time.monotonic() - self._progress_time
+
+    def healthy(self, max_stall_s: float = 30.0) -> bool:
+        """False if the thread is gone, or it has work but no step finished for `max_stall_s`."""
+        if not self.running:
+            return False
+        # the age of an idle loop says nothing: it has been waiting, not stuck
+        if self._idle or self.last_step_age_s() <= max_stall_s:
+            return True
+        return not (self.num_pending() or self.engine.has_unfinished())
+
+    def num_pending(self, request_class: RequestClass | str | None = None) -> int:
+        """Requests submitted through the loop and not finished, of one class or all."""
+        with self._lock:
+            if request_class is None:
+                return len(self._sinks)
+            wanted = RequestClass(request_class)
+            return sum(s.request_class is wanted for s in self._sinks.values())
+
+    def stats(self, max_stall_s: float = 30.0) -> dict[str, Any]:
+        """A JSON-friendly snapshot for the controller, health checks and /metrics."""
+        with self._lock:
+            pending = Counter(s.request_class.value for s in self._sinks.values())
+            finished = dict(self._finished)
+        return {
+            "running": self.running,
+            "healthy": self.healthy(max_stall_s),
+            "loop_steps": self._steps,
+            "last_step_age_s": self.last_step_age_s(),
+            "pending_online": pending[RequestClass.ONLINE.value],
+            "pending_offline": pending[RequestClass.OFFLINE.value],
+            "finished": finished,
+            "totals": self.engine.stats.as_dict(),
+            "last_step": self.engine.last_step.as_dict(),
+        }
