@@ -23,6 +23,8 @@ class OnlineResult:
     ttft_s: float
     tpot_s: float | None  # mean time per output token after the first; None for one-token outputs
     output_tokens: int
+    index: int = 0
+    censored: bool = False  # unfinished when the run stopped: ttft_s is a lower bound
 
 
 @dataclass
@@ -46,8 +48,15 @@ def replay(
     vocab: int,
     seed: int = 0,
     on_step=None,
+    grace_s: float = 10.0,
 ) -> ReplayRun:
-    """Run `arrivals` (online) with `backlog` (offline prompts, max tokens) queued at t=0."""
+    """Run `arrivals` (online) with `backlog` (offline prompts, max tokens) queued at t=0.
+
+    Stops when every online request has finished, or `grace_s` after the last arrival: a
+    policy that starves online work (fcfs behind a backlog) would otherwise run until the
+    whole backlog is done. Online requests still unfinished then are reported censored:
+    their latencies are lower bounds measured at the stop.
+    """
     rng = random.Random(seed)
     online_prompts = [random_prompt(a.prompt_tokens, vocab, rng) for a in arrivals]
     start = time.monotonic() + 0.01
@@ -79,7 +88,8 @@ def replay(
     stats_before = (engine.stats.generated_online, engine.stats.generated_offline)
     feeder.start()
     try:
-        while len(online) < len(arrivals):
+        stop_at = start + (arrivals[-1].time_s if arrivals else 0.0) + grace_s
+        while len(online) < len(arrivals) and time.monotonic() < stop_at:
             if not engine.has_unfinished():
                 wake.wait(0.05)
                 wake.clear()
@@ -92,11 +102,16 @@ def replay(
                 on_step(len(online))
             for out in outputs:
                 if out.finished and out.request_id.startswith("online-"):
-                    online.append(_online_result(out, start))
+                    online.append(_online_result(out, start, int(out.request_id.split("-")[1])))
     finally:
         stop.set()
         feeder.join()
-    duration = time.monotonic() - start
+    now = time.monotonic()
+    duration = now - start
+    done = {r.index for r in online}
+    for i, a in enumerate(arrivals):
+        if i not in done:  # censored: never finished (and maybe never started) within the run
+            online.append(OnlineResult(a.time_s, max(0.0, now - start - a.time_s), None, 0, i, censored=True))
     return ReplayRun(
         duration_s=duration,
         online=online,
@@ -107,9 +122,9 @@ def replay(
     )
 
 
-def _online_result(out, start: float) -> OnlineResult:
+def _online_result(out, start: float, index: int) -> OnlineResult:
     m = out.metrics
     ttft = m["first_token_time"] - m["arrival_time"]
     n = out.num_output_tokens
     tpot = (m["finish_time"] - m["first_token_time"]) / (n - 1) if n > 1 else None
-    return OnlineResult(m["arrival_time"] - start, ttft, tpot, n)
+    return OnlineResult(m["arrival_time"] - start, ttft, tpot, n, index)

@@ -31,7 +31,7 @@ EXIT_CODES = (
 err = Console(stderr=True)
 out = Console()
 RedisUrl = typer.Option(
-    None, "--redis-url", help="Default: $HARVEST_REDIS_URL, else redis://127.0.0.1:6379/0."
+    None, "--redis-url", help="Default: $HARVEST_REDIS_URL, else the embedded redis://127.0.0.1:6390/0."
 )
 
 
@@ -141,13 +141,20 @@ def list_jobs(
 
 @app.command(epilog=EXIT_CODES)
 def status(
-    job_id: str = typer.Argument(..., metavar="JOB"),
+    job_id: str | None = typer.Argument(None, metavar="[JOB]", help="A job; none: the service."),
     wait: bool = typer.Option(False, "--wait", help="Show a live progress bar until the job ends."),
     timeout: float | None = typer.Option(None, "--timeout", help="With --wait: give up after N seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the job as JSON."),
     redis_url: str | None = RedisUrl,
+    address: str = typer.Option("auto", "--address", help="Ray address of the service (no JOB)."),
 ) -> None:
-    """Show a job; with --wait, exit 0 only if it completed."""
+    """Show a job (with --wait, exit 0 only if it completed), or without JOB the service:
+    per-worker online load, offline budget, KV occupancy, running jobs and progress."""
+    if job_id is None:
+        from harvest.cli.service import show_service_status
+
+        show_service_status(address, as_json)
+        return
     with _exits():
         client = _client(redis_url)
         job = client.wait(job_id, timeout=timeout, progress=not as_json) if wait else client.get(job_id)

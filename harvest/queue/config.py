@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+EMBEDDED_REDIS_PORT = 6390  # not 6379: a system Redis often has that one
+DEFAULT_REDIS_URL = f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"
 
 
 def default_redis_url() -> str:

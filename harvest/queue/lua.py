@@ -115,6 +115,21 @@ local function sweep(now, limit)
 end
 """
 
+# ARGV: prefix, worker -> shards returned to the queue. The controller calls this when it
+# sees a worker die, so its shards go back at once instead of after the visibility timeout.
+EXPIRE_WORKER = r"""
+local worker, now, reclaimed = ARGV[2], now_ms(), 0
+for _, member in ipairs(redis.call('ZRANGE', P .. ':leases', 0, -1)) do
+  local job, n = string.match(member, '^(.*)/(%d+)$')
+  if redis.call('HGET', skey(job, n), 'worker') == worker then
+    unlease(job, n, now)
+    retry_or_dead(job, n, 'worker ' .. worker .. ' died', now)
+    reclaimed = reclaimed + 1
+  end
+end
+return reclaimed
+"""
+
 # ARGV: prefix, job, completion_window_ms (0: none) -> new status
 ACTIVATE = r"""
 local job, window = ARGV[2], tonumber(ARGV[3])

@@ -46,7 +46,7 @@ class JobStore:
         self._scripts = {
             name: client.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
-                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT")
+                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER")
         }  # fmt: skip
         self.load_scripts()
 
@@ -248,6 +248,10 @@ class JobStore:
         for job_id in finalizing:
             self.finalize(job_id)
         return int(reclaimed)
+
+    def expire_worker(self, worker: str) -> int:
+        """Return every shard leased by `worker` (known dead) to the queue now; how many."""
+        return int(self._run("EXPIRE_WORKER", worker))
 
     def cancel(self, job_id: str) -> JobStatus:
         status = self._run("CANCEL", job_id)

@@ -71,7 +71,7 @@ def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, en
     ttft = [r.ttft_s for r in run.online]
     tpot = [r.tpot_s for r in run.online if r.tpot_s is not None]
     ok = [
-        r.ttft_s <= ttft_slo and (r.tpot_s is None or r.tpot_s <= tpot_slo)
+        not r.censored and r.ttft_s <= ttft_slo and (r.tpot_s is None or r.tpot_s <= tpot_slo)
         for r in run.online
         if ttft_slo is not None
     ]
@@ -91,6 +91,7 @@ def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, en
         "busy_fraction": run.busy_s / run.duration_s,
         "duration_s": run.duration_s,
         "num_online": len(run.online),
+        "num_online_unfinished": sum(r.censored for r in run.online),
     }
 
 

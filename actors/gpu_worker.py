@@ -1,0 +1,116 @@
+"""GPUWorker: one Ray actor per GPU (or one CPU worker), hosting one engine.
+
+The engine's step loop runs in a background thread (`EngineLoop`). Online requests come
+from the Serve ingress as Ray streaming-generator calls; offline shards are leased from the
+Redis job store by the same `OfflineWorker` that `harvest work --local` uses, driven from
+the loop's `on_step` hook, so leasing, result writes and lease renewal happen between
+steps and prove the loop is alive. The controller turns offline leasing on and off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from harvest.engine import Engine, RequestOutput, SamplingParams
+from harvest.queue.config import WorkerConfig
+from harvest.queue.store import JobStore
+from harvest.queue.worker import OfflineWorker
+from harvest.serving import EngineLoop
+
+log = logging.getLogger(__name__)
+
+
+class GPUWorker:
+    """Use through `worker_actor()`; methods are called by the controller and the ingress."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        model: str,
+        redis_url: str,
+        engine_options: dict[str, Any] | None = None,
+        queue_options: dict[str, Any] | None = None,
+    ) -> None:
+        import torch
+
+        options = dict(engine_options or {})
+        options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        if options["device"] == "cpu":  # as many threads as CPUs Ray gave us, or workers fight for cores
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, int(cpus)))
+        self.worker_id = worker_id
+        self.engine = Engine.from_pretrained(model, **options)
+        self.store = JobStore.from_url(redis_url)
+        self.offline = OfflineWorker(
+            self.store, self.engine, WorkerConfig(**(queue_options or {})), worker_id
+        )
+        self.offline_enabled = True
+        self.started = time.time()
+        self.loop = EngineLoop(
+            self.engine, on_step=self._on_step, idle_tick_s=0.05, name=f"engine-{worker_id}"
+        )
+
+    def _on_step(self, outputs: list[RequestOutput]) -> None:
+        """Runs on the loop thread after every step (and every idle tick)."""
+        if self.offline_enabled:
+            self.offline.fill()
+        self.offline.sync(outputs)
+
+    async def generate(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str):
+        """Streaming generator (call with num_returns="streaming"): one RequestOutput per step."""
+        stream: AsyncIterator[RequestOutput] = self.loop.generate(
+            prompt_token_ids, SamplingParams(**params), request_id, "online", stream_text=True
+        )
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()  # the consumer went away: abort in the engine
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    def set_offline(self, enabled: bool) -> None:
+        """The controller's offline budget switch: off stops leasing new shards (running ones finish)."""
+        self.offline_enabled = enabled
+
+    def health(self, max_stall_s: float = 30.0) -> bool:
+        return self.loop.healthy(max_stall_s)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.loop.stats()
+        s.update(
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            offline_enabled=self.offline_enabled,
+            shards=sorted(self.offline.shards),
+            offline_inflight=self.offline.inflight_requests,
+            kv_blocks_total=self.engine.block_manager.num_blocks,
+            kv_blocks_used=self.engine.block_manager.num_used_blocks,
+            max_model_len=self.engine.max_model_len,
+            capacity_tokens=self.engine.capacity_tokens,
+            uptime_s=time.time() - self.started,
+        )
+        return s
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        """Give leased shards back (no attempt spent) and stop the loop."""
+        self.offline_enabled = False
+        self.loop.stop()
+        self.offline.release_all()
+
+
+def worker_actor(use_gpu: bool):
+    """The Ray actor class: one GPU each, or one CPU worker when the cluster has no GPU."""
+    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+    return ray.remote(max_restarts=0, max_concurrency=1000, **resources)(GPUWorker)

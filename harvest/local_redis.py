@@ -1,0 +1,79 @@
+"""The embedded Redis that `harvest up` starts when HARVEST_REDIS_URL is not set.
+
+Persistent (append-only file, fsync every second) under the data dir, on a fixed local
+port so that the client, the CLI and the workers all find it without configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from harvest.paths import data_dir
+from harvest.queue.config import DEFAULT_REDIS_URL, EMBEDDED_REDIS_PORT
+
+
+def redis_dir() -> Path:
+    return data_dir() / "redis"
+
+
+def is_up(url: str = DEFAULT_REDIS_URL) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
+    """Start (or find running) the embedded redis-server; returns its URL."""
+    url = f"redis://127.0.0.1:{port}/0"
+    if is_up(url):
+        return url
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found: run scripts/install-redis.sh, or set HARVEST_REDIS_URL")
+    folder = redis_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(folder / "redis.pid"),
+            "--logfile",
+            str(folder / "redis.log"),
+        ],
+        check=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while not is_up(url):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server did not come up on port {port}; see {folder / 'redis.log'}")
+        time.sleep(0.05)
+    return url
+
+
+def stop(port: int = EMBEDDED_REDIS_PORT) -> bool:
+    """Shut the embedded server down (saving its data); False if it was not running."""
+    url = f"redis://127.0.0.1:{port}/0"
+    if not is_up(url):
+        return False
+    with contextlib.suppress(redis.ConnectionError):  # the server closes the connection as it exits
+        redis.Redis.from_url(url).shutdown(save=False)
+    return True

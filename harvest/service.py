@@ -1,0 +1,103 @@
+"""Bring the service up and down: Ray, the controller, the workers, the Serve ingress.
+
+Same code path on a laptop (a local Ray head started here) and on a cluster (`address`
+of an existing Ray cluster, e.g. "auto" after `ray up cluster.yaml`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+
+from controller.controller import CONTROLLER_NAME, NAMESPACE, controller_actor
+
+
+@dataclass
+class ServiceConfig:
+    model: str
+    redis_url: str
+    model_name: str = "harvest"
+    num_workers: int | None = None  # None: one per GPU, or one CPU worker
+    port: int = 8000
+    host: str = "127.0.0.1"
+    api_key: str | None = None
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    queue_options: dict[str, Any] = field(default_factory=dict)
+    monitor_period_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A local Ray head that outlives this process (`harvest down` stops it)."""
+    if shutil.which("ray") is None:
+        raise RuntimeError("the `ray` command is missing: install harvest's dependencies")
+    cmd = ["ray", "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1"]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def connect(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="error")
+
+
+def start(config: ServiceConfig, ready_timeout_s: float = 300.0) -> dict[str, Any]:
+    """Start (or find running) the controller and workers, then the Serve app. Ray must be up."""
+    from ray import serve
+
+    from harvest.api.serve_app import APP_NAME, serve_application
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    workers = config.num_workers or max(1, gpus)
+    controller = (
+        controller_actor()
+        .options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
+        .remote({**asdict(config), "num_workers": workers, "use_gpu": gpus > 0})
+    )
+    deadline = time.monotonic() + ready_timeout_s
+    while not ray.get(controller.ready.remote()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("workers did not come up; see `ray status` and the Ray logs")
+        time.sleep(0.2)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(
+        serve_application(config.model, config.model_name, config.api_key),
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
+    )
+    return ray.get(controller.status.remote())
+
+
+def controller_handle() -> Any:
+    return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+
+
+def status() -> dict[str, Any]:
+    return ray.get(controller_handle().status.remote(), timeout=30)
+
+
+def stop() -> None:
+    """Stop the Serve app, the workers (shards given back) and the controller."""
+    from ray import serve
+
+    with contextlib.suppress(Exception):  # Serve not running
+        serve.shutdown()
+    try:
+        handle = controller_handle()
+    except ValueError:
+        return
+    ray.get(handle.shutdown.remote(), timeout=120)
+    ray.kill(handle, no_restart=True)

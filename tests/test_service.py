@@ -1,0 +1,207 @@
+"""End to end on a local Ray: controller, two workers, the Serve ingress, real Redis, tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+
+from harvest import service
+from harvest.client import HarvestClient
+from harvest.engine import Engine, SamplingParams
+from tests.conftest import RedisServer, free_port
+
+MODEL_NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_model, tmp_path_factory):
+    redis_server = RedisServer(tmp_path_factory.mktemp("svc-redis"))
+    redis_server.start()
+    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    config = service.ServiceConfig(
+        model=str(tiny_model),
+        redis_url=redis_server.url,
+        model_name=MODEL_NAME,
+        num_workers=2,
+        port=port,
+        engine_options={"profile_latency": False, "block_size": 16},
+        queue_options={
+            "visibility_timeout_s": 5,
+            "progress_interval_s": 0.1,
+            "max_shards": 2,
+            "idle_poll_s": 0.05,
+        },
+    )
+    service.start(config)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:  # the ingress replica may still be starting
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "ingress never became healthy"
+        time.sleep(0.2)
+    yield {"base": base, "redis": redis_server, "model": tiny_model}
+    service.stop()
+    ray.shutdown()
+    redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(svc):
+    return openai.OpenAI(base_url=f"{svc['base']}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return Engine.from_pretrained(str(tiny_model), profile_latency=False)
+
+
+def test_completions_match_the_engine_with_usage(oai, reference):
+    prompt = "The miller listened to the water"
+    resp = oai.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0)
+    ids = reference.tokenizer.encode(prompt)
+    expected = reference.generate([ids], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert resp.usage.prompt_tokens == len(ids)
+    assert resp.usage.completion_tokens == expected.num_output_tokens
+    assert reference.tokenizer.encode(resp.choices[0].text) == expected.token_ids or (
+        resp.choices[0].text == expected.text
+    )
+
+
+def test_streaming_chat_with_usage(oai):
+    messages = [{"role": "user", "content": "Tell me about bread."}]
+    full = oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0)
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens > 5
+
+
+def test_bad_input_gets_4xx_and_service_keeps_serving(svc, oai):
+    base = svc["base"]
+    r = httpx.post(
+        f"{base}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(f"{base}/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404
+    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL_NAME, "prompt": "x " * 5000})
+    assert r.status_code == 400
+    assert (
+        oai.completions.create(model=MODEL_NAME, prompt="still here", max_tokens=2).usage.completion_tokens
+        == 2
+    )
+
+
+def wait_job(client: HarvestClient, job_id: str, timeout: float = 120):
+    job = client.wait(job_id, timeout=timeout, progress=False)
+    assert job.status.value == "completed", job
+    return job
+
+
+def test_offline_job_completes_while_online_is_served_by_both_workers(svc, oai):
+    client = HarvestClient(svc["redis"].url)
+    prompts = [f"Review number {i}: the soup was" for i in range(40)]
+    job = client.submit(prompts, model=MODEL_NAME, max_tokens=24, temperature=0, shard_size=4)
+    online = [
+        oai.completions.create(
+            model=MODEL_NAME, prompt=f"online {i}", max_tokens=8, extra_body={"ignore_eos": True}
+        )
+        for i in range(6)
+    ]
+    assert all(r.usage.completion_tokens == 8 for r in online)
+    wait_job(client, job.id)
+    rows = client.results(job.id).to_pylist()
+    assert sorted(r["custom_id"] for r in rows) == sorted({r["custom_id"] for r in rows})
+    assert len(rows) == 40 and all(r["error_code"] is None for r in rows)
+    assert len({r["worker"] for r in rows}) == 2  # both workers took shards of the one job
+    status = service.status()
+    assert len(status["workers"]) == 2 and all(s["healthy"] for s in status["workers"].values())
+
+
+def _busy_worker(job_id: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, s in service.status()["workers"].items():
+            if any(k.startswith(job_id) for k in s.get("shards", [])):
+                return name
+        time.sleep(0.05)
+    raise AssertionError("no worker leased a shard")
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_worker_killed_mid_shard_job_still_completes_exactly_once(svc, how):
+    client = HarvestClient(svc["redis"].url)
+    job = client.submit(
+        [f"long story {i}" for i in range(16)],
+        model=MODEL_NAME,
+        max_tokens=600,
+        temperature=0,
+        shard_size=8,
+        defaults={"ignore_eos": True},
+    )
+    victim = _busy_worker(job.id)
+    handle = ray.get_actor(victim, namespace="harvest")
+    time.sleep(0.3)  # let it make progress, and record some
+    assert any(k.startswith(job.id) for k in ray.get(handle.stats.remote())["shards"]), "finished too soon"
+    if how == "ray.kill":
+        ray.kill(handle, no_restart=True)
+    else:
+        os.kill(ray.get(handle.pid.remote()), signal.SIGKILL)
+    wait_job(client, job.id, timeout=180)
+    rows = client.results(job.id).to_pylist()
+    assert len(rows) == 16 and len({r["custom_id"] for r in rows}) == 16
+    assert all(r["error_code"] is None and r["completion_tokens"] == 600 for r in rows)
+    assert any(r["resumed_tokens"] > 0 for r in rows)  # picked up from recorded progress, not from scratch
+    deadline = time.monotonic() + 60  # the controller saw the death and replaced the worker
+    while not any(d["worker"] == victim for d in service.status()["deaths"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    while len([s for s in service.status()["workers"].values() if s["healthy"]]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_controller_restart_keeps_serving(svc, oai):
+    controller = service.controller_handle()
+    ray.kill(controller, no_restart=False)
+    assert oai.completions.create(
+        model=MODEL_NAME, prompt="during restart", max_tokens=3
+    ).usage.completion_tokens
+    client = HarvestClient(svc["redis"].url)
+    job = client.submit(
+        [f"after restart {i}" for i in range(8)], model=MODEL_NAME, max_tokens=8, shard_size=4
+    )
+    wait_job(client, job.id)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            status = service.status()
+            if len(status["workers"]) == 2:
+                break
+        except ray.exceptions.RayError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
