@@ -38,11 +38,25 @@ class ServiceConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
 
 
+LOCAL_RAY_PORT = 6385  # not Ray's default 6379, which a local Redis usually holds
+
+
 def start_local_ray(num_cpus: int | None = None) -> None:
-    """A local Ray head that outlives this process (`harvest down` stops it)."""
+    """A local Ray head that outlives this process (`harvest down` stops it); no-op if one runs."""
     if shutil.which("ray") is None:
         raise RuntimeError("the `ray` command is missing: install harvest's dependencies")
-    cmd = ["ray", "start", "--head", "--disable-usage-stats", "--dashboard-host", "127.0.0.1"]
+    if subprocess.run(["ray", "status"], capture_output=True).returncode == 0:
+        return
+    cmd = [
+        "ray",
+        "start",
+        "--head",
+        "--port",
+        str(LOCAL_RAY_PORT),
+        "--disable-usage-stats",
+        "--dashboard-host",
+        "127.0.0.1",
+    ]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     subprocess.run(cmd, check=True, capture_output=True)

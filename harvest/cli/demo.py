@@ -1,45 +1,186 @@
-"""`harvest demo`: the main job on the embedded default, for a first look."""
+"""`harvest demo`: co-serving in one command, on the embedded default.
 
+Starts everything locally (Redis, Ray, the controller, one worker with the tiny demo model,
+the OpenAI-compatible endpoint), submits the bundled offline jobs (summarise 20 documents,
+classify 60 support tickets), replays a bursty online trace through the HTTP endpoint at
+the same time, and shows both side by side: online latencies stay low while the offline
+jobs finish on the same engine. Stops what it started at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
 import time
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from harvest.cli.app import app
 
-PROMPTS = [
-    "The miller",
-    "Once upon a time there was a little",
-    "To make bread, mix flour,",
-    "Question: What is the capital of France? Answer:",
-    "The city wakes up slowly.",
-    "Review: The soup was perfect. Label:",
-]
+console = Console()
+
+
+def _online_traffic(base: str, model: str, seconds: float, rate: float, results: list, stop: threading.Event):
+    import random
+
+    import httpx
+
+    from workloads.traces import gamma_arrivals
+
+    arrivals = gamma_arrivals(
+        rate, 2.0, duration_s=seconds, prompt_len="uniform:8:48", output_len="uniform:8:32"
+    )
+    rng = random.Random(0)
+    words = [
+        "the",
+        "miller",
+        "river",
+        "bread",
+        "city",
+        "library",
+        "weather",
+        "question",
+        "answer",
+        "review",
+        "summary",
+    ]
+    start = time.monotonic()
+    threads = []
+
+    def one(a) -> None:
+        prompt = " ".join(rng.choice(words) for _ in range(a.prompt_tokens // 2))
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": a.output_tokens,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        t0 = time.monotonic()
+        first, n = None, 0
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    first = first or time.monotonic()
+                    n += 1
+        if first is not None:
+            results.append((first - t0, (time.monotonic() - first) / max(1, n - 1)))
+
+    for a in arrivals:
+        delay = start + a.time_s - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            break
+        t = threading.Thread(target=one, args=(a,), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(timeout=60)
 
 
 @app.command()
-def demo(max_tokens: int = typer.Option(32, help="Tokens to generate per prompt.")) -> None:
-    """Build the tiny demo model once, then batch-generate with the engine."""
+def demo(
+    seconds: float = typer.Option(20.0, help="How long to send online traffic."),
+    rate: float = typer.Option(2.0, help="Online requests per second (bursty, CV 2)."),
+    port: int = typer.Option(8000, help="HTTP port for the endpoint."),
+) -> None:
+    """Co-serve a bursty online trace and two offline jobs on one local engine, then report."""
+    import ray
     import transformers
 
-    from harvest.engine import Engine, SamplingParams
-    from harvest.paths import default_model_dir, ensure_default_model
+    from harvest import local_redis, service
+    from harvest.client import HarvestClient
+    from harvest.paths import ensure_default_model
+    from workloads.registry import build_requests, sample_dataset
 
     transformers.utils.logging.disable_progress_bar()
-    console = Console()
-    if not (default_model_dir() / "config.json").exists():
-        with console.status("training the tiny demo model on the bundled corpus (about a minute)..."):
-            ensure_default_model()
-    engine = Engine.from_pretrained(str(default_model_dir()))
-    start = time.perf_counter()
-    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, temperature=0))
-    elapsed = time.perf_counter() - start
-    table = Table("prompt", "completion", "finish")
-    for prompt, out in zip(PROMPTS, outputs):
-        table.add_row(prompt, out.text.strip(), out.finish_reason.value)
+    started_redis = "HARVEST_REDIS_URL" not in os.environ
+    redis_url = os.environ.get("HARVEST_REDIS_URL") or local_redis.start()
+    with console.status("building the tiny demo model (once, about a minute)..."):
+        model = ensure_default_model()
+    with console.status("starting Ray, the controller, a worker and the HTTP endpoint..."):
+        ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
+        config = service.ServiceConfig(
+            model=str(model),
+            redis_url=redis_url,
+            model_name="harvest",
+            num_workers=1,
+            port=port,
+            engine_options={"slo": {"ttft_s": 0.5, "tpot_s": 0.05}},
+        )
+        service.start(config)
+    base = f"http://127.0.0.1:{port}"
+    console.print(f"[green]up[/]: {base}/v1 (OpenAI-compatible), Redis {redis_url}")
+    client = HarvestClient(redis_url)
+    jobs = {
+        kind: client.submit(
+            list(build_requests(kind, sample_dataset(kind), model="harvest")),
+            name=f"demo-{kind}",
+            shard_size=8,
+        )
+        for kind in ("summarize", "classify")
+    }
+    online: list[tuple[float, float]] = []
+    stop = threading.Event()
+    traffic = threading.Thread(target=_online_traffic, args=(base, "harvest", seconds, rate, online, stop))
+    start = time.monotonic()
+    traffic.start()
+    try:
+        with Live(console=console, refresh_per_second=4) as live:
+            while traffic.is_alive() or any(not client.get(j.id).status.is_terminal for j in jobs.values()):
+                live.update(_view(client, jobs, online, time.monotonic() - start))
+                time.sleep(0.25)
+            live.update(_view(client, jobs, online, time.monotonic() - start))
+    finally:
+        stop.set()
+        traffic.join(timeout=10)
+        snapshot = service.status()
+        service.stop()
+        ray.shutdown()
+        if started_redis:
+            local_redis.stop()
+    _report(online, snapshot, time.monotonic() - start)
+
+
+def _view(client, jobs, online, elapsed: float) -> Table:
+    table = Table("what", "progress", title=f"harvest demo, {elapsed:.0f}s")
+    for kind, job in jobs.items():
+        j = client.get(job.id)
+        c = j.request_counts
+        table.add_row(
+            f"offline: {kind}", f"{j.status.value}: {c.completed}/{c.total} done, {c.failed} failed"
+        )
+    if online:
+        ttft = sorted(t for t, _ in online)
+        table.add_row(
+            "online requests", f"{len(online)} done, TTFT p50 {1e3 * statistics.median(ttft):.0f} ms"
+        )
+    return table
+
+
+def _report(online, snapshot, elapsed: float) -> None:
+    table = Table("metric", "value", title="co-serving summary")
+    if online:
+        ttft = sorted(t for t, _ in online)
+        tpot = sorted(t for _, t in online)
+        table.add_row("online requests", str(len(online)))
+        table.add_row("online TTFT p50 / p99", f"{1e3 * ttft[len(ttft) // 2]:.0f} / {1e3 * ttft[-1]:.0f} ms")
+        table.add_row("online TPOT p50 / p99", f"{1e3 * tpot[len(tpot) // 2]:.1f} / {1e3 * tpot[-1]:.1f} ms")
+    for s in snapshot["workers"].values():
+        totals = s.get("totals", {})
+        table.add_row(
+            "tokens generated online / offline",
+            f"{totals.get('generated_online', 0)} / {totals.get('generated_offline', 0)}",
+        )
+        table.add_row(
+            "offline preemptions / tokens restored from checkpoints",
+            f"{totals.get('preemptions', 0)} / {totals.get('restored_tokens', 0)}",
+        )
+    table.add_row("wall time", f"{elapsed:.1f} s")
     console.print(table)
-    tokens = sum(o.num_output_tokens for o in outputs)
     console.print(
-        f"{len(outputs)} requests, {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.0f} tok/s)"
+        "Next: `harvest up` keeps it running; see README.md for curl, the OpenAI SDK and `harvest submit`."
     )

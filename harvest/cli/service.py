@@ -47,8 +47,8 @@ def up(
             try:
                 service.start_local_ray()
             except subprocess.CalledProcessError as exc:
-                if b"already" not in (exc.stderr or b"") + (exc.stdout or b""):
-                    raise
+                console.print(f"[red]could not start Ray[/]:\n{(exc.stderr or b'').decode()[-2000:]}")
+                raise typer.Exit(1) from None
         address = "auto"
     config = service.ServiceConfig(
         model=str(model),
@@ -88,6 +88,9 @@ def down(
         service.connect(address)
         service.stop()
         console.print("service stopped")
+        import ray
+
+        ray.shutdown()  # before `ray stop`, or the driver prints the cluster's shutdown as errors
     except ConnectionError:
         console.print("no Ray cluster running")
     if not keep_ray:
