@@ -44,8 +44,12 @@ class GPUWorker:
         if options["device"] == "cpu":  # as many threads as CPUs Ray gave us, or workers fight for cores
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, int(cpus)))
+        from actors.checkpoint_keeper import RayCheckpointStore, keeper_for_this_node
+
         self.worker_id = worker_id
-        self.engine = Engine.from_pretrained(model, **options)
+        self.engine = Engine.from_pretrained(
+            model, checkpoint_store=RayCheckpointStore(*keeper_for_this_node()), **options
+        )
         self.store = JobStore.from_url(redis_url)
         self.offline = OfflineWorker(
             self.store, self.engine, WorkerConfig(**(queue_options or {})), worker_id

@@ -130,3 +130,13 @@ def make_job(queue_store):
         return submit(queue_store, lambda: read_items(prompts, opts.defaults), opts)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test session (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -20,10 +20,9 @@ MODEL_NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
-def svc(tiny_model, tmp_path_factory):
+def svc(tiny_model, tmp_path_factory, ray_cluster):
     redis_server = RedisServer(tmp_path_factory.mktemp("svc-redis"))
     redis_server.start()
-    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False)
     port = free_port()
     config = service.ServiceConfig(
         model=str(tiny_model),
@@ -52,7 +51,6 @@ def svc(tiny_model, tmp_path_factory):
         time.sleep(0.2)
     yield {"base": base, "redis": redis_server, "model": tiny_model}
     service.stop()
-    ray.shutdown()
     redis_server.stop()
 
 
@@ -175,6 +173,8 @@ def test_worker_killed_mid_shard_job_still_completes_exactly_once(svc, how):
     assert len(rows) == 16 and len({r["custom_id"] for r in rows}) == 16
     assert all(r["error_code"] is None and r["completion_tokens"] == 600 for r in rows)
     assert any(r["resumed_tokens"] > 0 for r in rows)  # picked up from recorded progress, not from scratch
+    restored = sum(s["totals"]["restored_tokens"] for s in service.status()["workers"].values())
+    assert restored > 0  # ... and from the dead worker's KV checkpoints, kept by the node's keeper
     deadline = time.monotonic() + 60  # the controller saw the death and replaced the worker
     while not any(d["worker"] == victim for d in service.status()["deaths"]):
         assert time.monotonic() < deadline

@@ -29,6 +29,10 @@ class CheckpointStore(Protocol):
 
     def drop(self, key: str) -> None: ...
 
+    def handle(self, key: str) -> str: ...  # a string another engine can `adopt`
+
+    def adopt(self, handle: str, key: str) -> int: ...  # move a checkpoint under `key`; its blocks
+
 
 class HostCheckpointStore:
     """An in-memory host store: the engine's own, and the one engine tests share."""
@@ -51,6 +55,13 @@ class HostCheckpointStore:
 
     def drop(self, key: str) -> None:
         self._chunks.pop(key, None)
+
+    def handle(self, key: str) -> str:
+        return key
+
+    def adopt(self, handle: str, key: str) -> int:
+        self._chunks[key] = self._chunks.pop(handle, [])
+        return self.num_blocks(key)
 
     def __len__(self) -> int:
         return len(self._chunks)

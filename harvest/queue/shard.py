@@ -9,7 +9,7 @@ worker that interleaves online traffic in the same engine.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from harvest.queue.inputs import CHAT, RequestSpec
@@ -76,13 +76,33 @@ class ShardRun:
                     continue
                 resume_params = replace(params, max_tokens=left)
                 rid = self.request_id(index)
-                self.engine.add_request(prompt_ids + run.resumed, resume_params, request_id=rid,
-                                        request_class="offline")  # fmt: skip
+                if not self._resume_from_checkpoint(rid, prompt_ids + run.resumed, resume_params, progress):
+                    self.engine.add_request(prompt_ids + run.resumed, resume_params, request_id=rid,
+                                            request_class="offline")  # fmt: skip
                 self.running[rid] = run
             except Exception as exc:  # a bad request fails alone, never its shard
                 self.results[index] = Result.error(
                     "invalid_request", str(exc), started_at=now, finished_at=time.time(),
                     worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+
+    def _resume_from_checkpoint(self, rid: str, token_ids: list[int], params: SamplingParams,
+                                progress: Progress) -> bool:  # fmt: skip
+        """Continue from the KV checkpoint an earlier attempt left, if it is still there."""
+        store = getattr(self.engine, "checkpoint_store", None)
+        if not progress.checkpoint or store is None or not hasattr(self.engine, "resume"):
+            return False
+        from harvest.engine.request import RequestState
+
+        handle, _, tokens = progress.checkpoint.rpartition("#")
+        blocks = store.adopt(handle, rid)
+        checkpointed = min(int(tokens), blocks * self.engine.block_manager.block_size)
+        if checkpointed <= 0:
+            return False
+        state = RequestState(request_id=rid, token_ids=token_ids, num_prompt_tokens=len(token_ids),
+                             params=asdict(params), request_class="offline", arrival_time=time.monotonic(),
+                             checkpointed_tokens=checkpointed)  # fmt: skip
+        self.engine.resume(state)
+        return True
 
     def on_output(self, out: RequestOutput) -> None:
         run = self.running.get(out.request_id)
@@ -117,10 +137,16 @@ class ShardRun:
     def progress_updates(self) -> dict[int, Progress]:
         """Requests that generated tokens since the last call (their full progress so far)."""
         updates = {}
-        for run in self.running.values():
+        store = getattr(self.engine, "checkpoint_store", None)
+        requests = getattr(self.engine, "requests", {})
+        for rid, run in self.running.items():
             ids = run.all_output_ids
             if len(ids) > run.saved:
-                updates[run.index] = Progress(ids)
+                req = requests.get(rid)
+                checkpoint = None
+                if store is not None and req is not None and req.checkpointed_tokens:
+                    checkpoint = f"{store.handle(rid)}#{req.checkpointed_tokens}"
+                updates[run.index] = Progress(ids, checkpoint)
                 run.saved = len(ids)
         return updates
 

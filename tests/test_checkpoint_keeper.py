@@ -1,0 +1,82 @@
+"""KV checkpoints in the Ray object store outlive the worker that made them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+import torch
+
+from actors.checkpoint_keeper import RayCheckpointStore, keeper_for_this_node
+
+
+@ray.remote(num_cpus=0)
+class Producer:
+    """Stands in for a GPU worker: checkpoints through its node's keeper, then dies."""
+
+    def __init__(self) -> None:
+        self.store = RayCheckpointStore(*keeper_for_this_node())
+
+    def checkpoint(self, key: str, chunks: list[torch.Tensor]) -> str:
+        first = 0
+        for chunk in chunks:
+            self.store.put(key, first, chunk)
+            first += chunk.shape[2]
+        ray.get(self.store.keeper.num_blocks.remote(key))  # the puts above were fire and forget
+        return self.store.handle(key)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def wait_dead(actor, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the producer is still alive")
+
+
+def chunks(seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # [layers, 2, blocks, block_size, kv_heads, head_dim], two chunks of 3 and 2 blocks
+    return [torch.randn(2, 2, n, 16, 2, 8, generator=gen) for n in (3, 2)]
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "ray.kill"])
+def test_checkpoint_survives_the_death_of_its_producer(ray_cluster, how):
+    producer = Producer.remote()
+    data = chunks(1)
+    handle = ray.get(producer.checkpoint.remote(f"req-{how}", data))
+    if how == "SIGKILL":
+        os.kill(ray.get(producer.pid.remote()), signal.SIGKILL)
+    else:
+        ray.kill(producer)
+    wait_dead(producer)
+    adopter = RayCheckpointStore(*keeper_for_this_node())
+    assert adopter.adopt(handle, "new-key") == 5
+    assert torch.equal(adopter.get("new-key"), torch.cat(data, dim=2))
+    assert adopter.get(f"req-{how}") is None  # moved, not copied: one owner per checkpoint
+    adopter.drop("new-key")
+    assert adopter.get("new-key") is None
+
+
+def test_a_gap_ends_the_checkpoint_and_order_does_not_matter(ray_cluster):
+    store = RayCheckpointStore(*keeper_for_this_node())
+    a, b = chunks(2)
+    ray.get(store.keeper.put.remote("late", 3, b))  # arrives first
+    assert ray.get(store.keeper.num_blocks.remote("late")) == 0
+    ray.get(store.keeper.put.remote("late", 0, a))
+    assert torch.equal(store.get("late"), torch.cat([a, b], dim=2))
+    ray.get(store.keeper.put.remote("gap", 0, a))
+    ray.get(store.keeper.put.remote("gap", 7, b))  # blocks 3..6 lost with their worker
+    assert ray.get(store.keeper.num_blocks.remote("gap")) == 3
+    assert torch.equal(store.get("gap"), a)
