@@ -28,9 +28,12 @@ class CheckpointKeeper:
 
     def __init__(self) -> None:
         self.refs: dict[str, dict[int, tuple[int, ray.ObjectRef]]] = {}
+        self.closed: set[str] = set()  # moved or dropped: a put still in flight must not revive them
         self.bytes = 0
 
     def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
+        if key in self.closed:
+            return
         self.refs.setdefault(key, {})[first_block] = (chunk.shape[2], ray.put(chunk))
         self.bytes += chunk.numel() * chunk.element_size()
 
@@ -55,10 +58,13 @@ class CheckpointKeeper:
     def move(self, source: str, dest: str) -> int:
         """Hand `source`'s chunks to `dest` (refs only, no data copied); returns its blocks."""
         self.refs[dest] = self.refs.pop(source, {})
+        self.closed.add(source)
+        self.closed.discard(dest)
         return self.num_blocks(dest)
 
     def drop(self, key: str) -> None:
         self.refs.pop(key, None)  # the refs go out of scope: Ray frees the objects
+        self.closed.add(key)
 
     def stats(self) -> dict[str, int]:
         return {

@@ -84,6 +84,14 @@ class GPUWorker:
         """The controller's offline budget switch: off stops leasing new shards (running ones finish)."""
         self.offline_enabled = enabled
 
+    def set_slo(self, ttft_s: float, tpot_s: float) -> None:
+        """Online latency targets the engine sizes offline work against (from the controller)."""
+        from harvest.engine.config import SLOConfig
+
+        slo = self.engine.scheduler.config.slo
+        SLOConfig(ttft_s=ttft_s, tpot_s=tpot_s)  # validate before touching the live one
+        slo.ttft_s, slo.tpot_s = ttft_s, tpot_s
+
     def health(self, max_stall_s: float = 30.0) -> bool:
         return self.loop.healthy(max_stall_s)
 

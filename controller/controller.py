@@ -133,6 +133,13 @@ class HarvestController:
 
         return sorted(names, key=load)
 
+    def set_slo(self, ttft_s: float, tpot_s: float) -> None:
+        """Publish new online SLO targets to every worker (and keep them for restarts)."""
+        slo = {"ttft_s": ttft_s, "tpot_s": tpot_s}
+        self.config.setdefault("engine_options", {})["slo"] = slo
+        self.store.r.set(CONFIG_KEY, json.dumps(self.config))
+        ray.get([h.set_slo.remote(ttft_s, tpot_s) for h in list(self.workers.values())])
+
     def worker(self, name: str) -> Any:
         return self.workers[name]
 

@@ -25,7 +25,8 @@ class Producer:
         for chunk in chunks:
             self.store.put(key, first, chunk)
             first += chunk.shape[2]
-        ray.get(self.store.keeper.num_blocks.remote(key))  # the puts above were fire and forget
+        while ray.get(self.store.keeper.num_blocks.remote(key)) < first:  # puts are fire and forget
+            time.sleep(0.01)
         return self.store.handle(key)
 
     def pid(self) -> int:
@@ -65,6 +66,8 @@ def test_checkpoint_survives_the_death_of_its_producer(ray_cluster, how):
     assert adopter.adopt(handle, "new-key") == 5
     assert torch.equal(adopter.get("new-key"), torch.cat(data, dim=2))
     assert adopter.get(f"req-{how}") is None  # moved, not copied: one owner per checkpoint
+    ray.get(adopter.keeper.put.remote(f"req-{how}", 0, data[0]))  # a put still in flight from the dead
+    assert adopter.get(f"req-{how}") is None  # ... does not bring the moved key back
     adopter.drop("new-key")
     assert adopter.get("new-key") is None
 

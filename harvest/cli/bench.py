@@ -11,6 +11,7 @@ from harvest.cli.app import app
 SUITES = {
     "engine": "workloads.bench.engine",
     "coserve": "workloads.bench.coserve",
+    "e2e": "workloads.bench.e2e",
     "queue": "workloads.bench.queue",
 }
 

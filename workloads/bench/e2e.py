@@ -1,0 +1,249 @@
+"""`harvest bench e2e`: co-serving end to end, through Ray Serve HTTP and the Redis queue.
+
+One local service (private Redis, local Ray, one worker, the Serve ingress), the same
+online trace replayed twice by concurrent streaming HTTP clients: first alone, then with
+an offline backlog (5x as many requests) queued in Redis at the start. Reports online
+TTFT/TPOT both times, the offline tokens/s harvested, and compares the latency ratios
+with the engine-level `coserve` suite when OUT/coserve.json exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from workloads.bench.common import console, free_port, print_table, write_result
+from workloads.bench.coserve import percentile
+from workloads.bench.plots import plot_latency_cdfs
+from workloads.traces import Arrival, gamma_arrivals
+
+
+async def _replay_http(base: str, model: str, arrivals: list[Arrival], seed: int) -> list[dict]:
+    import httpx
+
+    rng = random.Random(seed)
+    words = ["the", "miller", "river", "bread", "city", "library", "weather", "question", "answer", "review"]
+    results: list[dict] = []
+
+    async def one(client: httpx.AsyncClient, a: Arrival, start: float) -> None:
+        await asyncio.sleep(max(0.0, start + a.time_s - time.monotonic()))
+        prompt = " ".join(rng.choice(words) for _ in range(a.prompt_tokens))
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": a.output_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        t0 = time.monotonic()
+        first, chunks = None, 0
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    first = first or time.monotonic()
+                    chunks += 1
+        if first is None:
+            results.append({"ttft_s": float("inf"), "tpot_s": None, "ok": False})
+            return
+        tpot = (time.monotonic() - first) / (chunks - 1) if chunks > 1 else None
+        results.append({"ttft_s": first - t0, "tpot_s": tpot, "ok": r.status_code == 200})
+
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+        start = time.monotonic() + 0.05
+        await asyncio.gather(*(one(client, a, start) for a in arrivals))
+    return results
+
+
+def _latency(results: list[dict]) -> dict:
+    ttft = [r["ttft_s"] for r in results]
+    tpot = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
+    return {
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "failed": sum(not r["ok"] for r in results),
+    }
+
+
+def _generated(service_mod) -> tuple[int, int]:
+    workers = service_mod.status()["workers"].values()
+    return (
+        sum(w["totals"]["generated_online"] for w in workers),
+        sum(w["totals"]["generated_offline"] for w in workers),
+    )
+
+
+def run(quick: bool, out: Path) -> dict:
+    import ray
+    import transformers
+
+    from harvest import service
+    from harvest.client import HarvestClient
+    from harvest.models.tiny import make_tiny
+
+    transformers.utils.logging.disable_progress_bar()
+    num_online = 30 if quick else 150
+    cfg = {
+        "num_online": num_online,
+        "cv": 2.0,
+        "online_prompt": "lognormal:48:0.5:192",
+        "online_output": "lognormal:24:0.5:64",
+        "offline_output": 96,
+        "hidden": 128 if quick else 192,
+        "layers": 4 if quick else 6,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="harvest-e2e-"))
+    redis_port = free_port()
+    redis_proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    try:
+        model = make_tiny(tmp / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4)
+        ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
+        port = free_port()
+        config = service.ServiceConfig(
+            model=str(model),
+            redis_url=redis_url,
+            model_name="bench",
+            num_workers=1,
+            port=port,
+            engine_options={"block_size": 16, "num_blocks": 512, "max_num_seqs": 32},
+        )
+        with console.status("starting the service..."):
+            service.start(config)
+            _wait_healthy(f"http://127.0.0.1:{port}")
+        base = f"http://127.0.0.1:{port}"
+        rate = 2.0 if quick else 3.0
+        arrivals = gamma_arrivals(
+            rate,
+            cfg["cv"],
+            num_requests=num_online,
+            prompt_len=cfg["online_prompt"],
+            output_len=cfg["online_output"],
+            seed=1,
+        )
+        with console.status(f"online alone: {num_online} requests over HTTP..."):
+            alone = asyncio.run(_replay_http(base, "bench", arrivals, 0))
+        base_lat = _latency(alone)
+        slo = {"ttft_s": 1.2 * base_lat["ttft_p99_s"], "tpot_s": 2.0 * base_lat["tpot_p50_s"]}
+        ray.get(service.controller_handle().set_slo.remote(slo["ttft_s"], slo["tpot_s"]))
+        client = HarvestClient(redis_url)
+        prompts = [" ".join(["the river ran past the mill"] * 30) + f" {i}" for i in range(5 * num_online)]
+        before = _generated(service)
+        job = client.submit(
+            prompts,
+            model="bench",
+            max_tokens=cfg["offline_output"],
+            temperature=0,
+            defaults={"ignore_eos": True},
+            shard_size=16,
+        )
+        start = time.monotonic()
+        with console.status("online with an offline backlog in Redis..."):
+            loaded = asyncio.run(_replay_http(base, "bench", arrivals, 0))
+        elapsed = time.monotonic() - start
+        after = _generated(service)
+        job_state = client.get(job.id)
+        client.cancel(job.id)
+    finally:
+        try:
+            service.stop()
+        finally:
+            ray.shutdown()
+            redis_proc.terminate()
+            shutil.rmtree(tmp, ignore_errors=True)
+    co_lat = _latency(loaded)
+    ok = [
+        r["ok"] and r["ttft_s"] <= slo["ttft_s"] and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"])
+        for r in loaded
+    ]
+    result = {
+        "slo": slo,
+        "online_rate_rps": rate,
+        "online_alone": base_lat,
+        "with_offline": {**co_lat, "slo_attainment": sum(ok) / len(ok)},
+        "offline_tokens_per_s": (after[1] - before[1]) / elapsed,
+        "online_tokens_per_s": (after[0] - before[0]) / elapsed,
+        "offline_requests_completed": job_state.request_counts.completed,
+        "ttft_p99_ratio": co_lat["ttft_p99_s"] / base_lat["ttft_p99_s"],
+        "tpot_p99_ratio": co_lat["tpot_p99_s"] / base_lat["tpot_p99_s"],
+        "config": {**cfg, "quick": quick},
+    }
+    result["vs_engine"] = _compare_with_engine(out, result)
+    print_table(
+        "e2e: online over HTTP, alone and next to a Redis backlog",
+        ["run", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "failed"],
+        [
+            [name, d["ttft_p50_s"], d["ttft_p99_s"], d["tpot_p50_s"], d["tpot_p99_s"], d["failed"]]
+            for name, d in (("alone", base_lat), ("with offline", co_lat))
+        ],
+    )
+    console.print(
+        f"offline harvested: {result['offline_tokens_per_s']:.0f} tok/s; SLO attainment "
+        f"{result['with_offline']['slo_attainment']:.2f}; P99 ratios TTFT {result['ttft_p99_ratio']:.2f}, "
+        f"TPOT {result['tpot_p99_ratio']:.2f}"
+    )
+    latency = {
+        "alone": {
+            "ttft_s": [r["ttft_s"] for r in alone],
+            "tpot_s": [r["tpot_s"] for r in alone if r["tpot_s"]],
+        },
+        "harvest": {
+            "ttft_s": [r["ttft_s"] for r in loaded],
+            "tpot_s": [r["tpot_s"] for r in loaded if r["tpot_s"]],
+        },
+    }
+    plot_latency_cdfs(latency, slo, out / "e2e_latency_cdf.png")
+    write_result(out, "e2e", result)
+    return result
+
+
+def _wait_healthy(base: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the ingress never became healthy")
+
+
+def _compare_with_engine(out: Path, e2e: dict) -> dict | None:
+    """The engine-level harvest/online-only P99 ratios, and whether e2e holds them within 1.3x."""
+    path = out / "coserve.json"
+    if not path.exists():
+        return None
+    co = json.loads(path.read_text())["policies"]
+    engine = {
+        "ttft_p99_ratio": co["harvest"]["ttft_p99_s"] / co["online-only"]["ttft_p99_s"],
+        "tpot_p99_ratio": co["harvest"]["tpot_p99_s"] / co["online-only"]["tpot_p99_s"],
+    }
+    return {
+        **{f"engine_{k}": v for k, v in engine.items()},
+        "within_1_3x": all(e2e[k] <= 1.3 * max(engine[k], 1.0) for k in engine),
+    }
