@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -77,3 +79,30 @@ def stop(port: int = EMBEDDED_REDIS_PORT) -> bool:
     with contextlib.suppress(redis.ConnectionError):  # the server closes the connection as it exits
         redis.Redis.from_url(url).shutdown(save=False)
     return True
+
+
+@contextlib.contextmanager
+def private_redis(data_dir: Path) -> Iterator[str]:
+    """A redis-server of our own on a free port (the bench never touches a shared one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    binary = shutil.which("redis-server") or "redis-server"
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client, deadline = redis.Redis.from_url(url), time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -13,11 +13,11 @@ import asyncio
 import json
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from harvest.local_redis import private_redis
 from workloads.bench.common import console, free_port, print_table, write_result
 from workloads.bench.coserve import percentile
 from workloads.bench.plots import plot_latency_cdfs
@@ -102,22 +102,8 @@ def run(quick: bool, out: Path) -> dict:
         "layers": 4 if quick else 6,
     }
     tmp = Path(tempfile.mkdtemp(prefix="harvest-e2e-"))
-    redis_port = free_port()
-    redis_proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(redis_port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_ctx = private_redis(tmp)
+    redis_url = redis_ctx.__enter__()
     try:
         model = make_tiny(tmp / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4)
         ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
@@ -171,7 +157,7 @@ def run(quick: bool, out: Path) -> dict:
             service.stop()
         finally:
             ray.shutdown()
-            redis_proc.terminate()
+            redis_ctx.__exit__(None, None, None)
             shutil.rmtree(tmp, ignore_errors=True)
     co_lat = _latency(loaded)
     ok = [

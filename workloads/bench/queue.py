@@ -13,16 +13,13 @@ Four measurements against a private redis-server (AOF on, fsync every second):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import platform
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +27,13 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from harvest.local_redis import private_redis
 from harvest.queue import JobOptions, JobStore, Progress, Result, WorkerConfig, run_local
 from harvest.queue.inputs import read_items
 from harvest.queue.submit import submit
 
 STEP_GROUP = 8  # results written together, as when several requests finish in one engine step
 TARGET_FRACTION = 0.02
-
-
-@contextlib.contextmanager
-def private_redis(data_dir: Path) -> Iterator[str]:
-    """A redis-server of our own on a free port (the bench never touches a shared one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "everysec"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client, deadline = redis.Redis.from_url(url), time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def make_job(
