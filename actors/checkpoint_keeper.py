@@ -10,6 +10,8 @@ ids recorded in Redis, never a wrong result.
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import ray
@@ -96,18 +98,26 @@ def keeper_for_this_node() -> tuple[str, Any]:
 class RayCheckpointStore:
     """The engine's `CheckpointStore` over this node's keeper.
 
-    `put` is fire and forget (calls from one worker reach the keeper in order), so the
-    engine never waits on the object store. Block counts are tracked here for what this
-    store put or adopted; handles name the keeper so another worker can adopt them.
+    `put` only queues the chunk: a background thread ships it to the keeper, so the step
+    loop never pays for serialising into the object store (about 0.5 ms for a 72 KB
+    block on the CPU here). Block counts are tracked here for what this store put or
+    adopted; handles name the keeper so another worker can adopt them.
     """
 
     def __init__(self, name: str, keeper: Any) -> None:
         self.name = name
         self.keeper = keeper
         self._blocks: dict[str, int] = {}
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._ship, name="checkpoint-shipper", daemon=True).start()
+
+    def _ship(self) -> None:
+        while True:
+            key, first_block, chunk = self._outbox.get()
+            self.keeper.put.remote(key, first_block, chunk)
 
     def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
-        self.keeper.put.remote(key, first_block, chunk)
+        self._outbox.put((key, first_block, chunk))
         self._blocks[key] = first_block + chunk.shape[2]
 
     def get(self, key: str) -> torch.Tensor | None:
