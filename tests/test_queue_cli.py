@@ -99,3 +99,30 @@ def test_cancel_timeout_unknown_and_unreachable(cli, tmp_path, redis_server):
     down = cli("jobs")
     assert down.exit_code == EXIT_REDIS and "cannot reach Redis" in down.stderr
     redis_server.start()  # for the fixture's teardown
+
+
+def test_submit_with_a_workload_kind(redis_server, tmp_path):
+    from typer.testing import CliRunner
+
+    from harvest.cli import app
+    from harvest.client import HarvestClient
+
+    runner = CliRunner()
+    env = {"HARVEST_REDIS_URL": redis_server.url}
+    args = [
+        "submit",
+        "--workload",
+        "synthetic",
+        "--option",
+        "num_requests=7",
+        "--option",
+        "prompt_len=fixed:12",
+    ]
+    result = runner.invoke(app, [*args, "--max-tokens", "5"], env=env)
+    assert result.exit_code == 0, result.output
+    job = HarvestClient(redis_server.url).get(result.stdout.strip().splitlines()[-1])
+    assert job.request_counts.total == 7 and job.name == "synthetic"
+    bad = runner.invoke(app, ["submit", "--workload", "synthetic", "--option", "nonsense=1"], env=env)
+    assert bad.exit_code == 2 and "nonsense" in bad.output
+    missing = runner.invoke(app, ["submit"], env=env)
+    assert missing.exit_code == 2 and "--workload" in missing.output

@@ -74,7 +74,16 @@ def _finish(job: Job) -> None:
 
 @app.command(epilog=EXIT_CODES)
 def submit(
-    file: Path = typer.Argument(..., help="OpenAI batch JSONL, or a Parquet/CSV/JSONL table with --column."),
+    file: Path | None = typer.Argument(
+        None,
+        help="OpenAI batch JSONL, or a Parquet/CSV/JSONL table with --column (with --workload: its dataset).",
+    ),
+    workload: str | None = typer.Option(
+        None,
+        "--workload",
+        help="Build requests with a workload kind: summarize, mc_eval, classify, synthetic.",
+    ),
+    option: list[str] = typer.Option([], "--option", help="Workload option key=value (repeatable)."),
     column: str | None = typer.Option(None, "--column", help="Table column holding the prompt."),
     template: str | None = typer.Option(
         None, "--template", help="Prompt template over columns: 'Q: {text}'."
@@ -97,11 +106,20 @@ def submit(
     """Validate FILE and queue it as a job; prints the job id on stdout."""
     with _exits():
         try:
-            job = _client(redis_url).submit_file(
-                file, column=column, template=template, id_column=id_column, chat=chat, model=model,
-                name=name, max_tokens=max_tokens, temperature=temperature, completion_window=window,
-                shard_size=shard_size, max_attempts=max_attempts, allow_invalid=allow_invalid,
-            )  # fmt: skip
+            if workload is not None:
+                job = _submit_workload(
+                    _client(redis_url), workload, file, option, column=column, template=template, chat=chat,
+                    model=model, name=name or workload, max_tokens=max_tokens, temperature=temperature,
+                    completion_window=window, shard_size=shard_size, max_attempts=max_attempts,
+                )  # fmt: skip
+            elif file is None:
+                raise ValueError("give FILE, or --workload KIND (synthetic needs no FILE)")
+            else:
+                job = _client(redis_url).submit_file(
+                    file, column=column, template=template, id_column=id_column, chat=chat, model=model,
+                    name=name, max_tokens=max_tokens, temperature=temperature, completion_window=window,
+                    shard_size=shard_size, max_attempts=max_attempts, allow_invalid=allow_invalid,
+                )  # fmt: skip
         except ValueError as exc:
             if isinstance(exc, InvalidInputError):
                 raise
@@ -115,6 +133,30 @@ def submit(
         print(job.id)
         if wait:
             _finish(_client(redis_url).wait(job.id, progress=True))
+
+
+def _submit_workload(
+    client,
+    kind: str,
+    file: Path | None,
+    options: list[str],
+    *,
+    column,
+    template,
+    chat,
+    model,
+    max_tokens,
+    **submit_options,
+):
+    """Requests built by a workload kind (workloads/), then queued like any other list."""
+    from workloads.registry import build_requests
+
+    pairs = dict(o.split("=", 1) for o in options if "=" in o)
+    if len(pairs) != len(options):
+        raise ValueError(f"--option takes key=value, got {[o for o in options if '=' not in o]}")
+    requests = build_requests(kind, file, model=model or "harvest", column=column, max_tokens=max_tokens,
+                              template=template, chat=chat, **pairs)  # fmt: skip
+    return client.submit(list(requests), model=model, **submit_options)
 
 
 @app.command("jobs", epilog=EXIT_CODES)
