@@ -152,3 +152,15 @@ def test_block_manager_all_or_nothing():
     b.block_table.append(b.block_table[0])  # corrupt: a block twice
     with pytest.raises(AssertionError):
         bm.check_integrity([b])
+
+
+def test_streamed_text_equals_decoding_the_output(engine):
+    """Also when the output ends inside a multi-byte character (random models do that)."""
+    prompts = make_prompts(engine, [3, 5, 8, 13, 21, 34])
+    params = SamplingParams(max_tokens=9, temperature=0)
+    plain = engine.generate(prompts, params)
+    for prompt, expected in zip(prompts, plain):
+        engine.add_request(prompt, params, stream_text=True)
+        (streamed,) = run_checked(engine).values()
+        assert streamed.token_ids == expected.token_ids
+        assert streamed.text == expected.text

@@ -71,9 +71,7 @@ def test_completions_match_the_engine_with_usage(oai, reference):
     expected = reference.generate([ids], SamplingParams(max_tokens=12, temperature=0))[0]
     assert resp.usage.prompt_tokens == len(ids)
     assert resp.usage.completion_tokens == expected.num_output_tokens
-    assert reference.tokenizer.encode(resp.choices[0].text) == expected.token_ids or (
-        resp.choices[0].text == expected.text
-    )
+    assert resp.choices[0].text == expected.text  # greedy over HTTP == the engine's own
 
 
 def test_streaming_chat_with_usage(oai):

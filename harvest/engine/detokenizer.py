@@ -38,7 +38,12 @@ class Detokenizer:
         return delta
 
     def flush(self) -> str:
-        """Release what was held back (the request ended without a stop string)."""
+        """Release what was held back (the request ended). Bytes of an unfinished UTF-8
+        character come out as U+FFFD, exactly as decoding the whole output would show them."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset :])[len(prefix) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
         delta, self.emitted = self.text[self.emitted :], len(self.text)
         return delta
 
