@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from actors.worker_metrics import WorkerMetrics
 from harvest.engine import Engine, RequestOutput, SamplingParams
 from harvest.queue.config import WorkerConfig
 from harvest.queue.store import JobStore
@@ -55,6 +56,8 @@ class GPUWorker:
             self.store, self.engine, WorkerConfig(**(queue_options or {})), worker_id
         )
         self.offline_enabled = True
+        self.metrics = WorkerMetrics(worker_id)
+        self._steps_seen = 0
         self.started = time.time()
         self.loop = EngineLoop(
             self.engine, on_step=self._on_step, idle_tick_s=0.05, name=f"engine-{worker_id}"
@@ -62,6 +65,9 @@ class GPUWorker:
 
     def _on_step(self, outputs: list[RequestOutput]) -> None:
         """Runs on the loop thread after every step (and every idle tick)."""
+        if self.engine.stats.steps != self._steps_seen:
+            self._steps_seen = self.engine.stats.steps
+            self.metrics.record_step(self.engine.last_step, outputs)
         if self.offline_enabled:
             self.offline.fill()
         self.offline.sync(outputs)

@@ -90,8 +90,16 @@ class HarvestController:
         self._ensure_worker(int(name.rsplit("-", 1)[1]))
 
     def _run(self) -> None:
-        period = self.config.get("monitor_period_s", 0.25)
+        from ray.util.metrics import Gauge
+
+        depth = Gauge("harvest_job_requests_pending", "Offline requests not yet finished, per job.", ("job",))
+        period, last_jobs = self.config.get("monitor_period_s", 0.25), 0.0
         while not self._stop.wait(period):
+            if time.monotonic() - last_jobs > 2.0:
+                last_jobs = time.monotonic()
+                for job in self.store.list_jobs(limit=100):
+                    c = job.request_counts
+                    depth.set(c.total - c.completed - c.failed, {"job": job.id})
             for name, handle in list(self.workers.items()):
                 stats = self._poll(name, handle, timeout=max(1.0, 4 * period))
                 if stats is None:

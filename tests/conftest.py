@@ -137,6 +137,9 @@ def ray_cluster():
     """One local Ray for the whole test session (starting Ray costs seconds)."""
     import ray
 
-    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=port)  # fmt: skip
+    ray.metrics_port = port  # where Ray serves the cluster's Prometheus metrics
     yield ray
     ray.shutdown()

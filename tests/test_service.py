@@ -137,6 +137,24 @@ def test_offline_job_completes_while_online_is_served_by_both_workers(svc, oai):
     assert len(status["workers"]) == 2 and all(s["healthy"] for s in status["workers"].values())
 
 
+def test_metrics_through_the_ingress_and_ray(svc, oai, ray_cluster):
+    oai.completions.create(model=MODEL_NAME, prompt="count me", max_tokens=4, extra_body={"ignore_eos": True})
+    text = httpx.get(f"{svc['base']}/metrics").text
+    assert "harvest_engine_steps_total" in text
+    deadline, names = time.monotonic() + 60, set()
+    while time.monotonic() < deadline:  # Ray exports its metrics API series every few seconds
+        scrape = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=5).text
+        names = {line.split("{")[0] for line in scrape.splitlines() if line.startswith("ray_harvest")}
+        if {
+            "ray_harvest_ttft_seconds_count",
+            "ray_harvest_tokens_total",
+            "ray_harvest_job_requests_pending",
+        } <= names:
+            return
+        time.sleep(1)
+    raise AssertionError(f"Ray metrics missing, saw {sorted(names)}")
+
+
 def _busy_worker(job_id: str, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
