@@ -41,3 +41,45 @@ def test_bench_coserve_quick(tmp_path):
     assert data["git_commit"] and data["machine"]["cpu_count"] >= 1
     for plot in ("coserve_latency_cdf.png", "coserve_throughput.png", "coserve_budget.png"):
         assert (tmp_path / plot).stat().st_size > 0
+
+
+def _finite(d: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        assert math.isfinite(d[key]), key
+
+
+LATENCY = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
+
+
+def test_bench_e2e_quick(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "e2e", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    _finite(data["online_alone"], LATENCY)
+    _finite(data["with_offline"], (*LATENCY, "slo_attainment"))
+    _finite(data, ("offline_tokens_per_s", "online_tokens_per_s", "ttft_p99_ratio", "tpot_p99_ratio"))
+    assert data["offline_tokens_per_s"] > 0 and data["with_offline"]["failed"] == 0
+    assert (tmp_path / "e2e_latency_cdf.png").stat().st_size > 0
+
+
+def test_bench_peers_quick(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "peers", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    systems = json.loads((tmp_path / "peers.json").read_text())["systems"]
+    assert set(systems) == {"harvest", "transformers-serve"}
+    for name, s in systems.items():
+        _finite(s, ("ttft_p99_s", "tpot_p99_s", "online_tokens_per_s", "offline_tokens_per_s"))
+        assert s["failed"] == 0, name
+    assert systems["harvest"]["offline_tokens_per_s"] > 0
+
+
+def test_bench_queue_quick(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "queue", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "queue.json").read_text())
+    run = data["engine"]["runs"]["max_tokens_16"]
+    _finite(
+        run,
+        ("engine_us_per_request", "worker_queue_us_per_request", "enqueue_us_per_request", "queue_fraction"),
+    )
+    assert run["engine_us_per_request"] > 0

@@ -63,13 +63,13 @@ def test_checkpoint_survives_the_death_of_its_producer(ray_cluster, how):
         ray.kill(producer)
     wait_dead(producer)
     adopter = RayCheckpointStore(*keeper_for_this_node())
-    assert adopter.adopt(handle, "new-key") == 5
-    assert torch.equal(adopter.get("new-key"), torch.cat(data, dim=2))
+    assert adopter.adopt(handle, f"new-{how}") == 5
+    assert torch.equal(adopter.get(f"new-{how}"), torch.cat(data, dim=2))
     assert adopter.get(f"req-{how}") is None  # moved, not copied: one owner per checkpoint
     ray.get(adopter.keeper.put.remote(f"req-{how}", 0, data[0]))  # a put still in flight from the dead
     assert adopter.get(f"req-{how}") is None  # ... does not bring the moved key back
-    adopter.drop("new-key")
-    assert adopter.get("new-key") is None
+    adopter.drop(f"new-{how}")
+    assert adopter.get(f"new-{how}") is None
 
 
 def test_a_gap_ends_the_checkpoint_and_order_does_not_matter(ray_cluster):

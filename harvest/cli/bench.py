@@ -12,6 +12,7 @@ SUITES = {
     "engine": "workloads.bench.engine",
     "coserve": "workloads.bench.coserve",
     "e2e": "workloads.bench.e2e",
+    "peers": "workloads.bench.peers",
     "queue": "workloads.bench.queue",
 }
 

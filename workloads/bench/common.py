@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,21 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+@contextlib.contextmanager
+def local_ray():
+    """Ray for a benchmark: a local instance, unless this process is already connected."""
+    import ray
+
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
+    try:
+        yield ray
+    finally:
+        if owned:
+            ray.shutdown()
 
 
 def free_port() -> int:

@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from harvest.local_redis import private_redis
-from workloads.bench.common import console, free_port, print_table, write_result
+from workloads.bench.common import console, free_port, local_ray, print_table, write_result
 from workloads.bench.coserve import percentile
 from workloads.bench.plots import plot_latency_cdfs
 from workloads.traces import Arrival, gamma_arrivals
 
 
-async def _replay_http(base: str, model: str, arrivals: list[Arrival], seed: int) -> list[dict]:
+async def _replay_http(
+    base: str, model: str, arrivals: list[Arrival], seed: int, ignore_eos: bool = True
+) -> list[dict]:
     import httpx
 
     rng = random.Random(seed)
@@ -39,21 +40,29 @@ async def _replay_http(base: str, model: str, arrivals: list[Arrival], seed: int
             "prompt": prompt,
             "max_tokens": a.output_tokens,
             "temperature": 0,
-            "ignore_eos": True,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
+        if ignore_eos:  # a vLLM-style extension; servers without it reject the field
+            body["ignore_eos"] = True
         t0 = time.monotonic()
-        first, chunks = None, 0
+        first, chunks, tokens = None, 0, None
         async with client.stream("POST", "/v1/completions", json=body) as r:
             async for line in r.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):  # servers that send text in uneven chunks still count tokens here
+                    tokens = event["usage"]["completion_tokens"]
+                if any(c.get("text") for c in event.get("choices", [])):
                     first = first or time.monotonic()
                     chunks += 1
         if first is None:
-            results.append({"ttft_s": float("inf"), "tpot_s": None, "ok": False})
+            results.append({"ttft_s": float("inf"), "tpot_s": None, "ok": False, "tokens": 0})
             return
-        tpot = (time.monotonic() - first) / (chunks - 1) if chunks > 1 else None
-        results.append({"ttft_s": first - t0, "tpot_s": tpot, "ok": r.status_code == 200})
+        tokens = tokens or chunks
+        tpot = (time.monotonic() - first) / (tokens - 1) if tokens > 1 else None
+        results.append({"ttft_s": first - t0, "tpot_s": tpot, "ok": r.status_code == 200, "tokens": tokens})
 
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
@@ -82,31 +91,11 @@ def _generated(service_mod) -> tuple[int, int]:
     )
 
 
-def run(quick: bool, out: Path) -> dict:
-    import ray
-    import transformers
-
+def _run_service(model, redis_url: str, ray, cfg: dict, quick: bool, num_online: int):
     from harvest import service
     from harvest.client import HarvestClient
-    from harvest.models.tiny import make_tiny
 
-    transformers.utils.logging.disable_progress_bar()
-    num_online = 30 if quick else 150
-    cfg = {
-        "num_online": num_online,
-        "cv": 2.0,
-        "online_prompt": "lognormal:48:0.5:192",
-        "online_output": "lognormal:24:0.5:64",
-        "offline_output": 96,
-        "hidden": 128 if quick else 192,
-        "layers": 4 if quick else 6,
-    }
-    tmp = Path(tempfile.mkdtemp(prefix="harvest-e2e-"))
-    redis_ctx = private_redis(tmp)
-    redis_url = redis_ctx.__enter__()
     try:
-        model = make_tiny(tmp / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4)
-        ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
         port = free_port()
         config = service.ServiceConfig(
             model=str(model),
@@ -153,12 +142,37 @@ def run(quick: bool, out: Path) -> dict:
         job_state = client.get(job.id)
         client.cancel(job.id)
     finally:
-        try:
-            service.stop()
-        finally:
-            ray.shutdown()
-            redis_ctx.__exit__(None, None, None)
-            shutil.rmtree(tmp, ignore_errors=True)
+        service.stop()
+    return slo, base_lat, loaded, alone, rate, elapsed, before, after, job_state
+
+
+def run(quick: bool, out: Path) -> dict:
+    import transformers
+
+    from harvest.models.tiny import make_tiny
+
+    transformers.utils.logging.disable_progress_bar()
+    num_online = 30 if quick else 150
+    cfg = {
+        "num_online": num_online,
+        "cv": 2.0,
+        "online_prompt": "lognormal:48:0.5:192",
+        "online_output": "lognormal:24:0.5:64",
+        "offline_output": 96,
+        "hidden": 128 if quick else 192,
+        "layers": 4 if quick else 6,
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="harvest-e2e-") as tmp_dir,
+        private_redis(Path(tmp_dir)) as redis_url,
+    ):
+        model = make_tiny(
+            Path(tmp_dir) / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4
+        )
+        with local_ray() as ray:
+            slo, base_lat, loaded, alone, rate, elapsed, before, after, job_state = _run_service(
+                model, redis_url, ray, cfg, quick, num_online
+            )
     co_lat = _latency(loaded)
     ok = [
         r["ok"] and r["ttft_s"] <= slo["ttft_s"] and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"])

@@ -1,0 +1,178 @@
+"""`harvest bench peers`: harvest next to the server a user would otherwise run.
+
+The same model and the same online trace (gamma arrivals, CV 2, streaming HTTP clients)
+against `transformers serve --continuous-batching` serving the online trace alone, and
+against harvest serving it while an offline backlog in Redis soaks up the idle time. The
+question: are harvest's online P99 latencies no worse, while it also finishes offline work?
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from workloads.bench.common import console, free_port, local_ray, print_table, write_result
+from workloads.bench.coserve import percentile
+from workloads.bench.e2e import _replay_http, _wait_healthy
+from workloads.bench.plots import plot_latency_cdfs
+from workloads.traces import gamma_arrivals
+
+
+def _summary(results: list[dict], duration: float) -> dict:
+    ttft = [r["ttft_s"] for r in results]
+    tpot = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
+    return {
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "online_tokens_per_s": sum(r["tokens"] for r in results) / duration,
+        "failed": sum(not r["ok"] for r in results),
+    }
+
+
+def _transformers_serve(model: Path, arrivals, port: int) -> tuple[list[dict], float]:
+    cli = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    proc = subprocess.Popen(
+        [cli, "serve", str(model), "--continuous-batching", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}")
+        base = f"http://127.0.0.1:{port}"
+        asyncio.run(
+            _replay_http(base, str(model), arrivals[:3], 1, ignore_eos=False)
+        )  # warm-up: loads the model
+        start = time.monotonic()
+        results = asyncio.run(_replay_http(base, str(model), arrivals, 0, ignore_eos=False))
+        return results, time.monotonic() - start
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _harvest(
+    model: Path, arrivals, backlog: int, offline_tokens: int, tmp: Path
+) -> tuple[list[dict], float, float]:
+    from harvest import service
+    from harvest.client import HarvestClient
+    from harvest.local_redis import private_redis
+
+    with private_redis(tmp) as redis_url, local_ray():
+        try:
+            port = free_port()
+            config = service.ServiceConfig(
+                model=str(model),
+                redis_url=redis_url,
+                model_name="bench",
+                num_workers=1,
+                port=port,
+                engine_options={"block_size": 16, "num_blocks": 512},
+            )
+            service.start(config)
+            base = f"http://127.0.0.1:{port}"
+            _wait_healthy(base)
+            asyncio.run(_replay_http(base, "bench", arrivals[:3], 1))  # warm-up, as for the peer
+            client = HarvestClient(redis_url)
+            prompts = [" ".join(["the river ran past the mill"] * 30) + f" {i}" for i in range(backlog)]
+            job = client.submit(
+                prompts,
+                model="bench",
+                max_tokens=offline_tokens,
+                temperature=0,
+                defaults={"ignore_eos": True},
+                shard_size=16,
+            )
+            before = sum(w["totals"]["generated_offline"] for w in service.status()["workers"].values())
+            start = time.monotonic()
+            results = asyncio.run(_replay_http(base, "bench", arrivals, 0))
+            duration = time.monotonic() - start
+            after = sum(w["totals"]["generated_offline"] for w in service.status()["workers"].values())
+            client.cancel(job.id)
+            return results, duration, (after - before) / duration
+        finally:
+            service.stop()
+
+
+def run(quick: bool, out: Path) -> dict:
+    import transformers
+
+    from harvest.models.tiny import make_tiny
+
+    transformers.utils.logging.disable_progress_bar()
+    num_online = 30 if quick else 150
+    rate = 2.0 if quick else 3.0
+    cfg = {
+        "num_online": num_online,
+        "rate": rate,
+        "cv": 2.0,
+        "online_prompt": "lognormal:48:0.5:192",
+        "online_output": "lognormal:24:0.5:64",
+        "offline_output": 96,
+        "hidden": 128 if quick else 192,
+        "layers": 4 if quick else 6,
+        "backlog": 5 * num_online,
+    }
+    arrivals = gamma_arrivals(
+        rate,
+        cfg["cv"],
+        num_requests=num_online,
+        prompt_len=cfg["online_prompt"],
+        output_len=cfg["online_output"],
+        seed=1,
+    )
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        model = make_tiny(tmp / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4)
+        with console.status("transformers serve --continuous-batching: the online trace alone..."):
+            peer_results, peer_s = _transformers_serve(model, arrivals, free_port())
+        with console.status("harvest: the same trace next to an offline backlog..."):
+            ours, ours_s, offline_rate = _harvest(model, arrivals, cfg["backlog"], cfg["offline_output"], tmp)
+    systems = {
+        "transformers-serve": {**_summary(peer_results, peer_s), "offline_tokens_per_s": 0.0},
+        "harvest": {**_summary(ours, ours_s), "offline_tokens_per_s": offline_rate},
+    }
+    h, p = systems["harvest"], systems["transformers-serve"]
+    targets = {
+        "ttft_p99_not_worse": {
+            "harvest": h["ttft_p99_s"],
+            "peer": p["ttft_p99_s"],
+            "met": h["ttft_p99_s"] <= p["ttft_p99_s"],
+        },
+        "tpot_p99_not_worse": {
+            "harvest": h["tpot_p99_s"],
+            "peer": p["tpot_p99_s"],
+            "met": h["tpot_p99_s"] <= p["tpot_p99_s"],
+        },
+    }
+    result = {"systems": systems, "targets": targets, "config": {**cfg, "quick": quick}}
+    print_table(
+        "peers: the same online trace, same model and machine",
+        ["system", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "online tok/s", "offline tok/s", "failed"],
+        [
+            [
+                name,
+                s["ttft_p50_s"],
+                s["ttft_p99_s"],
+                s["tpot_p50_s"],
+                s["tpot_p99_s"],
+                s["online_tokens_per_s"],
+                s["offline_tokens_per_s"],
+                s["failed"],
+            ]
+            for name, s in systems.items()
+        ],
+    )
+    latency = {
+        name: {"ttft_s": [r["ttft_s"] for r in res], "tpot_s": [r["tpot_s"] for r in res if r["tpot_s"]]}
+        for name, res in (("transformers-serve", peer_results), ("harvest", ours))
+    }
+    plot_latency_cdfs(latency, None, out / "peers_latency_cdf.png")
+    write_result(out, "peers", result)
+    return result
