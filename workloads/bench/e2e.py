@@ -71,7 +71,7 @@ async def _replay_http(
     return results
 
 
-def _latency(results: list[dict]) -> dict:
+def latency_summary(results: list[dict]) -> dict:
     ttft = [r["ttft_s"] for r in results]
     tpot = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
     return {
@@ -91,25 +91,52 @@ def _generated(service_mod) -> tuple[int, int]:
     )
 
 
+def bench_config(quick: bool) -> dict:
+    """The trace and model shared by the e2e and peers suites."""
+    num_online = 30 if quick else 150
+    return {
+        "num_online": num_online,
+        "rate": 2.0 if quick else 3.0,
+        "cv": 2.0,
+        "online_prompt": "lognormal:48:0.5:192",
+        "online_output": "lognormal:24:0.5:64",
+        "offline_output": 96,
+        "backlog": 5 * num_online,
+        "hidden": 128 if quick else 192,
+        "layers": 4 if quick else 6,
+    }
+
+
+def start_service(model: Path, redis_url: str) -> str:
+    """One worker and the ingress on a free port (Ray must be up); returns the base URL."""
+    from harvest import service
+
+    port = free_port()
+    config = service.ServiceConfig(
+        model=str(model),
+        redis_url=redis_url,
+        model_name="bench",
+        num_workers=1,
+        port=port,
+        engine_options={"block_size": 16, "num_blocks": 512, "max_num_seqs": 32},
+    )
+    with console.status("starting the service..."):
+        service.start(config)
+        _wait_healthy(f"http://127.0.0.1:{port}")
+    return f"http://127.0.0.1:{port}"
+
+
+def backlog_prompts(n: int) -> list[str]:
+    return [" ".join(["the river ran past the mill"] * 30) + f" {i}" for i in range(n)]
+
+
 def _run_service(model, redis_url: str, ray, cfg: dict, quick: bool, num_online: int):
     from harvest import service
     from harvest.client import HarvestClient
 
     try:
-        port = free_port()
-        config = service.ServiceConfig(
-            model=str(model),
-            redis_url=redis_url,
-            model_name="bench",
-            num_workers=1,
-            port=port,
-            engine_options={"block_size": 16, "num_blocks": 512, "max_num_seqs": 32},
-        )
-        with console.status("starting the service..."):
-            service.start(config)
-            _wait_healthy(f"http://127.0.0.1:{port}")
-        base = f"http://127.0.0.1:{port}"
-        rate = 2.0 if quick else 3.0
+        base = start_service(model, redis_url)
+        rate = cfg["rate"]
         arrivals = gamma_arrivals(
             rate,
             cfg["cv"],
@@ -120,11 +147,11 @@ def _run_service(model, redis_url: str, ray, cfg: dict, quick: bool, num_online:
         )
         with console.status(f"online alone: {num_online} requests over HTTP..."):
             alone = asyncio.run(_replay_http(base, "bench", arrivals, 0))
-        base_lat = _latency(alone)
+        base_lat = latency_summary(alone)
         slo = {"ttft_s": 1.2 * base_lat["ttft_p99_s"], "tpot_s": 2.0 * base_lat["tpot_p50_s"]}
         ray.get(service.controller_handle().set_slo.remote(slo["ttft_s"], slo["tpot_s"]))
         client = HarvestClient(redis_url)
-        prompts = [" ".join(["the river ran past the mill"] * 30) + f" {i}" for i in range(5 * num_online)]
+        prompts = backlog_prompts(cfg["backlog"])
         before = _generated(service)
         job = client.submit(
             prompts,
@@ -152,16 +179,8 @@ def run(quick: bool, out: Path) -> dict:
     from harvest.models.tiny import make_tiny
 
     transformers.utils.logging.disable_progress_bar()
-    num_online = 30 if quick else 150
-    cfg = {
-        "num_online": num_online,
-        "cv": 2.0,
-        "online_prompt": "lognormal:48:0.5:192",
-        "online_output": "lognormal:24:0.5:64",
-        "offline_output": 96,
-        "hidden": 128 if quick else 192,
-        "layers": 4 if quick else 6,
-    }
+    cfg = bench_config(quick)
+    num_online = cfg["num_online"]
     with (
         tempfile.TemporaryDirectory(prefix="harvest-e2e-") as tmp_dir,
         private_redis(Path(tmp_dir)) as redis_url,
@@ -173,7 +192,7 @@ def run(quick: bool, out: Path) -> dict:
             slo, base_lat, loaded, alone, rate, elapsed, before, after, job_state = _run_service(
                 model, redis_url, ray, cfg, quick, num_online
             )
-    co_lat = _latency(loaded)
+    co_lat = latency_summary(loaded)
     ok = [
         r["ok"] and r["ttft_s"] <= slo["ttft_s"] and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"])
         for r in loaded

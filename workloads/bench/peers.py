@@ -17,23 +17,20 @@ import time
 from pathlib import Path
 
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
-from workloads.bench.coserve import percentile
-from workloads.bench.e2e import _replay_http, _wait_healthy
+from workloads.bench.e2e import (
+    _replay_http,
+    _wait_healthy,
+    backlog_prompts,
+    bench_config,
+    latency_summary,
+    start_service,
+)
 from workloads.bench.plots import plot_latency_cdfs
 from workloads.traces import gamma_arrivals
 
 
 def _summary(results: list[dict], duration: float) -> dict:
-    ttft = [r["ttft_s"] for r in results]
-    tpot = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
-    return {
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
-        "tpot_p50_s": percentile(tpot, 50),
-        "tpot_p99_s": percentile(tpot, 99),
-        "online_tokens_per_s": sum(r["tokens"] for r in results) / duration,
-        "failed": sum(not r["ok"] for r in results),
-    }
+    return {**latency_summary(results), "online_tokens_per_s": sum(r["tokens"] for r in results) / duration}
 
 
 def _transformers_serve(model: Path, arrivals, port: int) -> tuple[list[dict], float]:
@@ -66,21 +63,10 @@ def _harvest(
 
     with private_redis(tmp) as redis_url, local_ray():
         try:
-            port = free_port()
-            config = service.ServiceConfig(
-                model=str(model),
-                redis_url=redis_url,
-                model_name="bench",
-                num_workers=1,
-                port=port,
-                engine_options={"block_size": 16, "num_blocks": 512},
-            )
-            service.start(config)
-            base = f"http://127.0.0.1:{port}"
-            _wait_healthy(base)
+            base = start_service(model, redis_url)
             asyncio.run(_replay_http(base, "bench", arrivals[:3], 1))  # warm-up, as for the peer
             client = HarvestClient(redis_url)
-            prompts = [" ".join(["the river ran past the mill"] * 30) + f" {i}" for i in range(backlog)]
+            prompts = backlog_prompts(backlog)
             job = client.submit(
                 prompts,
                 model="bench",
@@ -106,23 +92,11 @@ def run(quick: bool, out: Path) -> dict:
     from harvest.models.tiny import make_tiny
 
     transformers.utils.logging.disable_progress_bar()
-    num_online = 30 if quick else 150
-    rate = 2.0 if quick else 3.0
-    cfg = {
-        "num_online": num_online,
-        "rate": rate,
-        "cv": 2.0,
-        "online_prompt": "lognormal:48:0.5:192",
-        "online_output": "lognormal:24:0.5:64",
-        "offline_output": 96,
-        "hidden": 128 if quick else 192,
-        "layers": 4 if quick else 6,
-        "backlog": 5 * num_online,
-    }
+    cfg = bench_config(quick)
     arrivals = gamma_arrivals(
-        rate,
+        cfg["rate"],
         cfg["cv"],
-        num_requests=num_online,
+        num_requests=cfg["num_online"],
         prompt_len=cfg["online_prompt"],
         output_len=cfg["online_output"],
         seed=1,
