@@ -253,29 +253,19 @@ class Engine:
         elapsed = time.perf_counter() - start
         if not aborted and batch.shape.seqs:
             self.latency.observe(batch.shape, elapsed)
-        unfinished = self.scheduler.unfinished()
-        running = self.scheduler.running
-        online_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens) if r.is_online)
-        m = StepMetrics(
-            time=time.monotonic(),
-            online_running=sum(r.is_online for r in running),
-            offline_running=sum(not r.is_online for r in running),
-            online_waiting=sum(r.is_online for r in unfinished) - sum(r.is_online for r in running),
-            offline_waiting=sum(not r.is_online for r in unfinished) - sum(not r.is_online for r in running),
-            online_tokens=0 if aborted else online_tokens,
-            offline_tokens=0 if aborted else batch.num_tokens - online_tokens,
-            kv_blocks_online=sum(len(r.block_table) for r in running if r.is_online),
-            kv_blocks_offline=sum(len(r.block_table) for r in running if not r.is_online),
-            kv_blocks_total=self.block_manager.num_blocks,
-            offline_token_budget=batch.offline_token_budget,
-            latency_budget_s=batch.latency_budget_s,
-            predicted_latency_s=self.latency.predict(batch.shape),
-            measured_latency_s=elapsed,
-            preemptions=len(batch.preempted),
-            recomputed_tokens=batch.recomputed_tokens,
-            restored_tokens=restored,
-            checkpointed_blocks=checkpointed,
-            aborted=aborted,
+        sched = self.scheduler
+        predicted = self.latency.predict(batch.shape)
+        blocks = self.block_manager.num_blocks
+        m = StepMetrics.of(
+            batch,
+            sched.running,
+            sched.unfinished(),
+            blocks,
+            predicted,
+            elapsed,
+            restored,
+            checkpointed,
+            aborted,
         )
         self.last_step = m
         self.stats.add(m)

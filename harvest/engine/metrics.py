@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harvest.engine.request import Request
+    from harvest.engine.scheduler import ScheduledBatch
 
 
 @dataclass
@@ -29,6 +35,37 @@ class StepMetrics:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of(
+        cls, batch: ScheduledBatch, running: list[Request], unfinished: list[Request], num_blocks: int,
+        predicted_s: float, measured_s: float, restored: int, checkpointed: int, aborted: bool,
+    ) -> StepMetrics:  # fmt: skip
+        """The metrics of one step that ran `batch` (an aborted step computed nothing)."""
+        online_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens) if r.is_online)
+        online_running = sum(r.is_online for r in running)
+        online_unfinished = sum(r.is_online for r in unfinished)
+        return cls(
+            time=time.monotonic(),
+            online_running=online_running,
+            offline_running=len(running) - online_running,
+            online_waiting=online_unfinished - online_running,
+            offline_waiting=(len(unfinished) - online_unfinished) - (len(running) - online_running),
+            online_tokens=0 if aborted else online_tokens,
+            offline_tokens=0 if aborted else batch.num_tokens - online_tokens,
+            kv_blocks_online=sum(len(r.block_table) for r in running if r.is_online),
+            kv_blocks_offline=sum(len(r.block_table) for r in running if not r.is_online),
+            kv_blocks_total=num_blocks,
+            offline_token_budget=batch.offline_token_budget,
+            latency_budget_s=batch.latency_budget_s,
+            predicted_latency_s=predicted_s,
+            measured_latency_s=measured_s,
+            preemptions=len(batch.preempted),
+            recomputed_tokens=batch.recomputed_tokens,
+            restored_tokens=restored,
+            checkpointed_blocks=checkpointed,
+            aborted=aborted,
+        )
 
 
 @dataclass
