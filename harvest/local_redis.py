@@ -20,6 +20,22 @@ from harvest.paths import data_dir
 from harvest.queue.config import DEFAULT_REDIS_URL, EMBEDDED_REDIS_PORT
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now (tests and benches start servers on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, timeout_s: float = 10.0) -> None:
+    """Block until the Redis at `url` answers PING; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not is_up(url):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no Redis answered at {url} within {timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
 def redis_dir() -> Path:
     return data_dir() / "redis"
 
@@ -63,11 +79,12 @@ def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
         ],
         check=True,
     )
-    deadline = time.monotonic() + timeout_s
-    while not is_up(url):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"redis-server did not come up on port {port}; see {folder / 'redis.log'}")
-        time.sleep(0.05)
+    try:
+        wait_up(url, timeout_s)
+    except TimeoutError:
+        raise RuntimeError(
+            f"redis-server did not come up on port {port}; see {folder / 'redis.log'}"
+        ) from None
     return url
 
 
@@ -84,24 +101,14 @@ def stop(port: int = EMBEDDED_REDIS_PORT) -> bool:
 @contextlib.contextmanager
 def private_redis(data_dir: Path) -> Iterator[str]:
     """A redis-server of our own on a free port (the bench never touches a shared one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     binary = shutil.which("redis-server") or "redis-server"
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
             "--appendonly", "yes", "--appendfsync", "everysec"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        client, deadline = redis.Redis.from_url(url), time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        wait_up(url)
         yield url
     finally:
         proc.terminate()

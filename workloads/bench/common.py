@@ -14,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from harvest.local_redis import free_port  # noqa: F401  (re-exported for the suites)
+
 console = Console()
 
 
@@ -51,14 +53,6 @@ def local_ray():
     finally:
         if owned:
             ray.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def git_commit() -> str | None:

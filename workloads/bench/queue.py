@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +30,7 @@ from harvest.local_redis import private_redis
 from harvest.queue import JobOptions, JobStore, Progress, Result, WorkerConfig, run_local
 from harvest.queue.inputs import read_items
 from harvest.queue.submit import submit
+from workloads.bench import common
 
 STEP_GROUP = 8  # results written together, as when several requests finish in one engine step
 TARGET_FRACTION = 0.02
@@ -169,18 +169,15 @@ def measure_engine(url: str, quick: bool, workdir: Path) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
+    """The suites' machine info, plus the Redis versions and whether the tree was dirty."""
     root = Path(__file__).resolve().parents[2]
-    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True)
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": multiprocessing.cpu_count(),
-        "python": platform.python_version(),
+        **common.machine_info(),
         "redis_server": next((w[2:] for w in server if w.startswith("v=")), "unknown"),
         "redis_py": redis.__version__,
-        "git_commit": git.stdout.strip() or "unknown",
+        "git_commit": common.git_commit() or "unknown",
         "git_dirty": bool(dirty.stdout.strip()),
     }
 
