@@ -9,6 +9,7 @@ jobs finish on the same engine. Stops what it started at the end.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import threading
@@ -24,61 +25,15 @@ from harvest.cli.app import app
 console = Console()
 
 
-def _online_traffic(base: str, model: str, seconds: float, rate: float, results: list, stop: threading.Event):
-    import random
-
-    import httpx
-
+def _online_traffic(base: str, model: str, seconds: float, rate: float, results: list[dict]) -> None:
+    """A bursty (CV 2) trace of short streamed completions, replayed over HTTP."""
+    from workloads.bench.e2e import _replay_http
     from workloads.traces import gamma_arrivals
 
     arrivals = gamma_arrivals(
-        rate, 2.0, duration_s=seconds, prompt_len="uniform:8:48", output_len="uniform:8:32"
+        rate, 2.0, duration_s=seconds, prompt_len="uniform:4:24", output_len="uniform:8:32"
     )
-    rng = random.Random(0)
-    words = [
-        "the",
-        "miller",
-        "river",
-        "bread",
-        "city",
-        "library",
-        "weather",
-        "question",
-        "answer",
-        "review",
-        "summary",
-    ]
-    start = time.monotonic()
-    threads = []
-
-    def one(a) -> None:
-        prompt = " ".join(rng.choice(words) for _ in range(a.prompt_tokens // 2))
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": a.output_tokens,
-            "stream": True,
-            "ignore_eos": True,
-        }
-        t0 = time.monotonic()
-        first, n = None, 0
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    first = first or time.monotonic()
-                    n += 1
-        if first is not None:
-            results.append((first - t0, (time.monotonic() - first) / max(1, n - 1)))
-
-    for a in arrivals:
-        delay = start + a.time_s - time.monotonic()
-        if delay > 0 and stop.wait(delay):
-            break
-        t = threading.Thread(target=one, args=(a,), daemon=True)
-        t.start()
-        threads.append(t)
-    for t in threads:
-        t.join(timeout=60)
+    asyncio.run(_replay_http(base, model, arrivals, 0, results=results))
 
 
 @app.command()
@@ -123,9 +78,10 @@ def demo(
         )
         for kind in ("summarize", "classify")
     }
-    online: list[tuple[float, float]] = []
-    stop = threading.Event()
-    traffic = threading.Thread(target=_online_traffic, args=(base, "harvest", seconds, rate, online, stop))
+    online: list[dict] = []
+    traffic = threading.Thread(
+        target=_online_traffic, args=(base, "harvest", seconds, rate, online), daemon=True
+    )
     start = time.monotonic()
     traffic.start()
     try:
@@ -135,7 +91,6 @@ def demo(
                 time.sleep(0.25)
             live.update(_view(client, jobs, online, time.monotonic() - start))
     finally:
-        stop.set()
         traffic.join(timeout=10)
         snapshot = service.status()
         service.stop()
@@ -154,7 +109,7 @@ def _view(client, jobs, online, elapsed: float) -> Table:
             f"offline: {kind}", f"{j.status.value}: {c.completed}/{c.total} done, {c.failed} failed"
         )
     if online:
-        ttft = sorted(t for t, _ in online)
+        ttft = sorted(r["ttft_s"] for r in online)
         table.add_row(
             "online requests", f"{len(online)} done, TTFT p50 {1e3 * statistics.median(ttft):.0f} ms"
         )
@@ -164,8 +119,8 @@ def _view(client, jobs, online, elapsed: float) -> Table:
 def _report(online, snapshot, elapsed: float) -> None:
     table = Table("metric", "value", title="co-serving summary")
     if online:
-        ttft = sorted(t for t, _ in online)
-        tpot = sorted(t for _, t in online)
+        ttft = sorted(r["ttft_s"] for r in online)
+        tpot = sorted(r["tpot_s"] for r in online if r["tpot_s"] is not None)
         table.add_row("online requests", str(len(online)))
         table.add_row("online TTFT p50 / p99", f"{1e3 * ttft[len(ttft) // 2]:.0f} / {1e3 * ttft[-1]:.0f} ms")
         table.add_row("online TPOT p50 / p99", f"{1e3 * tpot[len(tpot) // 2]:.1f} / {1e3 * tpot[-1]:.1f} ms")

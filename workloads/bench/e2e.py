@@ -24,13 +24,20 @@ from workloads.traces import Arrival, gamma_arrivals
 
 
 async def _replay_http(
-    base: str, model: str, arrivals: list[Arrival], seed: int, ignore_eos: bool = True
+    base: str,
+    model: str,
+    arrivals: list[Arrival],
+    seed: int,
+    ignore_eos: bool = True,
+    results: list[dict] | None = None,
 ) -> list[dict]:
+    """Stream each arrival's completion at its trace time; one dict per request (ttft_s,
+    tpot_s, tokens, ok), appended to `results` as each finishes (a live view can watch it)."""
     import httpx
 
     rng = random.Random(seed)
     words = ["the", "miller", "river", "bread", "city", "library", "weather", "question", "answer", "review"]
-    results: list[dict] = []
+    results = [] if results is None else results
 
     async def one(client: httpx.AsyncClient, a: Arrival, start: float) -> None:
         await asyncio.sleep(max(0.0, start + a.time_s - time.monotonic()))
