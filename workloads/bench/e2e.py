@@ -90,7 +90,7 @@ def latency_summary(results: list[dict]) -> dict:
     }
 
 
-def _generated(service_mod) -> tuple[int, int]:
+def generated_tokens(service_mod) -> tuple[int, int]:
     workers = service_mod.status()["workers"].values()
     return (
         sum(w["totals"]["generated_online"] for w in workers),
@@ -137,47 +137,51 @@ def backlog_prompts(n: int) -> list[str]:
     return [" ".join(["the river ran past the mill"] * 30) + f" {i}" for i in range(n)]
 
 
-def _run_service(model, redis_url: str, ray, cfg: dict, quick: bool, num_online: int):
+def _measure(model: Path, redis_url: str, ray, cfg: dict) -> tuple[dict, list[dict], list[dict]]:
+    """The trace alone, then next to the backlog; returns (result, alone, with offline)."""
     from harvest import service
     from harvest.client import HarvestClient
 
+    num_online = cfg["num_online"]
+    lengths = {"prompt_len": cfg["online_prompt"], "output_len": cfg["online_output"]}
+    arrivals = gamma_arrivals(cfg["rate"], cfg["cv"], num_requests=num_online, seed=1, **lengths)
     try:
         base = start_service(model, redis_url)
-        rate = cfg["rate"]
-        arrivals = gamma_arrivals(
-            rate,
-            cfg["cv"],
-            num_requests=num_online,
-            prompt_len=cfg["online_prompt"],
-            output_len=cfg["online_output"],
-            seed=1,
-        )
         with console.status(f"online alone: {num_online} requests over HTTP..."):
             alone = asyncio.run(_replay_http(base, "bench", arrivals, 0))
         base_lat = latency_summary(alone)
         slo = {"ttft_s": 1.2 * base_lat["ttft_p99_s"], "tpot_s": 2.0 * base_lat["tpot_p50_s"]}
         ray.get(service.controller_handle().set_slo.remote(slo["ttft_s"], slo["tpot_s"]))
         client = HarvestClient(redis_url)
-        prompts = backlog_prompts(cfg["backlog"])
-        before = _generated(service)
-        job = client.submit(
-            prompts,
-            model="bench",
-            max_tokens=cfg["offline_output"],
-            temperature=0,
-            defaults={"ignore_eos": True},
-            shard_size=16,
-        )
+        before = generated_tokens(service)
+        job = client.submit(backlog_prompts(cfg["backlog"]), model="bench", max_tokens=cfg["offline_output"],
+                            temperature=0, defaults={"ignore_eos": True}, shard_size=16)  # fmt: skip
         start = time.monotonic()
         with console.status("online with an offline backlog in Redis..."):
             loaded = asyncio.run(_replay_http(base, "bench", arrivals, 0))
         elapsed = time.monotonic() - start
-        after = _generated(service)
-        job_state = client.get(job.id)
+        after = generated_tokens(service)
+        completed = client.get(job.id).request_counts.completed
         client.cancel(job.id)
     finally:
         service.stop()
-    return slo, base_lat, loaded, alone, rate, elapsed, before, after, job_state
+    co_lat = latency_summary(loaded)
+    ok = [
+        r["ok"] and r["ttft_s"] <= slo["ttft_s"] and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"])
+        for r in loaded
+    ]
+    result = {
+        "slo": slo,
+        "online_rate_rps": cfg["rate"],
+        "online_alone": base_lat,
+        "with_offline": {**co_lat, "slo_attainment": sum(ok) / len(ok)},
+        "offline_tokens_per_s": (after[1] - before[1]) / elapsed,
+        "online_tokens_per_s": (after[0] - before[0]) / elapsed,
+        "offline_requests_completed": completed,
+        "ttft_p99_ratio": co_lat["ttft_p99_s"] / base_lat["ttft_p99_s"],
+        "tpot_p99_ratio": co_lat["tpot_p99_s"] / base_lat["tpot_p99_s"],
+    }
+    return result, alone, loaded
 
 
 def run(quick: bool, out: Path) -> dict:
@@ -187,7 +191,6 @@ def run(quick: bool, out: Path) -> dict:
 
     transformers.utils.logging.disable_progress_bar()
     cfg = bench_config(quick)
-    num_online = cfg["num_online"]
     with (
         tempfile.TemporaryDirectory(prefix="harvest-e2e-") as tmp_dir,
         private_redis(Path(tmp_dir)) as redis_url,
@@ -196,26 +199,9 @@ def run(quick: bool, out: Path) -> dict:
             Path(tmp_dir) / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4
         )
         with local_ray() as ray:
-            slo, base_lat, loaded, alone, rate, elapsed, before, after, job_state = _run_service(
-                model, redis_url, ray, cfg, quick, num_online
-            )
-    co_lat = latency_summary(loaded)
-    ok = [
-        r["ok"] and r["ttft_s"] <= slo["ttft_s"] and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"])
-        for r in loaded
-    ]
-    result = {
-        "slo": slo,
-        "online_rate_rps": rate,
-        "online_alone": base_lat,
-        "with_offline": {**co_lat, "slo_attainment": sum(ok) / len(ok)},
-        "offline_tokens_per_s": (after[1] - before[1]) / elapsed,
-        "online_tokens_per_s": (after[0] - before[0]) / elapsed,
-        "offline_requests_completed": job_state.request_counts.completed,
-        "ttft_p99_ratio": co_lat["ttft_p99_s"] / base_lat["ttft_p99_s"],
-        "tpot_p99_ratio": co_lat["tpot_p99_s"] / base_lat["tpot_p99_s"],
-        "config": {**cfg, "quick": quick},
-    }
+            result, alone, loaded = _measure(model, redis_url, ray, cfg)
+    result["config"] = {**cfg, "quick": quick}
+    slo, base_lat, co_lat = result["slo"], result["online_alone"], result["with_offline"]
     result["vs_engine"] = _compare_with_engine(out, result)
     print_table(
         "e2e: online over HTTP, alone and next to a Redis backlog",

@@ -22,6 +22,7 @@ from workloads.bench.e2e import (
     _wait_healthy,
     backlog_prompts,
     bench_config,
+    generated_tokens,
     latency_summary,
     start_service,
 )
@@ -75,11 +76,11 @@ def _harvest(
                 defaults={"ignore_eos": True},
                 shard_size=16,
             )
-            before = sum(w["totals"]["generated_offline"] for w in service.status()["workers"].values())
+            before = generated_tokens(service)[1]
             start = time.monotonic()
             results = asyncio.run(_replay_http(base, "bench", arrivals, 0))
             duration = time.monotonic() - start
-            after = sum(w["totals"]["generated_offline"] for w in service.status()["workers"].values())
+            after = generated_tokens(service)[1]
             client.cancel(job.id)
             return results, duration, (after - before) / duration
         finally:
