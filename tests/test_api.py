@@ -325,17 +325,20 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(tiny_model)
     served = serve(tiny_model)
     forwards = 0
 
-    def fail_third_forward(module, args) -> None:
+    def fail_fifth_forward(module, args) -> None:
         nonlocal forwards
         forwards += 1
-        if forwards == 3:
+        if forwards == 5:
             raise RuntimeError("device lost")
 
     layer = served.engine.runner.model.model.layers[0]
-    handle = layer.register_forward_pre_hook(fail_third_forward)
+    handle = layer.register_forward_pre_hook(fail_fifth_forward)
     try:
         with TestClient(served.app) as client:
-            r = completion(client, prompt="doomed", max_tokens=20, ignore_eos=True, stream=True)
+            # greedy: sampled tokens may all be pieces of one character, i.e. no text yet
+            r = completion(
+                client, prompt="doomed", max_tokens=20, ignore_eos=True, stream=True, temperature=0
+            )
             events = sse_events(r.text)
             health = client.get("/health").status_code
     finally:
