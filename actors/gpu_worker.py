@@ -2,15 +2,17 @@
 
 The engine's step loop runs in a background thread (`EngineLoop`). Online requests come
 from the Serve ingress as Ray streaming-generator calls; offline shards are leased from the
-Redis job store by the same `OfflineWorker` that `harvest work --local` uses, driven from
-the loop's `on_step` hook, so leasing, result writes and lease renewal happen between
-steps and prove the loop is alive. The controller turns offline leasing on and off.
+Redis job store by the same `OfflineWorker` that `harvest work --local` uses: the loop's
+`on_step` hook routes each step's outputs to their shards, and the worker's I/O thread
+does the Redis traffic, renewing leases only while the loop keeps calling. The controller
+turns offline leasing on and off.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,6 +42,10 @@ class GPUWorker:
     ) -> None:
         import torch
 
+        # four threads share this process's GIL: the engine loop, the asyncio thread streaming
+        # tokens out, the queue's I/O thread and the checkpoint shipper. At the default 5 ms
+        # switch interval a token waiting to leave waits for a step's Python to yield.
+        sys.setswitchinterval(0.0005)
         options = dict(engine_options or {})
         options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         if options["device"] == "cpu":  # as many threads as CPUs Ray gave us, or workers fight for cores
@@ -55,21 +61,19 @@ class GPUWorker:
         self.offline = OfflineWorker(
             self.store, self.engine, WorkerConfig(**(queue_options or {})), worker_id
         )
-        self.offline_enabled = True
         self.metrics = WorkerMetrics(worker_id)
         self._steps_seen = 0
         self.started = time.time()
         self.loop = EngineLoop(
             self.engine, on_step=self._on_step, idle_tick_s=0.05, name=f"engine-{worker_id}"
         )
+        self.offline.on_work = self.loop.wake  # shards leased while the loop idles: step them now
 
     def _on_step(self, outputs: list[RequestOutput]) -> None:
         """Runs on the loop thread after every step (and every idle tick)."""
         if self.engine.stats.steps != self._steps_seen:
             self._steps_seen = self.engine.stats.steps
             self.metrics.record_step(self.engine.last_step, outputs)
-        if self.offline_enabled:
-            self.offline.fill()
         self.offline.sync(outputs)
 
     async def generate(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str):
@@ -88,7 +92,7 @@ class GPUWorker:
 
     def set_offline(self, enabled: bool) -> None:
         """The controller's offline budget switch: off stops leasing new shards (running ones finish)."""
-        self.offline_enabled = enabled
+        self.offline.leasing = enabled
 
     def set_slo(self, ttft_s: float, tpot_s: float) -> None:
         """Online latency targets the engine sizes offline work against (from the controller)."""
@@ -107,12 +111,16 @@ class GPUWorker:
             worker_id=self.worker_id,
             pid=os.getpid(),
             node_id=ray.get_runtime_context().get_node_id(),
-            offline_enabled=self.offline_enabled,
+            offline_enabled=self.offline.leasing,
             shards=sorted(self.offline.shards),
             offline_inflight=self.offline.inflight_requests,
             kv_blocks_total=self.engine.block_manager.num_blocks,
             kv_blocks_used=self.engine.block_manager.num_used_blocks,
             max_model_len=self.engine.max_model_len,
+            slo={
+                "ttft_s": self.engine.scheduler.config.slo.ttft_s,
+                "tpot_s": self.engine.scheduler.config.slo.tpot_s,
+            },
             capacity_tokens=self.engine.capacity_tokens,
             uptime_s=time.time() - self.started,
         )
@@ -123,7 +131,7 @@ class GPUWorker:
 
     def shutdown(self) -> None:
         """Give leased shards back (no attempt spent) and stop the loop."""
-        self.offline_enabled = False
+        self.offline.leasing = False
         self.loop.stop()
         self.offline.release_all()
 

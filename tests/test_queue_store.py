@@ -221,3 +221,45 @@ def test_delete_finished_job(queue_store, make_job):
     with pytest.raises(JobNotFoundError):
         queue_store.get_job(job_id)
     assert queue_store.dead_letters() == [] and queue_store.r.keys(f"harvest:job:{job_id}*") == []
+
+
+SLOW_SUBMITTER = """
+import sys, time
+from harvest.queue import JobOptions, JobStore
+from harvest.queue.inputs import read_items
+from harvest.queue.submit import submit
+
+store = JobStore.from_url(sys.argv[1], submitter_timeout_s=1.0)
+
+def source():
+    for item in read_items([f"prompt {i}" for i in range(100_000)], {}):
+        time.sleep(0.01)  # a slow input: validation takes minutes
+        yield item
+
+submit(store, source, JobOptions())
+"""
+
+
+def test_submitter_killed_mid_validation_fails_its_job(redis_server, queue_store):
+    import signal
+    import subprocess
+    import sys
+
+    submitter = subprocess.Popen([sys.executable, "-c", SLOW_SUBMITTER, redis_server.url])
+    try:
+        job = wait_for(lambda: queue_store.list_jobs())[0]
+        assert job.status is JobStatus.VALIDATING
+        time.sleep(2.0)  # past the timeout: its heartbeats keep it validating
+        queue_store.sweep()
+        assert queue_store.get_job(job.id).status is JobStatus.VALIDATING
+        submitter.send_signal(signal.SIGKILL)
+        submitter.wait(timeout=10)
+    finally:
+        submitter.kill()
+    time.sleep(1.2)
+    queue_store.sweep()
+    failed = queue_store.get_job(job.id)
+    assert failed.status is JobStatus.FAILED and failed.num_errors == 1
+    assert "submission abandoned" in failed.errors[0]["message"]
+    assert queue_store.lease("w", 5) == []
+    queue_store.delete_job(job.id)  # terminal: its partial shards can go

@@ -274,8 +274,7 @@ def work(
     from harvest.queue.worker import make_worker_id, run_local
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = WorkerConfig(visibility_timeout_s=visibility, progress_interval_s=progress_interval,
-                          max_inflight_requests=max_num_seqs)  # fmt: skip
+    config = WorkerConfig(visibility_timeout_s=visibility, progress_interval_s=progress_interval)
     url = redis_url or default_redis_url()
     with _exits():
         store = JobStore(connect(url))

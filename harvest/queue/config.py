@@ -46,7 +46,9 @@ class WorkerConfig:
     renew_interval_s: float | None = None  # None: a third of the visibility timeout
     progress_interval_s: float = 1.0  # bound on decode work lost to a crash, and on Redis writes
     result_flush_s: float = 0.05  # finished results wait this long to share one write (a shard's last: none)
-    max_inflight_requests: int = 64  # lease more shards while fewer offline requests are running
+    # lease more shards while fewer offline requests are in the engine; None: twice the engine's
+    # max_num_seqs, so the next shard is already waiting when a batch finishes (no idle bubble)
+    max_inflight_requests: int | None = None
     max_shards: int = 8
     idle_poll_s: float = 0.2  # wait between empty lease attempts
     reconnect_timeout_s: float = 120.0  # give up when Redis stays unreachable this long
@@ -58,7 +60,7 @@ class WorkerConfig:
             self.renew_interval_s = self.visibility_timeout_s / 3
         if not 0 < self.renew_interval_s < self.visibility_timeout_s:
             raise ValueError("renew_interval_s must be in (0, visibility_timeout_s)")
-        if self.max_inflight_requests < 1 or self.max_shards < 1:
+        if (self.max_inflight_requests is not None and self.max_inflight_requests < 1) or self.max_shards < 1:
             raise ValueError("max_inflight_requests and max_shards must be >= 1")
         if self.progress_interval_s <= 0 or self.idle_poll_s <= 0 or self.result_flush_s < 0:
             raise ValueError("progress_interval_s and idle_poll_s must be > 0, result_flush_s >= 0")

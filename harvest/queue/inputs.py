@@ -98,15 +98,26 @@ def sampling_from(body: dict[str, Any], defaults: dict[str, Any]) -> dict[str, A
         raise BadRequest(f"n must be 1, got {body['n']!r}")
     if body.get("stream"):
         raise BadRequest("stream is not supported in batch requests")
-    # imported here: the engine package pulls in torch and transformers (seconds), and the
-    # CLI's read-only commands should not pay for that
-    from harvest.engine.sampling import SamplingParams
-
     try:
-        SamplingParams(**params)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(str(exc)) from None
+        key = tuple(params.items())  # a job's requests mostly share one combination: check it once
+        known = key in _VALID_PARAMS
+    except TypeError:  # a list value (stop strings): not hashable, check it every time
+        key, known = None, False
+    if not known:
+        # imported here: the engine package pulls in torch and transformers (seconds), and the
+        # CLI's read-only commands should not pay for that
+        from harvest.engine.sampling import SamplingParams
+
+        try:
+            SamplingParams(**params)
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(str(exc)) from None
+        if key is not None and len(_VALID_PARAMS) < 4096:
+            _VALID_PARAMS.add(key)
     return params
+
+
+_VALID_PARAMS: set[tuple] = set()  # SamplingParams field combinations known to be valid
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ Layout (P = prefix, J = job id, N = shard number):
   P:deadlines           zset  J -> expiry ms (completion window)
   P:dead                zset  "J/N" -> dead-lettered ms
   P:finalizing          set   jobs whose last shard finished
+  P:validating          zset  J -> ms by which its submitter must show signs of life
   P:tokens              counter of fencing tokens
 """
 
@@ -27,6 +28,19 @@ local function now_ms()
 end
 local function jkey(job) return P .. ':job:' .. job end
 local function skey(job, n) return P .. ':job:' .. job .. ':shard:' .. n end
+
+-- redis.call(cmd, key, unpack(args)) in slices (Lua's stack caps unpack), keeping `group`-sized
+-- tuples together; the replies of all slices in one table (HMGET's values, in order)
+local function chunked(cmd, key, args, group)
+  local out, step = {}, 4000 - 4000 % group
+  for s = 1, #args, step do
+    local reply = redis.call(cmd, key, unpack(args, s, math.min(#args, s + step - 1)))
+    if type(reply) == 'table' then
+      for _, v in ipairs(reply) do table.insert(out, v) end
+    end
+  end
+  return out
+end
 
 -- the shard is no longer leased: count it off its job and settle a cancelling job
 local function unlease(job, n, now)
@@ -111,6 +125,17 @@ local function sweep(now, limit)
       redis.call('DEL', jk .. ':ready')
     end
   end
+  -- a submitter that died mid-validation leaves its job in validating: fail it (nothing of
+  -- it was ever leasable, so nothing is lost); its partial shards go with `delete_job`
+  for _, job in ipairs(redis.call('ZRANGE', P .. ':validating', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
+    redis.call('ZREM', P .. ':validating', job)
+    local jk = jkey(job)
+    if redis.call('HGET', jk, 'status') == 'validating' then
+      local why = cjson.encode({{line = 0, unit = 'line', custom_id = cjson.null,
+        message = 'submission abandoned: the submitter stopped before the job was queued'}})
+      redis.call('HSET', jk, 'status', 'failed', 'failed_ms', now, 'errors', why, 'num_errors', 1)
+    end
+  end
   return reclaimed
 end
 """
@@ -130,11 +155,19 @@ end
 return reclaimed
 """
 
-# ARGV: prefix, job, completion_window_ms (0: none) -> new status
+# ARGV: prefix, job, timeout_ms, 'NX' (a new job) | 'XX' (a heartbeat: only while validating)
+# -> 1 when the deadline was set. On the server's clock, like every lease and deadline.
+VALIDATING = r"""
+return redis.call('ZADD', P .. ':validating', ARGV[4], 'CH', now_ms() + tonumber(ARGV[3]), ARGV[2])
+"""
+
+# ARGV: prefix, job -> new status
 ACTIVATE = r"""
-local job, window = ARGV[2], tonumber(ARGV[3])
+local job = ARGV[2]
 local jk = jkey(job)
+redis.call('ZREM', P .. ':validating', job)
 if redis.call('HGET', jk, 'status') ~= 'validating' then return redis.call('HGET', jk, 'status') end
+local window = tonumber(redis.call('HGET', jk, 'completion_window_ms') or '0')
 local now = now_ms()
 redis.call('HSET', jk, 'status', 'in_progress', 'in_progress_ms', now)
 if window > 0 then
@@ -190,23 +223,35 @@ return 'ok'
 """
 
 # ARGV: prefix, job, n, token, then (index, 'c'|'f', result JSON) triples
-# -> {'ok'|'dup', ...} per result, or 'lost' | 'closed' for all of them
+# -> {'ok'|'dup', ...} per result, or 'lost' | 'closed' for all of them.
+# A handful of commands per call, not per result: Lua's per-call cost dominates otherwise.
 WRITE_RESULTS = r"""
 local job, n, token = ARGV[2], ARGV[3], ARGV[4]
 if not holds(job, n, token) then return 'lost' end
 local jk, sk = jkey(job), skey(job, n)
 local status = redis.call('HGET', jk, 'status')
 if status ~= 'in_progress' and status ~= 'cancelling' then return 'closed' end
-local out = {}
-for i = 5, #ARGV, 3 do
-  if redis.call('HSETNX', sk .. ':results', ARGV[i], ARGV[i + 2]) == 1 then
-    redis.call('HINCRBY', jk, ARGV[i + 1] == 'c' and 'completed' or 'failed', 1)
-    redis.call('HDEL', sk .. ':progress', ARGV[i])
-    table.insert(out, 'ok')
-  else
+local indices = {}
+for i = 5, #ARGV, 3 do table.insert(indices, ARGV[i]) end
+local have = chunked('HMGET', sk .. ':results', indices, 1)
+local out, new, counts = {}, {}, {c = 0, f = 0}
+for k, index in ipairs(indices) do
+  if have[k] then
     table.insert(out, 'dup')
+  else
+    local i = 2 + 3 * k
+    table.insert(out, 'ok')
+    table.insert(new, index)
+    table.insert(new, ARGV[i + 2])
+    counts[ARGV[i + 1]] = counts[ARGV[i + 1]] + 1
   end
 end
+if #new > 0 then
+  chunked('HSET', sk .. ':results', new, 2)
+  chunked('HDEL', sk .. ':progress', indices, 1)
+end
+if counts.c > 0 then redis.call('HINCRBY', jk, 'completed', counts.c) end
+if counts.f > 0 then redis.call('HINCRBY', jk, 'failed', counts.f) end
 return out
 """
 
@@ -300,6 +345,7 @@ return redis.call('HGET', jk, 'status')
 # ARGV: prefix, job, errors JSON, num_errors -> status after the call
 REJECT = r"""
 local jk = jkey(ARGV[2])
+redis.call('ZREM', P .. ':validating', ARGV[2])
 if redis.call('HGET', jk, 'status') == 'validating' then
   redis.call('HSET', jk, 'status', 'failed', 'failed_ms', now_ms(), 'errors', ARGV[3], 'num_errors', ARGV[4])
 end

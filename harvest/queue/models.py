@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
+
 
 class JobStatus(str, enum.Enum):
     """The OpenAI Batch API life cycle."""
@@ -136,12 +138,12 @@ class Progress:
     token_ids: list[int] = field(default_factory=list)
     checkpoint: str | None = None  # opaque handle (e.g. a Ray object ref's id) set by co-serving
 
-    def to_json(self) -> str:
-        return json.dumps({"token_ids": self.token_ids, "checkpoint": self.checkpoint}, separators=(",", ":"))
+    def to_json(self) -> bytes:
+        return orjson.dumps({"token_ids": self.token_ids, "checkpoint": self.checkpoint})
 
     @classmethod
-    def from_json(cls, s: str) -> Progress:
-        d = json.loads(s)
+    def from_json(cls, s: str | bytes) -> Progress:
+        d = orjson.loads(s)
         return cls(d.get("token_ids", []), d.get("checkpoint"))
 
 
@@ -190,13 +192,14 @@ class Result:
     def ok(self) -> bool:
         return self.status == "completed"
 
-    def to_json(self) -> str:
-        # vars(), not asdict(): asdict deep-copies every field, a hot cost on the result path
-        return json.dumps(vars(self), separators=(",", ":"))
+    def to_json(self) -> bytes:
+        # vars(), not asdict(): asdict deep-copies every field; orjson, not json: the stdlib
+        # encoder costs ~9 us per result on the CPU box, a third of the queue's whole budget
+        return orjson.dumps(vars(self))
 
     @classmethod
-    def from_json(cls, s: str) -> Result:
-        d = json.loads(s)
+    def from_json(cls, s: str | bytes) -> Result:
+        d = orjson.loads(s)
         # error records written by Lua (dead letters) nest the error like the OpenAI format
         if isinstance(d.get("error"), dict):
             err = d.pop("error")

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from harvest.queue.inputs import CHAT, RequestSpec
 from harvest.queue.models import Lease, Progress, Result
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the engine pulls in torch: seconds the CLI's read-only commands should not pay
     from harvest.engine import RequestOutput, SamplingParams
+    from harvest.engine.request import RequestState
 
 
 @dataclass
@@ -54,7 +55,11 @@ class ShardRun:
 
     def start(self) -> None:
         """Add every pending request to the engine; bad ones become error results at once."""
-        tok = self.engine.tokenizer
+        self.commit(self.prepare())
+
+    def prepare(self) -> list[tuple[str, _Running, SamplingParams, RequestState | None]]:
+        """Tokenize and adopt checkpoints (slow, touches no shared state): what `commit` adds."""
+        tok, prepared = self.engine.tokenizer, []
         for index in sorted(self.pending):
             spec = RequestSpec.from_payload(self.lease.requests[index])
             now, mono = time.time(), time.monotonic()
@@ -74,48 +79,63 @@ class ShardRun:
                 if left <= 0:  # finished before the crash, result not yet written
                     self.results[index] = self._result(run, "length", mono)
                     continue
-                resume_params = replace(params, max_tokens=left)
                 rid = self.request_id(index)
-                if not self._resume_from_checkpoint(rid, prompt_ids + run.resumed, resume_params, progress):
-                    self.engine.add_request(prompt_ids + run.resumed, resume_params, request_id=rid,
-                                            request_class="offline")  # fmt: skip
-                self.running[rid] = run
+                resume_params = replace(params, max_tokens=left)
+                state = self._checkpoint_state(rid, prompt_ids + run.resumed, resume_params, progress)
+                prepared.append((rid, run, resume_params, state))
             except Exception as exc:  # a bad request fails alone, never its shard
                 self.results[index] = Result.error(
                     "invalid_request", str(exc), started_at=now, finished_at=time.time(),
                     worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+        return prepared
 
-    def _resume_from_checkpoint(self, rid: str, token_ids: list[int], params: SamplingParams,
-                                progress: Progress) -> bool:  # fmt: skip
-        """Continue from the KV checkpoint an earlier attempt left, if it is still there."""
+    def commit(self, prepared: list[tuple[str, _Running, SamplingParams, RequestState | None]]) -> None:
+        """Hand prepared requests to the engine (its inbox: safe from any thread); a request
+        the engine refuses becomes an error result."""
+        for rid, run, params, state in prepared:
+            self.running[rid] = run  # before the engine can produce its first output
+            try:
+                if state is not None:
+                    self.engine.resume(state)
+                else:
+                    ids = run.prompt_ids + run.resumed
+                    self.engine.add_request(ids, params, request_id=rid, request_class="offline")
+            except Exception as exc:
+                del self.running[rid]
+                self.results[run.index] = Result.error(
+                    "invalid_request", str(exc), started_at=run.started_at, finished_at=time.time(),
+                    worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+
+    def _checkpoint_state(self, rid: str, token_ids: list[int], params: SamplingParams,
+                          progress: Progress) -> RequestState | None:  # fmt: skip
+        """The engine state that continues from the KV checkpoint an earlier attempt left, if
+        it is still there (its blocks are adopted into this engine's store)."""
         store = getattr(self.engine, "checkpoint_store", None)
         if not progress.checkpoint or store is None or not hasattr(self.engine, "resume"):
-            return False
-        from harvest.engine.request import RequestState
-
+            return None
         handle, _, tokens = progress.checkpoint.rpartition("#")
         blocks = store.adopt(handle, rid)
         checkpointed = min(int(tokens), blocks * self.engine.block_manager.block_size)
         if checkpointed <= 0:
-            return False
-        state = RequestState(request_id=rid, token_ids=token_ids, num_prompt_tokens=len(token_ids),
-                             params=asdict(params), request_class="offline", arrival_time=time.monotonic(),
-                             checkpointed_tokens=checkpointed)  # fmt: skip
-        self.engine.resume(state)
-        return True
+            return None
+        from harvest.engine.request import RequestState
+
+        return RequestState(request_id=rid, token_ids=token_ids, num_prompt_tokens=len(token_ids),
+                            params=asdict(params), request_class="offline", arrival_time=time.monotonic(),
+                            checkpointed_tokens=checkpointed)  # fmt: skip
 
     def on_output(self, out: RequestOutput) -> None:
-        run = self.running.get(out.request_id)
+        """A finished request's last output becomes its result. Unfinished outputs need nothing
+        (progress reads the engine's tokens), which keeps the engine loop's share tiny."""
+        run = self.running.pop(out.request_id, None) if out.finished else None
         if run is None:
             return
         mono = time.monotonic()
-        if run.ttft_s is None and out.new_token_ids:
-            run.ttft_s = mono - run.start_mono
-        run.output_ids = list(out.token_ids)
-        if out.finished:
-            del self.running[out.request_id]
-            reason = out.finish_reason.value if out.finish_reason is not None else None
-            self.results[run.index] = self._result(run, reason, mono, out.text)
+        run.output_ids = out.token_ids
+        if "first_token_time" in out.metrics:
+            run.ttft_s = out.metrics["first_token_time"] - run.start_mono
+        reason = out.finish_reason.value if out.finish_reason is not None else None
+        self.results[run.index] = self._result(run, reason, mono, out.text)
 
     def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None) -> Result:
         ids = run.all_output_ids
@@ -140,11 +160,13 @@ class ShardRun:
         store = getattr(self.engine, "checkpoint_store", None)
         requests = getattr(self.engine, "requests", {})
         for rid, run in self.running.items():
-            ids = run.all_output_ids
+            req = requests.get(rid)
+            if req is None:  # not admitted yet, or finished and its output not routed yet
+                continue
+            ids = run.resumed + list(req.output_token_ids)
             if len(ids) > run.saved:
-                req = requests.get(rid)
                 checkpoint = None
-                if store is not None and req is not None and req.checkpointed_tokens:
+                if store is not None and req.checkpointed_tokens:
                     checkpoint = f"{store.handle(rid)}#{req.checkpointed_tokens}"
                 updates[run.index] = Progress(ids, checkpoint)
                 run.saved = len(ids)

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import orjson
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -40,19 +41,23 @@ def connect(url: str) -> redis.Redis:
 class JobStore:
     """Jobs, shards, leases, progress and results in one Redis, under `prefix`."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "harvest") -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str = "harvest", submitter_timeout_s: float = 60.0
+    ) -> None:
         self.r = client
         self.prefix = prefix
+        # a job left in validating this long without its submitter's heartbeat fails at a sweep
+        self.submitter_timeout_ms = int(submitter_timeout_s * 1000)
         self._scripts = {
             name: client.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
-                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER")
+                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING")
         }  # fmt: skip
         self.load_scripts()
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "harvest") -> JobStore:
-        return cls(connect(url), prefix)
+    def from_url(cls, url: str, prefix: str = "harvest", **kwargs: Any) -> JobStore:
+        return cls(connect(url), prefix, **kwargs)
 
     def _run(self, name: str, *args: Any, client: Any = None) -> Any:
         if client is None:  # a Script call reloads the script itself after a Redis restart
@@ -90,8 +95,13 @@ class JobStore:
         with self.r.pipeline() as pipe:
             pipe.hset(self.job_key(job_id), mapping=record)
             pipe.zadd(f"{self.prefix}:jobs", {job_id: now_ms})
+            self._run("VALIDATING", job_id, self.submitter_timeout_ms, "NX", client=pipe)
             pipe.execute()
         return job_id
+
+    def still_validating(self, job_id: str) -> None:
+        """The submitter's heartbeat: without one for `submitter_timeout_s`, a sweep fails the job."""
+        self._run("VALIDATING", job_id, self.submitter_timeout_ms, "XX")
 
     def add_shards(self, job_id: str, shards: Iterable[list[dict[str, Any]]], first: int) -> int:
         """Write shards numbered from `first` (one pipeline); returns how many requests they hold."""
@@ -100,7 +110,7 @@ class JobStore:
             for n, requests in enumerate(shards, start=first):
                 key = self.shard_key(job_id, n)
                 pipe.hset(key, mapping={"state": "ready", "size": len(requests), "attempts": 0, "token": 0,
-                                        "requests": json.dumps(requests, separators=(",", ":"))})  # fmt: skip
+                                        "requests": orjson.dumps(requests)})  # fmt: skip
                 pipe.rpush(f"{self.job_key(job_id)}:ready", n)
                 pipe.hincrby(self.job_key(job_id), "num_shards", 1)
                 pipe.hincrby(self.job_key(job_id), "total", len(requests))
@@ -110,8 +120,7 @@ class JobStore:
 
     def activate(self, job_id: str) -> JobStatus:
         """validating -> in_progress: its shards become leasable and its window starts."""
-        window_ms = int(self.r.hget(self.job_key(job_id), "completion_window_ms") or 0)
-        status = JobStatus(self._run("ACTIVATE", job_id, window_ms))
+        status = JobStatus(self._run("ACTIVATE", job_id))
         if status is JobStatus.FINALIZING:
             status = JobStatus(self._run("FINALIZE", job_id))
         return status
@@ -136,7 +145,7 @@ class JobStore:
             return [Job.from_hash(h) for h in pipe.execute() if h]
 
     def shard_requests(self, job_id: str, shard: int) -> list[dict[str, Any]]:
-        return json.loads(self.r.hget(self.shard_key(job_id, shard), "requests") or "[]")
+        return orjson.loads(self.r.hget(self.shard_key(job_id, shard), "requests") or "[]")
 
     def shard_info(self, job_id: str, shard: int) -> dict[str, str]:
         return self.r.hgetall(self.shard_key(job_id, shard))
@@ -154,7 +163,7 @@ class JobStore:
                 requests, results = pipe.execute()
             yield (
                 shard,
-                json.loads(requests or "[]"),
+                orjson.loads(requests or "[]"),
                 {int(i): Result.from_json(s) for i, s in results.items()},
             )
 
@@ -180,7 +189,7 @@ class JobStore:
         leases = []
         for job_id, shard, token, attempts, requests, done, progress in got:
             pairs = zip(progress[::2], progress[1::2])
-            lease = Lease(job_id, int(shard), int(token), int(attempts), json.loads(requests))
+            lease = Lease(job_id, int(shard), int(token), int(attempts), orjson.loads(requests))
             lease.done = {int(i) for i in done}
             lease.progress = {int(i): Progress.from_json(p) for i, p in pairs}
             leases.append(lease)

@@ -9,6 +9,7 @@ never leaves a half-queued job.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ def submit(store: JobStore, source: Source, options: JobOptions) -> str:
     except BadRequest as exc:
         raise InvalidInputError([InputError(0, f"job sampling defaults: {exc}")]) from None
     job_id = store.create_job(options)
+    source = _with_heartbeat(store, job_id, source)
     try:
         v = validate(source)
         if v.num_valid == 0 and v.num_errors == 0:
@@ -104,6 +106,21 @@ def submit(store: JobStore, source: Source, options: JobOptions) -> str:
         raise
     store.activate(job_id)
     return job_id
+
+
+def _with_heartbeat(store: JobStore, job_id: str, source: Source) -> Source:
+    """The source, telling Redis now and then that its submitter is alive (see `still_validating`)."""
+    every_s = store.submitter_timeout_ms / 1000 / 4
+
+    def items() -> Iterator[tuple[int, RequestSpec | InputError]]:
+        last = time.monotonic()
+        for item in source():
+            if time.monotonic() - last > every_s:
+                store.still_validating(job_id)
+                last = time.monotonic()
+            yield item
+
+    return items
 
 
 def _write_shards(store: JobStore, job_id: str, source: Source, shard_size: int) -> None:

@@ -1,13 +1,16 @@
 """The offline side of a worker, and the local loop that drives it without Ray.
 
-`OfflineWorker` holds the leased shards and speaks to Redis: `fill()` leases shards while
-the engine has room, `sync(outputs)` routes one step's outputs to their shards and then
-writes results, saves progress, renews leases and acks finished shards. It owns no loop:
-the Ray worker calls the same two methods around `engine.step()` while it also serves
-online requests; `run_local` is the loop for `harvest work --local` and tests.
+`OfflineWorker` holds the leased shards and speaks to Redis. The engine loop calls
+`sync(outputs)` after every step: it routes the step's outputs to their shards, which
+costs microseconds. All Redis traffic (leasing shards while the engine has offline room,
+writing results and progress, renewing leases, acking finished shards) runs on the
+worker's own I/O thread, so a Redis round trip never sits between two engine steps: on a
+GPU server that would stretch every online token; on a busy CPU box a round trip waits
+for a core and costs a millisecond. `background=False` does the same work inline in
+`sync` (tests that want it step by step).
 
-Leases are renewed from the loop, not from a side thread, so a renewal also proves that
-the loop still makes progress: a wedged worker loses its shards.
+Leases are renewed only while the engine loop keeps calling `sync`, so a wedged loop loses
+its shards even though the I/O thread is fine.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import contextlib
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -38,12 +43,15 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScri
 
 @dataclass
 class QueueStats:
-    """Where the worker's time went: seconds in each kind of Redis call, and in the engine."""
+    """Where the time went: seconds in each kind of Redis call (I/O thread), the engine loop's
+    own queue work (`loop_s`: routing outputs in `sync`) and the engine steps."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     results_written: int = 0
     engine_s: float = 0.0
+    loop_s: float = 0.0
+    last_result_at: float = 0.0  # perf_counter() when the last result was written
 
     def add(self, kind: str, seconds: float) -> None:
         self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
@@ -61,20 +69,44 @@ def make_worker_id() -> str:
 class OfflineWorker:
     """Leases shards into `engine`, writes their results; see the module docstring."""
 
-    def __init__(self, store: JobStore, engine: Any, config: WorkerConfig | None = None, worker_id: str = ""):
+    def __init__(
+        self,
+        store: JobStore,
+        engine: Any,
+        config: WorkerConfig | None = None,
+        worker_id: str = "",
+        *,
+        background: bool = True,
+        on_work: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.engine = engine
         self.config = config or WorkerConfig()
         self.worker_id = worker_id or make_worker_id()
+        self.on_work = on_work  # called after requests were added to the engine (wake an idle loop)
+        self.leasing = True  # off: lease nothing new, finish what is held
+        seats = getattr(getattr(engine, "config", None), "scheduler", None)
+        self.max_inflight = self.config.max_inflight_requests or 2 * getattr(seats, "max_num_seqs", 64)
         self.shards: dict[str, ShardRun] = {}  # lease key "job/shard" -> run
         self.stats = QueueStats()
         self.queue_empty = False  # the last lease attempt found nothing
+        self._lock = threading.Lock()  # shards and their runs: the loop routes, the I/O thread writes
         self._next_lease = 0.0
         self._shard_size = 1_000_000  # unknown until the first lease: ask for one shard
         self._last_renew = time.monotonic()
         self._last_progress = time.monotonic()
         self._last_flush = time.monotonic()
+        self._loop_seen = time.monotonic()  # the engine loop's last sync
         self._down_since: float | None = None
+        self._error: BaseException | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(
+                target=self._io_loop, name=f"queue-io-{self.worker_id}", daemon=True
+            )
+            self._thread.start()
 
     @property
     def inflight_requests(self) -> int:
@@ -82,6 +114,47 @@ class OfflineWorker:
 
     def owns(self, request_id: str) -> bool:
         return request_id.rsplit("/", 1)[0] in self.shards
+
+    # ------------------------------------------------------------------ the engine loop's side
+
+    def sync(self, outputs: list[RequestOutput] = ()) -> None:
+        """Route one step's outputs to their shards (called on the engine loop after each step).
+
+        Raises what stopped the I/O thread (Redis unreachable past `reconnect_timeout_s`).
+        """
+        start = time.perf_counter()
+        self._loop_seen = time.monotonic()
+        if self._error is not None:
+            raise self._error
+        finishing = False
+        finished = [out for out in outputs if out.finished]  # the only outputs a shard needs
+        if finished:
+            with self._lock:
+                for out in finished:
+                    run = self.shards.get(out.request_id.rsplit("/", 1)[0])
+                    if run is not None:
+                        run.on_output(out)
+                        finishing |= not run.running
+        self.stats.loop_s += time.perf_counter() - start
+        if self._thread is None:
+            self.fill()
+            self.flush()
+        elif finishing:  # a shard's last result: write and ack it now, not at the next tick
+            self._wake.set()
+
+    # ------------------------------------------------------------------ Redis (the I/O thread)
+
+    def _io_loop(self) -> None:
+        tick = max(0.005, min(self.config.result_flush_s or 0.01, self.config.idle_poll_s))
+        try:
+            while not self._stopping.is_set():
+                self.fill()
+                self.flush()
+                self._wake.wait(tick)
+                self._wake.clear()
+        except BaseException as exc:
+            log.exception("queue I/O thread stopped")
+            self._error = exc
 
     def _timed(self, kind: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -102,17 +175,17 @@ class OfflineWorker:
             raise exc
         self._next_lease = now + self.config.idle_poll_s
 
-    # ------------------------------------------------------------------ verbs
-
     def fill(self) -> int:
         """Lease shards while the engine has offline room; returns how many were leased."""
         cfg, leased = self.config, 0
-        if time.monotonic() < self._next_lease:
-            return 0
-        while len(self.shards) < cfg.max_shards and self.inflight_requests < cfg.max_inflight_requests:
-            # as many shards as fill the room, judged by the last shard's size: one round trip
-            room = -(-(cfg.max_inflight_requests - self.inflight_requests) // self._shard_size)
-            want = max(1, min(room, cfg.max_shards - len(self.shards)))
+        while self.leasing and time.monotonic() >= self._next_lease:
+            with self._lock:
+                inflight = self.inflight_requests
+                if len(self.shards) >= cfg.max_shards or inflight >= self.max_inflight:
+                    break
+                # as many shards as fill the room, judged by the last shard's size: one round trip
+                room = -(-(self.max_inflight - inflight) // self._shard_size)
+                want = max(1, min(room, cfg.max_shards - len(self.shards)))
             try:
                 leases = self._timed(
                     "lease",
@@ -122,28 +195,32 @@ class OfflineWorker:
                 self._redis_down(exc)
                 return leased
             self._down_since = None
-            self.queue_empty = not leases
             if not leases:
                 self._next_lease = time.monotonic() + cfg.idle_poll_s
+                self.queue_empty = True
                 break
             for lease in leases:
                 self._shard_size = max(1, len(lease.requests))
                 run = ShardRun(lease, self.engine, self.worker_id)
-                run.start()
-                self.shards[lease.key] = run
+                prepared = run.prepare()  # tokenizing and checkpoint adoption: off the lock
+                with self._lock:
+                    self.shards[lease.key] = run
+                    run.commit(prepared)
                 leased += 1
+            self.queue_empty = False
+            if self.on_work is not None:
+                self.on_work()
         return leased
 
-    def sync(self, outputs: list[RequestOutput] = ()) -> None:
-        """Route outputs, then write results/progress, renew and ack (all safe to retry)."""
-        for out in outputs:
-            run = self.shards.get(out.request_id.rsplit("/", 1)[0])
-            if run is not None:
-                run.on_output(out)
+    def flush(self, force: bool = False) -> None:
+        """Write results/progress, ack finished shards, renew leases (all safe to retry)."""
         try:
-            self._write()
+            self._write(force)
             self._ack_done()
-            if time.monotonic() - self._last_renew >= self.config.renew_interval_s:
+            now = time.monotonic()
+            # renewing proves the engine loop is alive: not while it has stopped calling sync
+            loop_alive = now - self._loop_seen < self.config.visibility_timeout_s / 2
+            if loop_alive and now - self._last_renew >= self.config.renew_interval_s:
                 self._renew()
             self._down_since = None
         except REDIS_DOWN as exc:
@@ -154,18 +231,20 @@ class OfflineWorker:
         progress (every progress_interval_s) and the acks of the shards these results finish."""
         cfg, now = self.config, time.monotonic()
         save = now - self._last_progress >= cfg.progress_interval_s
-        finishing = any(run.results and not run.running for run in self.shards.values())
-        if not (force or save or finishing or now - self._last_flush >= cfg.result_flush_s):
-            return
-        batches = [(run, run.take_results()) for run in list(self.shards.values()) if run.results]
-        progress = [(run, run.progress_updates()) for run in self.shards.values()] if save else []
-        progress = [(run, p) for run, p in progress if p]
-        acks = [run for run, results in batches if not run.running and run.pending <= results.keys()]
+        with self._lock:
+            finishing = any(run.results and not run.running for run in self.shards.values())
+            if not (force or save or finishing or now - self._last_flush >= cfg.result_flush_s):
+                return
+            batches = [(run, run.take_results()) for run in list(self.shards.values()) if run.results]
+            progress = [(run, run.progress_updates()) for run in self.shards.values()] if save else []
+            progress = [(run, p) for run, p in progress if p]
+            acks = [run for run, results in batches if not run.running and run.pending <= results.keys()]
         self._last_flush = now
         if save:
             self._last_progress = now
         if not batches and not progress:
             return
+        start = time.perf_counter()  # encoding included: it is the queue's cost too
         try:
             with self.store.r.pipeline(transaction=False) as pipe:
                 for run, results in batches:
@@ -174,49 +253,63 @@ class OfflineWorker:
                     self.store.save_progress(run.lease, p, client=pipe)
                 for run in acks:  # runs after the writes above, so it sees them
                     self.store.ack(run.lease, client=pipe)
-                replies = self._timed("write", pipe.execute)
+                replies = pipe.execute()
         except BaseException:
-            for run, results in batches:  # not known to be written: keep them for the retry
-                run.results.update(results)
+            with self._lock:
+                for run, results in batches:  # not known to be written: keep them for the retry
+                    run.results.update(results)
             raise
+        finally:
+            self.stats.add("write", time.perf_counter() - start)
         write_replies, rest = replies[: len(batches)], replies[len(batches) :]
-        for (run, results), reply in zip(batches, write_replies):
-            if reply in ("lost", "closed"):
-                self._drop(run, reply)
-                continue
-            run.mark_written(list(results))  # 'ok' or 'dup': either way the request has its one result
-            self.stats.results_written += reply.count("ok")
-        for (run, _), reply in zip(progress, rest[: len(progress)]):
-            if reply == "lost":
-                self._drop(run, reply)
-        for run, reply in zip(acks, rest[len(progress) :]):
-            if run.lease.key in self.shards:
-                self._acked(run, self.store.after_ack(run.lease, reply))
+        with self._lock:
+            for (run, results), reply in zip(batches, write_replies):
+                if reply in ("lost", "closed"):
+                    self._drop(run, reply)
+                    continue
+                run.mark_written(list(results))  # 'ok' or 'dup': either way the request has its one result
+                self.stats.results_written += reply.count("ok")
+                self.stats.last_result_at = time.perf_counter()
+            for (run, _), reply in zip(progress, rest[: len(progress)]):
+                if reply == "lost":
+                    self._drop(run, reply)
+            acked = [
+                (run, reply)
+                for run, reply in zip(acks, rest[len(progress) :])
+                if run.lease.key in self.shards
+            ]
+        for run, reply in acked:
+            self._acked(run, self.store.after_ack(run.lease, reply))
 
     def _acked(self, run: ShardRun, status: str) -> None:
         if status == "incomplete":  # a result went missing: spend the attempt, retry elsewhere
             self.store.fail(run.lease, "ack found requests without a result")
-        self.shards.pop(run.lease.key, None)
+        with self._lock:
+            self.shards.pop(run.lease.key, None)
 
     def _ack_done(self) -> None:
         """Ack shards that finished without a write this round (all done earlier, or a retry)."""
-        for key, run in list(self.shards.items()):
-            if run.done and key in self.shards:
-                self._acked(run, self._timed("ack", lambda run=run: self.store.ack(run.lease)))
+        with self._lock:
+            done = [run for run in self.shards.values() if run.done]
+        for run in done:
+            self._acked(run, self._timed("ack", lambda run=run: self.store.ack(run.lease)))
 
     def _renew(self) -> None:
         self._last_renew = time.monotonic()
-        runs = list(self.shards.values())
+        with self._lock:
+            runs = list(self.shards.values())
         with self.store.r.pipeline(transaction=False) as pipe:
             for run in runs:
                 self.store.renew(run.lease, self.config.visibility_timeout_s, client=pipe)
             replies = self._timed("renew", pipe.execute)
         for run, reply in zip(runs, replies):
             if reply != "ok":
-                self._drop(run, reply)
+                with self._lock:
+                    self._drop(run, reply)
 
     def _drop(self, run: ShardRun, why: str) -> None:
-        """Stop working on a shard: taken over ('lost') or its job cancelled/expired ('closed')."""
+        """Stop working on a shard: taken over ('lost') or its job cancelled/expired ('closed').
+        Called with the lock held."""
         log.info("dropping shard %s: %s", run.lease.key, why)
         run.abort()
         self.shards.pop(run.lease.key, None)
@@ -225,10 +318,16 @@ class OfflineWorker:
 
     def release_all(self) -> None:
         """Graceful stop: write what is finished, give the rest back without spending attempts."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         try:
             self._write(force=True)
             self._ack_done()
-            for run in list(self.shards.values()):
+            with self._lock:
+                runs, self.shards = list(self.shards.values()), {}
+            for run in runs:
                 run.abort()
                 self.store.release(run.lease)
         except REDIS_DOWN as exc:
@@ -246,20 +345,24 @@ def run_local(
     worker_id: str = "",
 ) -> OfflineWorker:
     """Pull shards and run them until `stop()` (or, with `exit_when_idle`, an empty queue)."""
-    worker = OfflineWorker(store, engine, config, worker_id)
+    # the I/O thread's Python (JSON, tokenizing a shard) must not hold the GIL for the
+    # default 5 ms while the engine loop waits for it between kernels
+    sys.setswitchinterval(0.0005)
+    work = threading.Event()
+    worker = OfflineWorker(store, engine, config, worker_id, on_work=work.set)
     try:
         while not (stop is not None and stop()):
-            worker.fill()
             outputs: list[RequestOutput] = []
             if engine.has_unfinished():
                 start = time.perf_counter()
                 outputs = engine.step()
                 worker.stats.engine_s += time.perf_counter() - start
             worker.sync(outputs)
-            if not worker.shards and not engine.has_unfinished():
-                if exit_when_idle and worker.queue_empty:
+            if not engine.has_unfinished():
+                if exit_when_idle and worker.queue_empty and not worker.shards:
                     break
-                time.sleep(worker.config.idle_poll_s)  # idle: the next fill() polls the queue again
+                work.wait(worker.config.idle_poll_s)  # until the I/O thread leases something
+                work.clear()
     finally:
         worker.release_all()
     return worker

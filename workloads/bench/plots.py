@@ -128,3 +128,28 @@ def plot_coserve(
     plot_throughput(timelines, out / f"{prefix}_throughput.png")
     if "harvest" in timelines:
         plot_budget(timelines["harvest"], out / f"{prefix}_budget.png")
+
+
+def plot_queue(report: dict, path: Path) -> None:
+    """Queue cost per request by verb, and its share of engine time per request length."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    per = report["queue"]["per_request"]
+    verbs = ["enqueue", "lease", "write", "ack"]
+    left.bar(verbs, [per[f"{v}_us"] for v in verbs], color="tab:blue")
+    left.set_ylabel("µs per request")
+    left.set_title("queue verbs, instant fake results")
+    runs = list(report["engine"]["runs"].values())
+    labels = [f"{r['max_tokens']}-token" for r in runs]
+    share = [100 * r["queue_fraction"] for r in runs]
+    wall = [100 * r["wall_overhead"] for r in runs]
+    xs = range(len(runs))
+    right.bar([x - 0.2 for x in xs], share, width=0.4, label="queue / engine time", color="tab:green")
+    right.bar([x + 0.2 for x in xs], wall, width=0.4, label="worker wall vs engine alone", color="tab:gray")
+    right.axhline(100 * report["engine"]["target_fraction"], color="black", linestyle="--", label="target")
+    right.set_xticks(list(xs), labels)
+    right.set_ylabel("% of engine time")
+    right.set_title("tiny model through the local worker")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
