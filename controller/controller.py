@@ -4,8 +4,9 @@ Its durable state is the service config in Redis, and the workers themselves are
 detached actors, so a restarted controller finds them again instead of starting new ones.
 A monitor thread polls every worker a few times a second: it keeps the load view the
 ingress routes by, switches offline leasing off on a worker that is missing its online
-SLOs (the engine's own latency budget does the fine-grained work), replaces dead workers
-and hands their shards back to the queue at once.
+SLOs (the engine's own latency budget does the fine-grained work), tightens the SLO share
+a worker's engine plans for when the latencies the ingress observes miss the SLO
+(feedback.py), replaces dead workers and hands their shards back to the queue at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import ray
 
 from actors.gpu_worker import worker_actor
+from controller.feedback import SLOFeedback
 from harvest.queue.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class HarvestController:
         self.workers: dict[str, Any] = {}
         self.view: dict[str, dict[str, Any]] = {}
         self.deaths: list[dict[str, Any]] = []
+        self.feedback: dict[str, SLOFeedback] = {}  # per worker: the share of the SLO its engine plans for
         self.started = time.time()
         self._lock = threading.Lock()
         for index in range(self.config["num_workers"]):
@@ -105,8 +108,9 @@ class HarvestController:
                 if stats is None:
                     continue
                 self._budget(name, handle, stats)
+                self._retarget(name, handle)
                 with self._lock:
-                    self.view[name] = {**stats, "seen": time.time()}
+                    self.view[name] = {**stats, "seen": time.time(), "slo_scale": self._scale(name)}
 
     def _budget(self, name: str, handle: Any, stats: dict[str, Any]) -> None:
         """Offline leasing on while the worker is healthy and not drowning in online work."""
@@ -121,7 +125,27 @@ class HarvestController:
         if enabled != stats.get("offline_enabled"):
             handle.set_offline.remote(enabled)
 
+    def _slo(self) -> dict[str, float] | None:
+        return self.config.get("engine_options", {}).get("slo")
+
+    def _scale(self, name: str) -> float:
+        fb = self.feedback.get(name)
+        return fb.scale if fb is not None else 1.0
+
+    def _retarget(self, name: str, handle: Any) -> None:
+        """Tighten or relax what the worker's engine plans for, from what the ingress observed."""
+        slo, fb = self._slo(), self.feedback.get(name)
+        if slo and fb is not None and (scale := fb.update(slo["ttft_s"], slo["tpot_s"])) is not None:
+            handle.set_slo.remote(slo["ttft_s"] * scale, slo["tpot_s"] * scale)
+
     # ------------------------------------------------------------------ API
+
+    def observe(self, samples: dict[str, dict[str, list[float]]]) -> None:
+        """Online latencies the ingress saw per worker: {name: {"ttft_s": [...], "tpot_s": [...]}}."""
+        with self._lock:
+            for name, s in samples.items():
+                if name in self.workers:
+                    self.feedback.setdefault(name, SLOFeedback()).observe(s["ttft_s"], s["tpot_s"])
 
     def route(self) -> list[str]:
         """Worker names, most online headroom first (fewest online requests, emptiest KV)."""
@@ -146,7 +170,8 @@ class HarvestController:
         slo = {"ttft_s": ttft_s, "tpot_s": tpot_s}
         self.config.setdefault("engine_options", {})["slo"] = slo
         self.store.r.set(CONFIG_KEY, json.dumps(self.config))
-        ray.get([h.set_slo.remote(ttft_s, tpot_s) for h in list(self.workers.values())])
+        workers = list(self.workers.items())
+        ray.get([h.set_slo.remote(ttft_s * self._scale(n), tpot_s * self._scale(n)) for n, h in workers])
 
     def worker(self, name: str) -> Any:
         return self.workers[name]

@@ -7,6 +7,7 @@ of an existing Ray cluster, e.g. "auto" after `ray up cluster.yaml`).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import time
@@ -39,6 +40,21 @@ class ServiceConfig:
 
 
 LOCAL_RAY_PORT = 6385  # not Ray's default 6379, which a local Redis usually holds
+# Serve's HAProxy front end with direct ingress: HTTP goes HAProxy -> the ingress replica's
+# own server, skipping Serve's Python proxy and its RPC hop to the replica (on the 2-core
+# CPU box: 27 -> 17 ms TTFT for a lone request, end-to-end SLO attainment 0.88 -> 0.97).
+# Ray reads these when it starts; a value already in the environment wins (set "0" to opt out).
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # no load balancer to deregister from
+}
+
+
+def use_serve_env() -> None:
+    """Put SERVE_ENV into this process's environment, for a Ray started from here."""
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
@@ -59,6 +75,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     ]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
+    use_serve_env()
     subprocess.run(cmd, check=True, capture_output=True)
 
 

@@ -155,6 +155,28 @@ def test_metrics_through_the_ingress_and_ray(svc, oai, ray_cluster):
     raise AssertionError(f"Ray metrics missing, saw {sorted(names)}")
 
 
+def test_controller_tightens_engine_targets_when_the_ingress_sees_misses(svc, oai):
+    controller = service.controller_handle()
+    ray.get(controller.set_slo.remote(0.001, 0.0001))  # no request can meet this
+    workers = {n: ray.get_actor(n, namespace="harvest") for n in service.status()["workers"]}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            for i in range(4):
+                oai.completions.create(model=MODEL_NAME, prompt=f"slo {i}", max_tokens=4,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+            # the engine now plans for a share of the SLO; the status shows which
+            engine_slo = {n: ray.get(h.stats.remote())["slo"] for n, h in workers.items()}
+            tightened = [n for n, slo in engine_slo.items() if slo["tpot_s"] < 0.0001]
+            if tightened:
+                break
+            assert time.monotonic() < deadline, "no worker's targets were tightened"
+        assert engine_slo[tightened[0]]["ttft_s"] < 0.001
+        assert service.status()["workers"][tightened[0]]["slo_scale"] < 1.0
+    finally:
+        ray.get(controller.set_slo.remote(10.0, 1.0))
+
+
 def _busy_worker(job_id: str, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -2,7 +2,8 @@
 
 Runs inside the Serve ingress replica. Routing follows the controller's load view
 (refreshed at most every `route_ttl_s`); tokens stream back from the chosen worker as a
-Ray streaming generator. A worker that dies mid-request surfaces as 503.
+Ray streaming generator. A worker that dies mid-request surfaces as 503. The TTFT/TPOT seen
+here go to the controller, which tightens a worker's engine targets when they miss the SLO.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from harvest.api.backend import BackendUnavailable
 from harvest.engine import RequestOutput, SamplingParams
 from harvest.serving import render_engine_metrics
 
+REPORT_S = 0.5
+
 
 class RayBackend:
     def __init__(self, controller: Any, model: str, model_name: str, route_ttl_s: float = 0.25) -> None:
@@ -32,6 +35,9 @@ class RayBackend:
         self._handles: dict[str, Any] = {}
         self._inflight: dict[str, Any] = {}
         self._max_model_len: int | None = None
+        # latencies seen here per worker, sent to the controller every REPORT_S (feedback.py)
+        self._observed: dict[str, dict[str, list[float]]] = {}
+        self._reported = time.monotonic()
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -78,11 +84,15 @@ class RayBackend:
             prompt_token_ids, asdict(params), request_id
         )
         self._inflight[request_id] = handle
-        finished = False
+        finished, start, first = False, time.monotonic(), None
         try:
             async for ref in stream:
                 out: RequestOutput = await ref
                 finished = out.finished
+                if first is None and out.new_token_ids:
+                    first = time.monotonic()
+                if finished and first is not None:
+                    self._observe(name, first - start, time.monotonic() - first, out.num_output_tokens)
                 yield out
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ValueError):
@@ -96,6 +106,16 @@ class RayBackend:
             self._inflight.pop(request_id, None)
             if not finished:
                 handle.abort.remote(request_id)
+
+    def _observe(self, worker: str, ttft_s: float, decode_s: float, tokens: int) -> None:
+        seen = self._observed.setdefault(worker, {"ttft_s": [], "tpot_s": []})
+        seen["ttft_s"].append(ttft_s)
+        if tokens > 1:
+            seen["tpot_s"].append(decode_s / (tokens - 1))
+        if time.monotonic() - self._reported >= REPORT_S:
+            self._reported = time.monotonic()
+            self.controller.observe.remote(self._observed)  # fire and forget: never waits on it
+            self._observed = {}
 
     def abort(self, request_id: str) -> None:
         handle = self._inflight.get(request_id)

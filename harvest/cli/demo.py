@@ -57,6 +57,7 @@ def demo(
     with console.status("building the tiny demo model (once, about a minute)..."):
         model = ensure_default_model()
     with console.status("starting Ray, the controller, a worker and the HTTP endpoint..."):
+        service.use_serve_env()  # the same HAProxy front end as `harvest up`
         ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
         config = service.ServiceConfig(
             model=str(model),
@@ -108,8 +109,8 @@ def _view(client, jobs, online, elapsed: float) -> Table:
         table.add_row(
             f"offline: {kind}", f"{j.status.value}: {c.completed}/{c.total} done, {c.failed} failed"
         )
-    if online:
-        ttft = sorted(r["ttft_s"] for r in online)
+    ttft = sorted(r["ttft_s"] for r in online if r["ttft_s"] is not None)  # None: no token came
+    if ttft:
         table.add_row(
             "online requests", f"{len(online)} done, TTFT p50 {1e3 * statistics.median(ttft):.0f} ms"
         )
@@ -118,8 +119,8 @@ def _view(client, jobs, online, elapsed: float) -> Table:
 
 def _report(online, snapshot, elapsed: float) -> None:
     table = Table("metric", "value", title="co-serving summary")
-    if online:
-        ttft = sorted(r["ttft_s"] for r in online)
+    ttft = sorted(r["ttft_s"] for r in online if r["ttft_s"] is not None)
+    if ttft:
         tpot = sorted(r["tpot_s"] for r in online if r["tpot_s"] is not None)
         table.add_row("online requests", str(len(online)))
         table.add_row("online TTFT p50 / p99", f"{1e3 * ttft[len(ttft) // 2]:.0f} / {1e3 * ttft[-1]:.0f} ms")

@@ -117,6 +117,7 @@ def show_service_status(address: str, as_json: bool) -> None:
         "online run/wait",
         "offline run/wait",
         "offline",
+        "SLO share",
         "KV used",
         "step ms",
         "shards",
@@ -130,6 +131,7 @@ def show_service_status(address: str, as_json: bool) -> None:
             f"{step.get('online_running', 0)}/{step.get('online_waiting', 0)}",
             f"{step.get('offline_running', 0)}/{step.get('offline_waiting', 0)}",
             "on" if s.get("offline_enabled") else "off",
+            f"{s.get('slo_scale', 1.0):.2f}",  # of the SLO the engine plans for (controller/feedback.py)
             f"{s.get('kv_blocks_used', 0)}/{s.get('kv_blocks_total', 0)}",
             f"{1e3 * step.get('measured_latency_s', 0):.1f}",
             str(len(s.get("shards", []))),

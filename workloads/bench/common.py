@@ -45,8 +45,11 @@ def local_ray():
     """Ray for a benchmark: a local instance, unless this process is already connected."""
     import ray
 
+    from harvest.service import use_serve_env
+
     owned = not ray.is_initialized()
     if owned:
+        use_serve_env()
         ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
     try:
         yield ray
