@@ -66,11 +66,12 @@ def test_bench_peers_quick(tmp_path):
     result = CliRunner().invoke(app, ["bench", "peers", "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     systems = json.loads((tmp_path / "peers.json").read_text())["systems"]
-    assert set(systems) == {"harvest", "transformers-serve"}
+    assert set(systems) == {"harvest", "harvest-alone", "transformers-serve"}
     for name, s in systems.items():
         _finite(s, ("ttft_p99_s", "tpot_p99_s", "online_tokens_per_s", "offline_tokens_per_s"))
         assert s["failed"] == 0, name
     assert systems["harvest"]["offline_tokens_per_s"] > 0
+    assert systems["harvest"]["empty"] == 0  # ignore_eos: every harvest request streams tokens
 
 
 def test_bench_queue_quick(tmp_path):
@@ -80,6 +81,9 @@ def test_bench_queue_quick(tmp_path):
     run = data["engine"]["runs"]["max_tokens_16"]
     _finite(
         run,
-        ("engine_us_per_request", "worker_queue_us_per_request", "enqueue_us_per_request", "queue_fraction"),
-    )
-    assert run["engine_us_per_request"] > 0
+        ("engine_us_per_request", "loop_queue_us_per_request", "io_thread_us_per_request",
+         "enqueue_us_per_request", "queue_fraction", "wall_overhead"),
+    )  # fmt: skip
+    assert run["engine_us_per_request"] > 0 and run["io_thread_us_per_request"] > 0
+    assert len(run["wall_overhead_samples"]) == 3
+    assert (tmp_path / "queue.png").stat().st_size > 0

@@ -64,8 +64,8 @@ async def _replay_http(
                 if any(c.get("text") for c in event.get("choices", [])):
                     first = first or time.monotonic()
                     chunks += 1
-        if first is None:
-            results.append({"ttft_s": float("inf"), "tpot_s": None, "ok": False, "tokens": 0})
+        if first is None:  # an error, or a peer without ignore_eos that sampled EOS first: no latency
+            results.append({"ttft_s": None, "tpot_s": None, "ok": r.status_code == 200, "tokens": 0})
             return
         tokens = tokens or chunks
         tpot = (time.monotonic() - first) / (tokens - 1) if tokens > 1 else None
@@ -79,7 +79,7 @@ async def _replay_http(
 
 
 def latency_summary(results: list[dict]) -> dict:
-    ttft = [r["ttft_s"] for r in results]
+    ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
     tpot = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
     return {
         "ttft_p50_s": percentile(ttft, 50),
@@ -87,6 +87,7 @@ def latency_summary(results: list[dict]) -> dict:
         "tpot_p50_s": percentile(tpot, 50),
         "tpot_p99_s": percentile(tpot, 99),
         "failed": sum(not r["ok"] for r in results),
+        "empty": sum(r["ok"] and r["ttft_s"] is None for r in results),  # 200 without a token
     }
 
 
@@ -167,7 +168,10 @@ def _measure(model: Path, redis_url: str, ray, cfg: dict) -> tuple[dict, list[di
         service.stop()
     co_lat = latency_summary(loaded)
     ok = [
-        r["ok"] and r["ttft_s"] <= slo["ttft_s"] and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"])
+        r["ok"]
+        and r["ttft_s"] is not None
+        and r["ttft_s"] <= slo["ttft_s"]
+        and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"])
         for r in loaded
     ]
     result = {
@@ -218,11 +222,11 @@ def run(quick: bool, out: Path) -> dict:
     )
     latency = {
         "alone": {
-            "ttft_s": [r["ttft_s"] for r in alone],
+            "ttft_s": [r["ttft_s"] for r in alone if r["ttft_s"] is not None],
             "tpot_s": [r["tpot_s"] for r in alone if r["tpot_s"]],
         },
         "harvest": {
-            "ttft_s": [r["ttft_s"] for r in loaded],
+            "ttft_s": [r["ttft_s"] for r in loaded if r["ttft_s"] is not None],
             "tpot_s": [r["tpot_s"] for r in loaded if r["tpot_s"]],
         },
     }
