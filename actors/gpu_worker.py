@@ -24,7 +24,7 @@ from harvest.engine import Engine, RequestOutput, SamplingParams
 from harvest.queue.config import WorkerConfig
 from harvest.queue.store import JobStore
 from harvest.queue.worker import OfflineWorker
-from harvest.serving import EngineLoop
+from harvest.serving import EngineLoop, freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class GPUWorker:
             self.store, self.engine, WorkerConfig(**(queue_options or {})), worker_id
         )
         self.metrics = WorkerMetrics(worker_id)
+        self.frozen_objects = freeze_heap()  # the model is loaded: no full GC walks it again
         self._steps_seen = 0
         self.started = time.time()
         self.loop = EngineLoop(
@@ -122,6 +123,7 @@ class GPUWorker:
                 "tpot_s": self.engine.scheduler.config.slo.tpot_s,
             },
             capacity_tokens=self.engine.capacity_tokens,
+            gc_frozen_objects=self.frozen_objects,
             uptime_s=time.time() - self.started,
         )
         return s

@@ -155,6 +155,13 @@ def test_metrics_through_the_ingress_and_ray(svc, oai, ray_cluster):
     raise AssertionError(f"Ray metrics missing, saw {sorted(names)}")
 
 
+def test_workers_keep_their_start_up_heap_out_of_full_collections(svc):
+    for name in service.status()["workers"]:
+        stats = ray.get(ray.get_actor(name, namespace="harvest").stats.remote())
+        # torch, transformers, Ray and the model: some 10^5 objects no full GC should walk
+        assert stats["gc_frozen_objects"] > 100_000, name
+
+
 def test_controller_tightens_engine_targets_when_the_ingress_sees_misses(svc, oai):
     controller = service.controller_handle()
     ray.get(controller.set_slo.remote(0.001, 0.0001))  # no request can meet this

@@ -13,6 +13,7 @@ from ray import serve
 
 from harvest.api.app import build_app
 from harvest.api.ray_backend import RayBackend
+from harvest.serving import freeze_heap
 
 INGRESS_NAME = "harvest-ingress"
 APP_NAME = "harvest"
@@ -34,6 +35,7 @@ class LazyRayBackend:
 
             controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
             self._backend = RayBackend(controller, self.model, self.model_name)
+            freeze_heap()  # start-up is over: Ray, FastAPI and the tokenizer are loaded
         return self._backend
 
     def model_names(self) -> list[str]:
