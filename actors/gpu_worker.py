@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -78,13 +79,17 @@ class GPUWorker:
         self.offline.sync(outputs)
 
     async def generate(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str):
-        """Streaming generator (call with num_returns="streaming"): one RequestOutput per step."""
+        """Streaming generator (call with num_returns="streaming"): one RequestOutput per step.
+
+        Mid-stream items carry only the step's new tokens and text; the cumulative ones come
+        with the finished output (sending them every step costs O(n^2) bytes per request).
+        """
         stream: AsyncIterator[RequestOutput] = self.loop.generate(
             prompt_token_ids, SamplingParams(**params), request_id, "online", stream_text=True
         )
         try:
             async for out in stream:
-                yield out
+                yield out if out.finished else replace(out, token_ids=[], text="")
         finally:
             await stream.aclose()  # the consumer went away: abort in the engine
 
