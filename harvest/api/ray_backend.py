@@ -32,6 +32,7 @@ class RayBackend:
         self.route_ttl_s = route_ttl_s
         self._route: list[str] = []
         self._route_time = 0.0
+        self._refreshing: asyncio.Task | None = None
         self._handles: dict[str, Any] = {}
         self._inflight: dict[str, Any] = {}
         self._max_model_len: int | None = None
@@ -56,13 +57,28 @@ class RayBackend:
     def model_names(self) -> list[str]:
         return [self.model_name]
 
+    async def _refresh_route(self) -> None:
+        try:
+            self._route = await asyncio.wait_for(self.controller.route.remote(), timeout=2)
+            self._route_time = time.monotonic()
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            pass  # controller restarting: the workers still serve, keep routing by the last view
+
+    def _forget(self, worker: str) -> None:
+        """After a worker died: the next request waits for a fresh route."""
+        self._handles.pop(worker, None)
+        self._route_time = 0.0
+
+    def _refresh_pending(self) -> bool:
+        return self._refreshing is not None and not self._refreshing.done()
+
     async def _pick(self) -> tuple[str, Any]:
-        if time.monotonic() - self._route_time > self.route_ttl_s or not self._route:
-            try:
-                self._route = await asyncio.wait_for(self.controller.route.remote(), timeout=2)
-                self._route_time = time.monotonic()
-            except (asyncio.TimeoutError, ray.exceptions.RayError):
-                pass  # controller restarting: the workers still serve, keep routing by the last view
+        if not self._route or not self._route_time:
+            await self._refresh_route()
+        elif time.monotonic() - self._route_time > self.route_ttl_s and not self._refresh_pending():
+            # route by the last view now and refresh it meanwhile: no controller round trip
+            # on a request's TTFT (at 3 req/s almost every request found the view stale)
+            self._refreshing = asyncio.create_task(self._refresh_route())
         if not self._route:
             raise BackendUnavailable("no GPU worker is available")
         name = self._route[0]
@@ -72,7 +88,7 @@ class RayBackend:
             try:  # workers are named detached actors: no need to go through the controller
                 self._handles[name] = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError as exc:
-                self._route_time = 0.0
+                self._forget(name)
                 raise BackendUnavailable(f"worker {name} is gone") from exc
         return name, self._handles[name]
 
@@ -99,8 +115,7 @@ class RayBackend:
                 raise exc.cause from None
             raise BackendUnavailable(f"worker {name} failed: {exc.cause!r}") from exc
         except ray.exceptions.RayActorError as exc:
-            self._handles.pop(name, None)
-            self._route_time = 0.0
+            self._forget(name)
             raise BackendUnavailable(f"worker {name} died") from exc
         finally:
             self._inflight.pop(request_id, None)
