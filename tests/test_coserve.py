@@ -137,6 +137,28 @@ def test_export_resume_across_engines_is_identical(tiny_model):
     assert len(store) == 0  # finished requests drop their checkpoints
 
 
+def test_checkpoint_restores_wait_until_no_online_request_runs(tiny_model):
+    prompts = make_prompts(make_engine(tiny_model), [13, 26])
+    expected = reference(tiny_model, prompts)
+    store = HostCheckpointStore()
+    first = make_engine(tiny_model, checkpoint_store=store)
+    second = make_engine(tiny_model, checkpoint_store=store)  # room for everything
+    ids = [first.add_request(p, GREEDY) for p in prompts]
+    for _ in range(9):
+        step_checked(first)
+    online = second.add_request([5, 6, 7], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                                request_class="online", request_id="online")  # fmt: skip
+    for i in ids:
+        second.resume(first.export(i))
+    outs = step_checked(second)
+    while not any(o.request_id == online and o.finished for o in outs):
+        assert second.last_step.restored_tokens == 0 and second.last_step.offline_tokens == 0
+        outs = step_checked(second)
+    done = run_checked(second)
+    assert second.stats.restored_tokens > 0 and second.stats.recomputed_tokens == 0
+    assert [done[i].token_ids for i in ids] == expected
+
+
 def test_seeded_sampling_survives_export_resume(tiny_model):
     params = SamplingParams(max_tokens=16, temperature=0.9, seed=7, ignore_eos=True)
     prompt = make_prompts(make_engine(tiny_model), [15])
