@@ -2,10 +2,9 @@
 
 A serving process holds torch, transformers and Ray: hundreds of thousands of long-lived
 objects that every generation-2 collection walks again and frees none of (measured on
-the 2-core CPU box: 260 ms per pass, in the ingress replica and in the worker alike, every
-stream they carry stalled meanwhile; the end-to-end P99 TTFT went from ~130 to ~450 ms).
-Once start-up is over, those objects move to the permanent generation, so later
-collections only walk what was allocated since.
+the 2-core CPU box: 210-260 ms per pass, in the ingress replica and in the worker alike,
+every stream they carry stalled meanwhile). Once start-up is over, those objects move to
+the permanent generation, so later collections only walk what was allocated since.
 """
 
 from __future__ import annotations
