@@ -38,6 +38,10 @@ class _Running:
         return self.resumed + self.output_ids
 
 
+# an engine request ready to add: its id, state, parameters and, to resume from a checkpoint, its engine state
+Prepared = tuple[str, _Running, "SamplingParams", "RequestState | None"]
+
+
 class ShardRun:
     """Feeds one lease's unfinished requests to `engine` and collects their results."""
 
@@ -53,12 +57,9 @@ class ShardRun:
         # the token makes ids unique across attempts, in case a stale copy is still in the engine
         return f"{self.lease.job_id}/{self.lease.shard}/{index}@{self.lease.token}"
 
-    def start(self) -> None:
-        """Add every pending request to the engine; bad ones become error results at once."""
-        self.commit(self.prepare())
-
-    def prepare(self) -> list[tuple[str, _Running, SamplingParams, RequestState | None]]:
-        """Tokenize and adopt checkpoints (slow, touches no shared state): what `commit` adds."""
+    def prepare(self) -> list[Prepared]:
+        """Tokenize the pending requests and adopt their checkpoints (slow, touches no shared
+        state): what `commit` adds. Bad requests become error results at once."""
         tok, prepared = self.engine.tokenizer, []
         for index in sorted(self.pending):
             spec = RequestSpec.from_payload(self.lease.requests[index])
@@ -89,7 +90,7 @@ class ShardRun:
                     worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
         return prepared
 
-    def commit(self, prepared: list[tuple[str, _Running, SamplingParams, RequestState | None]]) -> None:
+    def commit(self, prepared: list[Prepared]) -> None:
         """Hand prepared requests to the engine (its inbox: safe from any thread); a request
         the engine refuses becomes an error result."""
         for rid, run, params, state in prepared:
