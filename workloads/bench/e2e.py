@@ -82,9 +82,17 @@ async def _replay_http(
     return results
 
 
+def latency_samples(results: list[dict]) -> dict[str, list[float]]:
+    """The TTFTs and TPOTs the replayed requests measured (a request with no token has none)."""
+    return {
+        "ttft_s": [r["ttft_s"] for r in results if r["ttft_s"] is not None],
+        "tpot_s": [r["tpot_s"] for r in results if r["tpot_s"] is not None],
+    }
+
+
 def latency_summary(results: list[dict]) -> dict:
-    ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
-    tpot = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
+    samples = latency_samples(results)
+    ttft, tpot = samples["ttft_s"], samples["tpot_s"]
     return {
         "ttft_p50_s": percentile(ttft, 50),
         "ttft_p99_s": percentile(ttft, 99),
@@ -225,16 +233,7 @@ def run(quick: bool, out: Path) -> dict:
         f"{result['with_offline']['slo_attainment']:.2f}; P99 ratios TTFT {result['ttft_p99_ratio']:.2f}, "
         f"TPOT {result['tpot_p99_ratio']:.2f}"
     )
-    latency = {
-        "alone": {
-            "ttft_s": [r["ttft_s"] for r in alone if r["ttft_s"] is not None],
-            "tpot_s": [r["tpot_s"] for r in alone if r["tpot_s"]],
-        },
-        "harvest": {
-            "ttft_s": [r["ttft_s"] for r in loaded if r["ttft_s"] is not None],
-            "tpot_s": [r["tpot_s"] for r in loaded if r["tpot_s"]],
-        },
-    }
+    latency = {"alone": latency_samples(alone), "harvest": latency_samples(loaded)}
     plot_latency_cdfs(latency, slo, out / "e2e_latency_cdf.png")
     write_result(out, "e2e", result)
     return result

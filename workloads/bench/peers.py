@@ -24,6 +24,7 @@ from workloads.bench.e2e import (
     backlog_prompts,
     bench_config,
     generated_tokens,
+    latency_samples,
     latency_summary,
     start_service,
 )
@@ -162,10 +163,7 @@ def run(quick: bool, out: Path) -> dict:
         ],
     )
     latency = {
-        name: {
-            "ttft_s": [r["ttft_s"] for r in res if r["ttft_s"] is not None],
-            "tpot_s": [r["tpot_s"] for r in res if r["tpot_s"]],
-        }
+        name: latency_samples(res)
         for name, res in (("transformers-serve", peer_results), ("harvest-alone", alone), ("harvest", ours))
     }
     plot_latency_cdfs(latency, slo, out / "peers_latency_cdf.png")
