@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from actors.checkpoint_keeper import RayCheckpointStore, keeper_for_this_node
+from actors.checkpoint_keeper import RayCheckpointStore, _join_runs, keeper_for_this_node
 
 
 @ray.remote(num_cpus=0)
@@ -65,11 +65,16 @@ def test_checkpoint_survives_the_death_of_its_producer(ray_cluster, how):
     adopter = RayCheckpointStore(*keeper_for_this_node())
     assert adopter.adopt(handle, f"new-{how}") == 5
     assert torch.equal(adopter.get(f"new-{how}"), torch.cat(data, dim=2))
-    assert adopter.get(f"req-{how}") is None  # moved, not copied: one owner per checkpoint
+    assert ray.get(adopter.keeper.get.remote(f"req-{how}")) is None  # moved, not copied: one owner
     ray.get(adopter.keeper.put.remote(f"req-{how}", 0, data[0]))  # a put still in flight from the dead
-    assert adopter.get(f"req-{how}") is None  # ... does not bring the moved key back
-    ray.get(adopter.keeper.drop.remote(f"new-{how}"))  # the store's drop is fire and forget
+    assert ray.get(adopter.keeper.get.remote(f"req-{how}")) is None  # ... does not bring the moved key back
+    assert torch.equal(ray.get(adopter.keeper.get.remote(f"new-{how}")), torch.cat(data, dim=2))
+    adopter.drop(f"new-{how}")
     assert adopter.get(f"new-{how}") is None
+    deadline = time.monotonic() + 30  # the store's drop is fire and forget
+    while ray.get(adopter.keeper.num_blocks.remote(f"new-{how}")):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 def test_a_gap_ends_the_checkpoint_and_order_does_not_matter(ray_cluster):
@@ -78,8 +83,35 @@ def test_a_gap_ends_the_checkpoint_and_order_does_not_matter(ray_cluster):
     ray.get(store.keeper.put.remote("late", 3, b))  # arrives first
     assert ray.get(store.keeper.num_blocks.remote("late")) == 0
     ray.get(store.keeper.put.remote("late", 0, a))
-    assert torch.equal(store.get("late"), torch.cat([a, b], dim=2))
+    assert torch.equal(ray.get(store.keeper.get.remote("late")), torch.cat([a, b], dim=2))
     ray.get(store.keeper.put.remote("gap", 0, a))
     ray.get(store.keeper.put.remote("gap", 7, b))  # blocks 3..6 lost with their worker
     assert ray.get(store.keeper.num_blocks.remote("gap")) == 3
-    assert torch.equal(store.get("gap"), a)
+    assert torch.equal(ray.get(store.keeper.get.remote("gap")), a)
+
+
+def test_restores_read_the_host_copy_and_shipping_joins_runs(ray_cluster):
+    store = RayCheckpointStore(*keeper_for_this_node(), ship_interval_s=0.2)
+    parts = [torch.randn(2, 2, 1, 16, 2, 8) for _ in range(4)]
+    chunks_before = ray.get(store.keeper.stats.remote())["chunks"]
+    for i, part in enumerate(parts):  # one block a step, as a decoding request fills them
+        store.put("run", i, part)
+    whole = torch.cat(parts, dim=2)
+    deadline = time.monotonic() + 30
+    while ray.get(store.keeper.num_blocks.remote("run")) < 4:
+        assert time.monotonic() < deadline, "the keeper never got the chunks"
+        time.sleep(0.02)
+    chunks = ray.get(store.keeper.stats.remote())["chunks"] - chunks_before
+    assert torch.equal(ray.get(store.keeper.get.remote("run")), whole)
+    ray.get(store.keeper.drop.remote("run"))  # the keeper forgets it; this engine does not need it
+    assert torch.equal(store.get("run"), whole)
+    assert chunks < 4  # queued within one interval: shipped as fewer, joined chunks
+    store.drop("run")
+    assert store.get("run") is None and store.num_blocks("run") == 0
+
+
+def test_join_runs_keeps_order_and_gaps():
+    a, b, c, d = (torch.full((1, 2, 1, 4, 1, 2), float(i)) for i in range(4))
+    joined = _join_runs([("x", 0, a), ("y", 5, b), ("x", 1, c), ("x", 3, d)])
+    assert [(k, first, t.shape[2]) for k, first, t in joined] == [("x", 0, 2), ("y", 5, 1), ("x", 3, 1)]
+    assert torch.equal(joined[0][2], torch.cat([a, c], dim=2))

@@ -127,8 +127,9 @@ class Scheduler:
             return False
         restore = req.checkpointed_tokens > 0 and req.num_computed_tokens == 0
         if restore and batch.latency_budget_s is not None:
-            # fetching a checkpoint happens inside the step and outside the latency model
-            # (from the Ray object store: 26-290 ms here): resume once online work is gone
+            # copying a checkpoint back happens inside the step and outside the latency
+            # model (a host-to-pool copy; once from the Ray object store after a worker
+            # died): resume once online work is gone
             return False
         computed = req.checkpointed_tokens if restore else req.num_computed_tokens
         n = min(req.num_tokens - computed, budget)
