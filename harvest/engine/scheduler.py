@@ -97,8 +97,9 @@ class Scheduler:
         return batch
 
     def _latency_budget(self) -> float | None:
-        """How long this step may take: the TPOT target while online requests decode, less
-        while one still waits for its first token and its TTFT deadline is near. None when
+        """How long this step may take by the latency model: the TPOT target while online
+        requests decode, less while one still waits for its first token and its TTFT
+        deadline is near, less again by how much steps overrun the model lately. None when
         no online request is in the engine (offline then runs at the best batch)."""
         online = [r for r in (*self.running, *self.online_waiting) if r.is_online]
         if not online:
@@ -108,7 +109,7 @@ class Scheduler:
         for r in online:
             if r.first_token_time is None:
                 budget = min(budget, r.arrival_time + slo.ttft_s - now)
-        return max(0.0, budget * slo.headroom)
+        return max(0.0, budget * slo.headroom / self.latency.margin())
 
     def _schedule_running(self, req: Request, budget: int, batch: ScheduledBatch, online: bool) -> int:
         if req not in self.running or req.status is not RequestStatus.RUNNING:
