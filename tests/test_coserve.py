@@ -270,38 +270,6 @@ def test_generous_slo_lets_offline_share_the_step(profiled):
         slo.tpot_s, slo.ttft_s = old
 
 
-def test_online_prefill_is_chunked_to_the_tpot_budget_while_online_streams_decode(profiled, tiny_model):
-    engine = profiled
-    slo = engine.scheduler.config.slo
-    old = slo.tpot_s
-    long_prompt = make_prompts(engine, [120])[0]
-    try:
-        streaming = engine.add_request([5, 6, 7], GREEDY, request_class="online")
-        step_checked(engine)  # its first token: from now on it decodes
-        slo.tpot_s = 1e-9  # no prefill fits next to its decodes: chunks shrink to one block
-        late = engine.add_request(long_prompt, GREEDY, request_class="online")
-        steps = 0
-        while engine.requests[late].num_computed_tokens < len(long_prompt):
-            outs = step_checked(engine)
-            steps += 1
-            assert streaming in {o.request_id for o in outs}  # the stream never stalls
-            assert engine.last_step.online_tokens <= 1 + engine.block_manager.block_size
-        assert steps == -(-len(long_prompt) // engine.block_manager.block_size)
-        done = run_checked(engine)
-        # chunked or whole, the same tokens
-        assert done[late].token_ids == reference(tiny_model, [long_prompt])[0]
-        assert done[streaming].finish_reason is FinishReason.LENGTH
-        slo.tpot_s = 60.0  # a budget nothing overruns: the prompt goes in one step
-        engine.add_request([5, 6, 7], GREEDY, request_class="online")
-        step_checked(engine)
-        engine.add_request(long_prompt, GREEDY, request_class="online")
-        step_checked(engine)
-        assert engine.last_step.online_tokens == 1 + len(long_prompt)
-        run_checked(engine)
-    finally:
-        slo.tpot_s = old
-
-
 def test_budget_shrinks_by_how_much_steps_overrun_the_model():
     from harvest.engine.latency_model import BatchShape, LatencyModel
 

@@ -48,7 +48,6 @@ class Scheduler:
         self.online_waiting: deque[Request] = deque()
         self.waiting: deque[Request] = deque()  # offline, or everything under fcfs
         self.running: list[Request] = []
-        self._prefill_limit: float | None = None
 
     def add(self, request: Request) -> None:
         queue = self.online_waiting if request.is_online and self.config.has_classes else self.waiting
@@ -63,11 +62,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """Build one step.
 
-        1. Online requests first: running ones in arrival order (decodes before prefill
-           chunks), then waiting ones. When they need a block or a seat, offline sequences
-           are evicted (latest first), and only when no offline one is left does a later
-           online request give way. Under `harvest`, while online requests decode, an
-           online prefill is chunked to what the TPOT budget leaves (Sarathi-style).
+        1. Online requests first: running ones in arrival order, then waiting ones. When
+           they need a block or a seat, offline sequences are evicted (latest first), and
+           only when no offline one is left does a later online request give way.
         2. Offline requests get what is left of the token budget, and, under `harvest`,
            only as much as the latency model predicts keeps the step within the online
            SLOs while online requests are present (`_latency_budget`; none present: the
@@ -80,10 +77,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         by_arrival = sorted(self.running, key=lambda r: r.order)
         if self.config.has_classes:
-            self._prefill_limit = self._online_prefill_limit()
-            # decodes first: a prefill chunk is sized to what they leave of the step
-            online = sorted((r for r in by_arrival if r.is_online), key=lambda r: r.num_uncomputed_tokens > 1)
-            for req in online:
+            for req in [r for r in by_arrival if r.is_online]:
                 budget -= self._schedule_running(req, budget, batch, online=True)
             while self.online_waiting and budget:
                 if not self._admit(self.online_waiting, budget, batch, online=True):
@@ -93,7 +87,7 @@ class Scheduler:
             return batch
         if self.config.policy is Policy.HARVEST:
             batch.latency_budget_s = self._latency_budget()
-        batch.offline_token_budget = self._fit(budget, 0, batch, batch.latency_budget_s)
+        batch.offline_token_budget = self._fit(budget, 0, batch)
         for req in [r for r in by_arrival if not (r.is_online and self.config.has_classes)]:
             budget -= self._schedule_running(req, budget, batch, online=False)
         while self.waiting and budget:
@@ -117,30 +111,12 @@ class Scheduler:
                 budget = min(budget, r.arrival_time + slo.ttft_s - now)
         return max(0.0, budget * slo.headroom / self.latency.margin())
 
-    def _online_prefill_limit(self) -> float | None:
-        """How long a step with online decodes may take for the sake of an online prefill
-        (harvest policy): one long prompt computed whole stalls every decoding stream for
-        the whole step, and sets their TPOT tail. None: no online request decodes yet."""
-        if self.config.policy is not Policy.HARVEST:
-            return None
-        if not any(r.is_online and r.first_token_time is not None for r in self.running):
-            return None
-        return self.config.slo.tpot_s * self.config.slo.headroom / self.latency.margin()
-
-    def _size(self, n: int, context_len: int, batch: ScheduledBatch, online: bool) -> int:
-        """New tokens for a request this step: offline ones fit the latency budget; online
-        prefills are chunked to the TPOT budget while online decodes run (a block at least)."""
-        if not online:
-            return self._fit(n, context_len, batch, batch.latency_budget_s)
-        if n <= 1 or self._prefill_limit is None:
-            return n
-        least = min(n, self.blocks.block_size)
-        return max(least, self._fit(n, context_len, batch, self._prefill_limit))
-
     def _schedule_running(self, req: Request, budget: int, batch: ScheduledBatch, online: bool) -> int:
         if req not in self.running or req.status is not RequestStatus.RUNNING:
             return 0  # evicted earlier in this step
-        n = self._size(min(req.num_uncomputed_tokens, budget), req.num_computed_tokens, batch, online)
+        n = min(req.num_uncomputed_tokens, budget)
+        if not online:
+            n = self._fit(n, req.num_computed_tokens, batch)
         if n == 0 or not self._allocate(req, n, batch, online):
             return 0  # paused this step (or evicted)
         batch.add(req, n)
@@ -157,7 +133,9 @@ class Scheduler:
             # died): resume once online work is gone
             return False
         computed = req.checkpointed_tokens if restore else req.num_computed_tokens
-        n = self._size(min(req.num_tokens - computed, budget), computed, batch, online)
+        n = min(req.num_tokens - computed, budget)
+        if not online:
+            n = self._fit(n, computed, batch)
         req.num_computed_tokens = computed
         if n == 0 or not self._allocate(req, n, batch, online):
             req.num_computed_tokens = 0 if restore else computed
@@ -212,8 +190,9 @@ class Scheduler:
         queue.appendleft(req)
         batch.preempted.append(req)
 
-    def _fit(self, n: int, context_len: int, batch: ScheduledBatch, limit: float | None) -> int:
-        """The most of `n` new tokens (at `context_len`) a step of at most `limit` admits."""
+    def _fit(self, n: int, context_len: int, batch: ScheduledBatch) -> int:
+        """The most of `n` new tokens (at `context_len`) the step's latency budget admits."""
+        limit = batch.latency_budget_s
         if limit is None or n == 0 or not self.latency.fitted:
             return n
         if self.latency.predict(batch.shape.with_added(n, context_len)) <= limit:
