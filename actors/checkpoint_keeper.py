@@ -123,8 +123,9 @@ class RayCheckpointStore:
     Restoring from the host copy costs a memory copy; from the object store it cost 26-290
     ms on the step loop here. `put` keeps the chunk and queues it; a background thread ships
     what queued up in one call every `ship_interval_s`, one request's consecutive chunks
-    joined (a call per chunk had the keeper and the raylet use a quarter of this box's two
-    cores). A worker killed mid-interval loses that interval's blocks: a short recompute.
+    joined (a call per chunk had the keeper and the raylet use a quarter of a core here
+    next to a backlog). A worker killed mid-interval loses that interval's blocks: a short
+    recompute.
     Handles name the keeper so another worker can adopt them.
     """
 

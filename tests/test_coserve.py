@@ -263,7 +263,8 @@ def test_generous_slo_lets_offline_share_the_step(profiled):
         outs = step_checked(engine)
         assert online in {o.request_id for o in outs}
         assert engine.last_step.offline_tokens == 90
-        assert engine.last_step.latency_budget_s == pytest.approx(48.0 / engine.latency.margin())
+        # 0.8 x the 60 s TTFT target left to the waiting request (a little under 60 s)
+        assert engine.last_step.latency_budget_s == pytest.approx(48.0 / engine.latency.margin(), rel=1e-3)
         done = run_checked(engine)
         assert set(offline) <= set(done)
     finally:
