@@ -196,6 +196,10 @@ def _busy_worker(job_id: str, timeout: float = 60) -> str:
 
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_worker_killed_mid_shard_job_still_completes_exactly_once(svc, how):
+    from actors.checkpoint_keeper import keeper_for_this_node
+
+    keeper = keeper_for_this_node()[1]  # one node here: the workers' keeper
+    shipped = ray.get(keeper.stats.remote())["bytes_put"]
     client = HarvestClient(svc["redis"].url)
     job = client.submit(
         [f"long story {i}" for i in range(16)],
@@ -207,7 +211,11 @@ def test_worker_killed_mid_shard_job_still_completes_exactly_once(svc, how):
     )
     victim = _busy_worker(job.id)
     handle = ray.get_actor(victim, namespace="harvest")
-    time.sleep(0.6)  # let it make progress, record some and ship checkpoints (every 0.25 s)
+    time.sleep(0.3)  # let it make progress, and record some
+    deadline = time.monotonic() + 30
+    while ray.get(keeper.stats.remote())["bytes_put"] == shipped:  # and ship checkpoints (every 0.25 s)
+        assert time.monotonic() < deadline, "no checkpoint reached the keeper"
+        time.sleep(0.05)
     assert any(k.startswith(job.id) for k in ray.get(handle.stats.remote())["shards"]), "finished too soon"
     if how == "ray.kill":
         ray.kill(handle, no_restart=True)
