@@ -118,13 +118,18 @@ def _view(client, jobs, online, elapsed: float) -> Table:
 
 
 def _report(online, snapshot, elapsed: float) -> None:
+    from workloads.bench.e2e import latency_summary
+
     table = Table("metric", "value", title="co-serving summary")
-    ttft = sorted(r["ttft_s"] for r in online if r["ttft_s"] is not None)
-    if ttft:
-        tpot = sorted(r["tpot_s"] for r in online if r["tpot_s"] is not None)
+    if any(r["ttft_s"] is not None for r in online):
+        lat = latency_summary(online)
         table.add_row("online requests", str(len(online)))
-        table.add_row("online TTFT p50 / p99", f"{1e3 * ttft[len(ttft) // 2]:.0f} / {1e3 * ttft[-1]:.0f} ms")
-        table.add_row("online TPOT p50 / p99", f"{1e3 * tpot[len(tpot) // 2]:.1f} / {1e3 * tpot[-1]:.1f} ms")
+        table.add_row(
+            "online TTFT p50 / p99", f"{1e3 * lat['ttft_p50_s']:.0f} / {1e3 * lat['ttft_p99_s']:.0f} ms"
+        )
+        table.add_row(
+            "online TPOT p50 / p99", f"{1e3 * lat['tpot_p50_s']:.1f} / {1e3 * lat['tpot_p99_s']:.1f} ms"
+        )
     for s in snapshot["workers"].values():
         totals = s.get("totals", {})
         table.add_row(
