@@ -116,7 +116,7 @@ def keeper_for_this_node() -> tuple[str, Any]:
     return name, handle
 
 
-class RayCheckpointStore:
+class RayCheckpointStore(HostCheckpointStore):
     """The engine's `CheckpointStore`: a host copy here for this engine's own restores, and
     the node's keeper for whoever resumes the request after this worker dies.
 
@@ -125,15 +125,14 @@ class RayCheckpointStore:
     what queued up in one call every `ship_interval_s`, one request's consecutive chunks
     joined (a call per chunk had the keeper and the raylet use a quarter of a core here
     next to a backlog). A worker killed mid-interval loses that interval's blocks: a short
-    recompute.
-    Handles name the keeper so another worker can adopt them.
+    recompute. Handles name the keeper so another worker can adopt them.
     """
 
     def __init__(self, name: str, keeper: Any, ship_interval_s: float = 0.25) -> None:
+        super().__init__()
         self.name = name
         self.keeper = keeper
         self.ship_interval_s = ship_interval_s
-        self.local = HostCheckpointStore()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._ship, name="checkpoint-shipper", daemon=True).start()
 
@@ -143,23 +142,17 @@ class RayCheckpointStore:
             time.sleep(self.ship_interval_s)
             while not self._outbox.empty():
                 items.append(self._outbox.get_nowait())
-            items = [item for item in items if self.local.num_blocks(item[0])]  # not finished meanwhile
+            items = [item for item in items if self.num_blocks(item[0])]  # not finished meanwhile
             if not items:
                 continue
             self.keeper.put_many.remote([(k, first, *_pack(c)) for k, first, c in _join_runs(items)])
 
     def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
-        self.local.put(key, first_block, chunk)
+        super().put(key, first_block, chunk)
         self._outbox.put((key, first_block, chunk))
 
-    def get(self, key: str) -> torch.Tensor | None:
-        return self.local.get(key)
-
-    def num_blocks(self, key: str) -> int:
-        return self.local.num_blocks(key)
-
     def drop(self, key: str) -> None:
-        self.local.drop(key)
+        super().drop(key)
         self.keeper.drop.remote(key)
 
     def handle(self, key: str) -> str:
@@ -171,10 +164,10 @@ class RayCheckpointStore:
         name, source = handle.split("|", 1)
         if name == self.name:
             ray.get(self.keeper.move.remote(source, key))
-            if self.local.num_blocks(source):  # our own: the host copy has it, maybe ahead of the keeper
-                self.local.adopt(source, key)
+            if self.num_blocks(source):  # our own: the host copy has it, maybe ahead of the keeper
+                super().adopt(source, key)
             elif (data := ray.get(self.keeper.get.remote(key))) is not None:
-                self.local.put(key, 0, data)
+                super().put(key, 0, data)
         else:
             try:
                 other = ray.get_actor(name, namespace=NAMESPACE)
@@ -184,8 +177,8 @@ class RayCheckpointStore:
                 data = None  # that node is gone: recompute
             if data is not None:
                 ray.get(self.keeper.put.remote(key, 0, data))
-                self.local.put(key, 0, data)
-        return self.local.num_blocks(key)
+                super().put(key, 0, data)
+        return self.num_blocks(key)
 
 
 def _join_runs(items: list[tuple[str, int, torch.Tensor]]) -> list[tuple[str, int, torch.Tensor]]:
