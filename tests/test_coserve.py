@@ -317,3 +317,26 @@ def test_ttft_deadline_shrinks_the_budget(profiled):
         run_checked(engine)
     finally:
         slo.tpot_s, slo.ttft_s = old
+
+
+def test_tpot_deadline_shrinks_the_budget(profiled):
+    engine = profiled
+    slo = engine.scheduler.config.slo
+    old = (slo.tpot_s, slo.ttft_s)
+    slo.tpot_s, slo.ttft_s = 60.0, 60.0
+    try:
+        online = engine.add_request([5, 6, 7], ONLINE, request_class="online")
+        step_checked(engine)  # its first token
+        req = engine.requests[online]
+        # the first token came 10 minutes ago (other prefills stalled it): its mean TPOT is
+        # past the 60 s target, so its next step may carry no offline work
+        req.first_token_time -= 600
+        engine.add_request(make_prompts(engine, [40])[0], GREEDY)
+        step_checked(engine)
+        assert engine.last_step.latency_budget_s == 0.0 and engine.last_step.offline_tokens == 0
+        req.first_token_time += 600  # back on schedule: offline shares the step again
+        step_checked(engine)
+        assert engine.last_step.offline_tokens > 0
+        run_checked(engine)
+    finally:
+        slo.tpot_s, slo.ttft_s = old

@@ -97,10 +97,15 @@ class Scheduler:
         return batch
 
     def _latency_budget(self) -> float | None:
-        """How long this step may take by the latency model: the TPOT target while online
-        requests decode, less while one still waits for its first token and its TTFT
-        deadline is near, less again by how much steps overrun the model lately. None when
-        no online request is in the engine (offline then runs at the best batch)."""
+        """How long this step may take by the latency model: the TPOT target at most, less
+        when an online request's deadline is near, less again by how much steps overrun the
+        model lately. None when no online request is in the engine (offline then runs at the
+        best batch).
+
+        Deadlines are per request: the TTFT target for one still waiting for its first
+        token, and for a decoding one the time by which its next token keeps its mean TPOT
+        within target. A request that lost time to other requests' prefills has none left
+        to lend: its steps carry no offline work until it is back on schedule."""
         online = [r for r in (*self.running, *self.online_waiting) if r.is_online]
         if not online:
             return None
@@ -109,6 +114,8 @@ class Scheduler:
         for r in online:
             if r.first_token_time is None:
                 budget = min(budget, r.arrival_time + slo.ttft_s - now)
+            else:
+                budget = min(budget, r.first_token_time + r.num_output_tokens * slo.tpot_s - now)
         return max(0.0, budget * slo.headroom / self.latency.margin())
 
     def _schedule_running(self, req: Request, budget: int, batch: ScheduledBatch, online: bool) -> int:
