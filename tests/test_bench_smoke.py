@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from harvest.cli import app
@@ -63,15 +64,30 @@ def test_bench_e2e_quick(tmp_path):
 
 
 def test_bench_peers_quick(tmp_path):
-    result = CliRunner().invoke(app, ["bench", "peers", "--quick", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["bench", "peers", "--quick", "--repeat", "2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    systems = json.loads((tmp_path / "peers.json").read_text())["systems"]
+    data = json.loads((tmp_path / "peers.json").read_text())
+    systems = data["systems"]
     assert set(systems) == {"harvest", "harvest-alone", "transformers-serve"}
     for name, s in systems.items():
         _finite(s, ("ttft_p99_s", "tpot_p99_s", "online_tokens_per_s", "offline_tokens_per_s"))
         assert s["failed"] == 0, name
     assert systems["harvest"]["offline_tokens_per_s"] > 0
     assert systems["harvest"]["empty"] == 0  # ignore_eos: every harvest request streams tokens
+    # two rounds, systems interleaved: the reported figures are the median round's
+    assert len(data["rounds"]) == 2
+    for name, s in systems.items():
+        per_round = [r[name]["ttft_p99_s"] for r in data["rounds"]]
+        assert s["ttft_p99_s"] == pytest.approx(sum(per_round) / 2), name
+    ttft = data["targets"]["ttft_p99_not_worse"]
+    assert len(ttft["ratio_per_round"]) == 2 and ttft["met"] == (ttft["ratio_median"] <= 1.0)
+
+
+def test_bench_repeat_is_for_peers_only(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "engine", "--repeat", "2", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--repeat" in result.output
+    result = CliRunner().invoke(app, ["bench", "peers", "--repeat", "0", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--repeat" in result.output
 
 
 def test_bench_queue_quick(tmp_path):

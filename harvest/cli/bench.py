@@ -1,4 +1,4 @@
-"""`harvest bench SUITE [--quick] [--out DIR]`: one entry point for every benchmark suite."""
+"""`harvest bench SUITE [--quick] [--out DIR] [--repeat N]`: one entry point for every benchmark suite."""
 
 from importlib import import_module
 from pathlib import Path
@@ -22,11 +22,17 @@ def bench(
     suite: str = typer.Argument(..., help=f"One of: {', '.join(SUITES)}."),
     quick: bool = typer.Option(False, "--quick", help="Small CI-sized run (under 3 minutes on 2 cores)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Directory for SUITE.json and plots."),
+    repeat: int = typer.Option(
+        1, "--repeat", min=1, help="peers only: measure N rounds, the systems interleaved; report the median."
+    ),
 ) -> None:
     """Run a benchmark suite: prints a table, writes OUT/SUITE.json and PNG plots."""
     if suite not in SUITES:
         raise typer.BadParameter(
             f"unknown suite {suite!r}; choose from {', '.join(SUITES)}", param_hint="SUITE"
         )
+    if repeat != 1 and suite != "peers":
+        raise typer.BadParameter("only the peers suite repeats its rounds", param_hint="--repeat")
     out.mkdir(parents=True, exist_ok=True)
-    import_module(SUITES[suite]).run(quick=quick, out=out)
+    options = {"repeat": repeat} if suite == "peers" else {}
+    import_module(SUITES[suite]).run(quick=quick, out=out, **options)

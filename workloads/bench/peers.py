@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,11 +98,48 @@ def _harvest(
             service.stop()
 
 
-def run(quick: bool, out: Path) -> dict:
+def _round(model: Path, arrivals, cfg: dict, tmp: Path, label: str) -> tuple[dict, dict]:
+    """One measurement of every system on the same trace: (summaries, latency samples)."""
+    with console.status(f"{label}transformers serve --continuous-batching: the online trace alone..."):
+        peer_results, peer_s = _transformers_serve(model, arrivals, free_port())
+    peer = _summary(peer_results, peer_s)
+    # harvest is told to keep what the peer gives: its P99s become harvest's online SLO
+    slo = {"ttft_s": peer["ttft_p99_s"], "tpot_s": peer["tpot_p99_s"]}
+    with console.status(f"{label}harvest: the same trace alone, then next to an offline backlog..."):
+        alone, alone_s, ours, ours_s, offline_rate = _harvest(
+            model, arrivals, cfg["backlog"], cfg["offline_output"], tmp, slo
+        )
+    systems = {
+        "transformers-serve": {**peer, "offline_tokens_per_s": 0.0},
+        "harvest": {**_summary(ours, ours_s), "offline_tokens_per_s": offline_rate},
+        # the same trace through harvest with no offline work: how much of any gap is the
+        # serving path (HTTP -> Serve -> worker actor) rather than co-serving
+        "harvest-alone": {**_summary(alone, alone_s), "offline_tokens_per_s": 0.0},
+    }
+    samples = {"transformers-serve": peer_results, "harvest-alone": alone, "harvest": ours}
+    return systems, samples
+
+
+def _median(rounds: list[dict]) -> dict:
+    """Each metric's median over the rounds; failed and empty requests are counted in all."""
+    return {
+        key: sum(r[key] for r in rounds)
+        if key in ("failed", "empty")
+        else statistics.median(r[key] for r in rounds)
+        for key in rounds[0]
+    }
+
+
+def run(quick: bool, out: Path, repeat: int = 1) -> dict:
+    """`repeat` rounds, each the peer then harvest on the same trace, so that a slow spell of
+    the machine hits both; the verdict is on the median round (single-run P99s of the same
+    server move by up to 1.7x on the 2-core box)."""
     import transformers
 
     from harvest.models.tiny import make_tiny
 
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     transformers.utils.logging.disable_progress_bar()
     cfg = bench_config(quick)
     arrivals = gamma_arrivals(
@@ -112,41 +150,42 @@ def run(quick: bool, out: Path) -> dict:
         output_len=cfg["online_output"],
         seed=1,
     )
+    rounds, samples = [], {"transformers-serve": [], "harvest-alone": [], "harvest": []}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         model = make_tiny(tmp / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4)
-        with console.status("transformers serve --continuous-batching: the online trace alone..."):
-            peer_results, peer_s = _transformers_serve(model, arrivals, free_port())
-        peer = _summary(peer_results, peer_s)
-        # harvest is told to keep what the peer gives: its P99s become harvest's online SLO
-        slo = {"ttft_s": peer["ttft_p99_s"], "tpot_s": peer["tpot_p99_s"]}
-        with console.status("harvest: the same trace alone, then next to an offline backlog..."):
-            alone, alone_s, ours, ours_s, offline_rate = _harvest(
-                model, arrivals, cfg["backlog"], cfg["offline_output"], tmp, slo
-            )
-    systems = {
-        "transformers-serve": {**peer, "offline_tokens_per_s": 0.0},
-        "harvest": {**_summary(ours, ours_s), "offline_tokens_per_s": offline_rate},
-        # the same trace through harvest with no offline work: how much of any gap is the
-        # serving path (HTTP -> Serve -> worker actor) rather than co-serving
-        "harvest-alone": {**_summary(alone, alone_s), "offline_tokens_per_s": 0.0},
+        for i in range(repeat):
+            label = f"round {i + 1}/{repeat}: " if repeat > 1 else ""
+            systems, round_samples = _round(model, arrivals, cfg, tmp, label)
+            rounds.append(systems)
+            for name, results in round_samples.items():
+                samples[name] += results
+    systems = {name: _median([r[name] for r in rounds]) for name in rounds[0]}
+    targets = {}
+    for metric in ("ttft", "tpot"):
+        key = f"{metric}_p99_s"
+        ratios = [r["harvest"][key] / r["transformers-serve"][key] for r in rounds]
+        targets[f"{metric}_p99_not_worse"] = {
+            "harvest": systems["harvest"][key],
+            "peer": systems["transformers-serve"][key],
+            "ratio_per_round": ratios,  # harvest / peer, each round's own SLO and conditions
+            "ratio_median": statistics.median(ratios),
+            "met": statistics.median(ratios) <= 1.0,
+        }
+    slo = {
+        "ttft_s": systems["transformers-serve"]["ttft_p99_s"],
+        "tpot_s": systems["transformers-serve"]["tpot_p99_s"],
     }
-    h, p = systems["harvest"], systems["transformers-serve"]
-    targets = {
-        "ttft_p99_not_worse": {
-            "harvest": h["ttft_p99_s"],
-            "peer": p["ttft_p99_s"],
-            "met": h["ttft_p99_s"] <= p["ttft_p99_s"],
-        },
-        "tpot_p99_not_worse": {
-            "harvest": h["tpot_p99_s"],
-            "peer": p["tpot_p99_s"],
-            "met": h["tpot_p99_s"] <= p["tpot_p99_s"],
-        },
+    result = {
+        "systems": systems,
+        "targets": targets,
+        "slo": slo,
+        "rounds": rounds,
+        "config": {**cfg, "quick": quick, "repeat": repeat},
     }
-    result = {"systems": systems, "targets": targets, "slo": slo, "config": {**cfg, "quick": quick}}
+    title = "peers: the same online trace, same model and machine"
     print_table(
-        "peers: the same online trace, same model and machine",
+        title if repeat == 1 else f"{title} (median of {repeat} rounds)",
         ["system", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "online tok/s", "offline tok/s", "failed"],
         [
             [
@@ -162,10 +201,21 @@ def run(quick: bool, out: Path) -> dict:
             for name, s in systems.items()
         ],
     )
-    latency = {
-        name: latency_samples(res)
-        for name, res in (("transformers-serve", peer_results), ("harvest-alone", alone), ("harvest", ours))
-    }
+    if repeat > 1:
+        print_table(
+            "harvest / transformers serve, P99 per round",
+            ["round", "TTFT", "TPOT"],
+            [
+                [i + 1, ttft, tpot]
+                for i, (ttft, tpot) in enumerate(
+                    zip(
+                        targets["ttft_p99_not_worse"]["ratio_per_round"],
+                        targets["tpot_p99_not_worse"]["ratio_per_round"],
+                    )
+                )
+            ],
+        )
+    latency = {name: latency_samples(res) for name, res in samples.items()}  # every round's requests
     plot_latency_cdfs(latency, slo, out / "peers_latency_cdf.png")
     write_result(out, "peers", result)
     return result
