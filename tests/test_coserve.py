@@ -115,6 +115,34 @@ def test_checkpoints_bound_recompute_to_one_block(tiny_model):
     assert tokens * 5 < base_tokens
 
 
+class FailingStore(HostCheckpointStore):
+    """Refuses every put after the first `ok`, as a store whose backend went away would."""
+
+    def __init__(self, ok: int) -> None:
+        super().__init__()
+        self.ok, self.puts = ok, 0
+
+    def put(self, key, first_block, chunk) -> None:
+        self.puts += 1
+        if self.puts > self.ok:
+            raise RuntimeError("checkpoint backend gone")
+        super().put(key, first_block, chunk)
+
+
+def test_a_failing_checkpoint_store_costs_recompute_not_the_engine(tiny_model, caplog):
+    prompts = make_prompts(make_engine(tiny_model), [21, 34])
+    expected = reference(tiny_model, prompts)
+    store = FailingStore(ok=2)
+    engine = make_engine(tiny_model, num_blocks=20, checkpoint_store=store)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    assert preempt_repeatedly(engine, times=3) >= 3
+    done = run_checked(engine)
+    assert [done[i].token_ids for i in ids] == expected
+    assert store.puts > store.ok and "goes on without a checkpoint" in caplog.text
+    assert engine.stats.recomputed_tokens >= 21  # a whole context at least once: no checkpoint held it
+    assert len(store) == 0
+
+
 def test_export_resume_across_engines_is_identical(tiny_model):
     prompts = make_prompts(make_engine(tiny_model), [13, 26, 40])
     expected = reference(tiny_model, prompts)

@@ -7,11 +7,15 @@ blocks are copied back into fresh blocks and only that short tail is recomputed.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Protocol
 
 import torch
 
 from harvest.engine.request import Request
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointStore(Protocol):
@@ -72,6 +76,8 @@ class Checkpointer:
 
     On CUDA the device-to-host copy runs on a side stream into pinned memory, so it never
     blocks the compute stream; a copy counts as checkpointed once its event has fired.
+    A store that fails costs the request its checkpoint (preempted, it recomputes), never
+    the engine: checkpoints only save work, and the step loop also serves online traffic.
     """
 
     def __init__(self, kv_cache: torch.Tensor, block_size: int, store: CheckpointStore) -> None:
@@ -82,17 +88,19 @@ class Checkpointer:
         self.cuda = kv_cache.is_cuda
         self.stream = torch.cuda.Stream(kv_cache.device) if self.cuda else None
         self._pending: list[tuple[Request, int, torch.Tensor, torch.Tensor, object]] = []
+        self._failed: set[str] = set()  # requests whose checkpoint the store lost: not saved again
 
     def save(self, req: Request) -> int:
         """Checkpoint the request's blocks that are full and not yet saved; returns how many."""
         done = req.checkpointed_tokens // self.block_size + sum(p[1] for p in self._pending if p[0] is req)
         full = min(req.num_computed_tokens // self.block_size, len(req.block_table))
-        if full <= done:
+        if full <= done or req.request_id in self._failed:
             return 0
         index = torch.tensor(req.block_table[done:full], device=self.blocks_view.device)
         chunk = self.blocks_view.index_select(2, index)  # device copy, ordered on the compute stream
         if not self.cuda:
-            self.store.put(req.request_id, done, chunk)
+            if not self._put(req, done, chunk):
+                return 0
             req.checkpointed_tokens = full * self.block_size
             return full - done
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -113,14 +121,32 @@ class Checkpointer:
                 still.append((req, n, host, chunk, event))
                 continue
             event.synchronize()
-            self.store.put(req.request_id, req.checkpointed_tokens // self.block_size, host)
-            req.checkpointed_tokens += n * self.block_size
+            if req.request_id not in self._failed and self._put(
+                req, req.checkpointed_tokens // self.block_size, host
+            ):
+                req.checkpointed_tokens += n * self.block_size
         self._pending = still
+
+    def _put(self, req: Request, first_block: int, chunk: torch.Tensor) -> bool:
+        try:
+            self.store.put(req.request_id, first_block, chunk)
+            return True
+        except Exception:
+            log.exception("checkpoint store failed for %s: it goes on without a checkpoint", req.request_id)
+        self._failed.add(req.request_id)
+        req.checkpointed_tokens = 0
+        with contextlib.suppress(Exception):
+            self.store.drop(req.request_id)
+        return False
 
     def restore(self, req: Request) -> bool:
         """Copy the checkpoint back into the request's (new) first blocks."""
         n = req.checkpointed_tokens // self.block_size
-        data = self.store.get(req.request_id)
+        try:
+            data = self.store.get(req.request_id)
+        except Exception:
+            log.exception("checkpoint of %s could not be read: it recomputes", req.request_id)
+            return False
         if data is None or data.shape[2] < n or len(req.block_table) < n:
             return False
         index = torch.tensor(req.block_table[:n], device=self.blocks_view.device)
@@ -129,4 +155,8 @@ class Checkpointer:
 
     def drop(self, req: Request) -> None:
         self._pending = [p for p in self._pending if p[0] is not req]
-        self.store.drop(req.request_id)
+        self._failed.discard(req.request_id)
+        try:
+            self.store.drop(req.request_id)
+        except Exception:
+            log.exception("checkpoint of %s could not be dropped", req.request_id)
