@@ -130,6 +130,21 @@ def test_idle_loop_blocks_instead_of_spinning(engine, loops):
     assert loop.healthy(max_stall_s=0.01)  # idle is not stalled, however long ago the last step was
 
 
+def test_offline_steps_pause_after_online_work_but_online_never_waits(engine, loops):
+    # within a minute of online work, each offline-only step is followed by a pause of 5000x
+    # its own time (seconds): a submission must end the pause at once
+    loop = EngineLoop(engine, offline_yield=5000.0, online_window_s=60.0)
+    loops.append(loop)
+    asyncio.run(collect(loop, "warm up", GREEDY))  # online work: the window opens
+    loop.submit("offline work", LONG, request_class="offline")
+    steps = loop.stats()["loop_steps"]
+    time.sleep(0.5)
+    assert loop.stats()["loop_steps"] - steps <= 2  # unpaced, a tiny model steps hundreds of times
+    start = time.monotonic()
+    outs = asyncio.run(collect(loop, "an online request", GREEDY))
+    assert outs[-1].finished and time.monotonic() - start < 2.0
+
+
 def test_cancelled_consumer_aborts_the_engine_request(engine, loops):
     recorder = Recorder()
     loop = EngineLoop(engine, on_step=recorder)

@@ -51,6 +51,12 @@ class EngineLoop:
     offline queue worker's `sync`); with `idle_tick_s` it is also called with `[]` that
     often while the engine is idle, so such a hook can go on polling for work. Whoever
     adds requests to the engine directly must call `wake()` afterwards.
+
+    `offline_yield` paces offline work while online traffic flows: within
+    `online_window_s` of the engine's last online work, each offline-only step is followed
+    by a pause of `offline_yield` x its own duration, cut short by any submission. This is
+    for an engine that computes on the same cores as the serving path (the CPU device):
+    there an offline step takes the CPU that the next online request needs on its way in.
     """
 
     def __init__(
@@ -59,11 +65,18 @@ class EngineLoop:
         *,
         on_step: StepHook | None = None,
         idle_tick_s: float | None = None,
+        offline_yield: float = 0.0,
+        online_window_s: float = 1.0,
         name: str = "harvest-engine-loop",
     ) -> None:
+        if offline_yield < 0 or online_window_s < 0:
+            raise ValueError("offline_yield and online_window_s must be >= 0")
         self.engine = engine
         self.on_step = on_step
         self.idle_tick_s = idle_tick_s
+        self.offline_yield = offline_yield
+        self.online_window_s = online_window_s
+        self._online_seen = float("-inf")  # when the engine last had online work
         self._lock = threading.Lock()
         self._sinks: dict[str, _Sink] = {}
         self._wake = threading.Event()
@@ -185,17 +198,26 @@ class EngineLoop:
                     if not woken and self.on_step is not None:
                         self._call_hook([])
                     continue
+                started = time.monotonic()
                 outputs = self.engine.step()
                 self._steps += 1
                 self._route(outputs)
                 if self.on_step is not None:
                     self._call_hook(outputs)
                 self._progress_time = time.monotonic()
+                self._pace(started)
         except BaseException as exc:
             log.exception("engine loop died")
             self._error = exc
         finally:
             self._fail_pending()
+
+    def _pace(self, started: float) -> None:
+        step, now = self.engine.last_step, time.monotonic()
+        if step.online_tokens or step.online_running or step.online_waiting:
+            self._online_seen = now
+        elif self.offline_yield and step.offline_tokens and now - self._online_seen < self.online_window_s:
+            self._wake.wait((now - started) * self.offline_yield)  # a submission wakes it at once
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
