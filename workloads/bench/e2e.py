@@ -90,6 +90,9 @@ def latency_samples(results: list[dict]) -> dict[str, list[float]]:
     }
 
 
+LATENCY_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
+
+
 def latency_summary(results: list[dict]) -> dict:
     samples = latency_samples(results)
     ttft, tpot = samples["ttft_s"], samples["tpot_s"]
@@ -222,9 +225,9 @@ def run(quick: bool, out: Path) -> dict:
     result["vs_engine"] = _compare_with_engine(out, result)
     print_table(
         "e2e: online over HTTP, alone and next to a Redis backlog",
-        ["run", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "failed"],
+        ["run", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "failed"],
         [
-            [name, d["ttft_p50_s"], d["ttft_p99_s"], d["tpot_p50_s"], d["tpot_p99_s"], d["failed"]]
+            [name, *(1000 * d[k] for k in LATENCY_KEYS), d["failed"]]
             for name, d in (("alone", base_lat), ("with offline", co_lat))
         ],
     )

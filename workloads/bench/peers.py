@@ -20,6 +20,7 @@ from pathlib import Path
 
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
 from workloads.bench.e2e import (
+    LATENCY_KEYS,
     _replay_http,
     _wait_healthy,
     backlog_prompts,
@@ -186,14 +187,20 @@ def run(quick: bool, out: Path, repeat: int = 1) -> dict:
     title = "peers: the same online trace, same model and machine"
     print_table(
         title if repeat == 1 else f"{title} (median of {repeat} rounds)",
-        ["system", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "online tok/s", "offline tok/s", "failed"],
+        [
+            "system",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "TPOT p50 ms",
+            "TPOT p99 ms",
+            "online tok/s",
+            "offline tok/s",
+            "failed",
+        ],
         [
             [
                 name,
-                s["ttft_p50_s"],
-                s["ttft_p99_s"],
-                s["tpot_p50_s"],
-                s["tpot_p99_s"],
+                *(1000 * s[k] for k in LATENCY_KEYS),
                 s["online_tokens_per_s"],
                 s["offline_tokens_per_s"],
                 s["failed"],
