@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -248,6 +249,18 @@ def profiled(tiny_model):
     return engine
 
 
+@contextmanager
+def slo_targets(engine, ttft_s: float | None = None, tpot_s: float | None = None):
+    """Online targets for one test; the shared `profiled` engine gets its own back after."""
+    slo = engine.scheduler.config.slo
+    old = (slo.ttft_s, slo.tpot_s)
+    slo.ttft_s, slo.tpot_s = ttft_s or slo.ttft_s, tpot_s or slo.tpot_s
+    try:
+        yield
+    finally:
+        slo.ttft_s, slo.tpot_s = old
+
+
 def test_latency_model_is_fitted_and_monotone(profiled):
     from harvest.engine.latency_model import BatchShape
 
@@ -261,10 +274,7 @@ def test_latency_model_is_fitted_and_monotone(profiled):
 
 def test_slo_limits_offline_only_while_online_runs(profiled):
     engine = profiled
-    slo = engine.scheduler.config.slo
-    old = slo.tpot_s
-    slo.tpot_s = 1e-9  # nothing fits next to online work
-    try:
+    with slo_targets(engine, tpot_s=1e-9):  # nothing fits next to online work
         offline = [engine.add_request(p, GREEDY) for p in make_prompts(engine, [40, 50])]
         online = engine.add_request([5, 6, 7], ONLINE, request_class="online")
         outs = step_checked(engine)
@@ -276,16 +286,12 @@ def test_slo_limits_offline_only_while_online_runs(profiled):
         done = run_checked(engine)  # no online load left: offline runs at the full batch
         assert set(offline) <= set(done)
         assert engine.last_step.latency_budget_s is None
-    finally:
-        slo.tpot_s = old
 
 
 def test_generous_slo_lets_offline_share_the_step(profiled):
     engine = profiled
-    slo = engine.scheduler.config.slo
-    old = (slo.tpot_s, slo.ttft_s)
-    slo.tpot_s = slo.ttft_s = 60.0  # far above any step of a tiny model, however loaded the machine
-    try:
+    # far above any step of a tiny model, however loaded the machine
+    with slo_targets(engine, ttft_s=60.0, tpot_s=60.0):
         offline = [engine.add_request(p, GREEDY) for p in make_prompts(engine, [40, 50])]
         online = engine.add_request([5, 6, 7], ONLINE, request_class="online")
         outs = step_checked(engine)
@@ -295,8 +301,6 @@ def test_generous_slo_lets_offline_share_the_step(profiled):
         assert engine.last_step.latency_budget_s == pytest.approx(48.0 / engine.latency.margin(), rel=1e-3)
         done = run_checked(engine)
         assert set(offline) <= set(done)
-    finally:
-        slo.tpot_s, slo.ttft_s = old
 
 
 def test_budget_shrinks_by_how_much_steps_overrun_the_model():
@@ -333,26 +337,18 @@ def test_backlog_queued_at_once_completes_in_a_small_pool(tiny_model, policy):
 
 def test_ttft_deadline_shrinks_the_budget(profiled):
     engine = profiled
-    slo = engine.scheduler.config.slo
-    old = (slo.tpot_s, slo.ttft_s)
-    slo.tpot_s, slo.ttft_s = 60.0, 0.5
-    try:
+    with slo_targets(engine, ttft_s=0.5, tpot_s=60.0):
         engine.add_request(make_prompts(engine, [40])[0], GREEDY)
         # an online request that has already waited past its TTFT target: offline must not slow it further
         engine.add_request([5, 6, 7], ONLINE, request_class="online", arrival_time=time.monotonic() - 1.0)
         step_checked(engine)
         assert engine.last_step.latency_budget_s == 0.0 and engine.last_step.offline_tokens == 0
         run_checked(engine)
-    finally:
-        slo.tpot_s, slo.ttft_s = old
 
 
 def test_tpot_deadline_shrinks_the_budget(profiled):
     engine = profiled
-    slo = engine.scheduler.config.slo
-    old = (slo.tpot_s, slo.ttft_s)
-    slo.tpot_s, slo.ttft_s = 60.0, 60.0
-    try:
+    with slo_targets(engine, ttft_s=60.0, tpot_s=60.0):
         online = engine.add_request([5, 6, 7], ONLINE, request_class="online")
         step_checked(engine)  # its first token
         req = engine.requests[online]
@@ -366,5 +362,3 @@ def test_tpot_deadline_shrinks_the_budget(profiled):
         step_checked(engine)
         assert engine.last_step.offline_tokens > 0
         run_checked(engine)
-    finally:
-        slo.tpot_s, slo.ttft_s = old
