@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 # On the CPU device, an offline-only step within a second of online work is followed by a
 # pause as long as itself (a submission ends it at once): the serving path (client,
 # HAProxy, the ingress, Ray) gets the cores back for the next request's way in. On the
-# 2-core box next to a backlog: the way in P99 31 -> 17 ms, TTFT P99 1.06x -> 1.03x that of
-# serving alone, at 912 instead of 1,476 offline tok/s. `engine_options["offline_yield"]`
-# overrides it (0 turns it off).
+# 2-core box next to a backlog (peers suite, 3 rounds each): TTFT P99 over serving alone
+# 1.23-1.36x -> 0.96-1.15x, at a median 991 instead of 1,518 offline tok/s.
+# `engine_options["offline_yield"]` overrides it (0 turns it off).
 CPU_OFFLINE_YIELD = 1.0
 
 
