@@ -1,6 +1,6 @@
 """A worker's metrics through Ray's metrics API (exported by Ray's Prometheus endpoint).
 
-The ingress's /metrics serves the engine figures as text for one scrape target; these
+A worker's /metrics serves every worker's engine figures as text for one scrape target; these
 series reach a cluster's Prometheus through Ray's own per-node export, tagged by worker
 (the controller adds the per-job queue depth).
 """

@@ -1,4 +1,4 @@
-"""Bring the service up and down: Ray, the controller, the workers, the Serve ingress.
+"""Bring the service up and down: Ray, the controller, and the workers as a Serve app.
 
 Same code path on a laptop (a local Ray head started here) and on a cluster (`address`
 of an existing Ray cluster, e.g. "auto" after `ray up cluster.yaml`).
@@ -39,15 +39,18 @@ class ServiceConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
 
 
+APP_NAME = "harvest"
 LOCAL_RAY_PORT = 6385  # not Ray's default 6379, which a local Redis usually holds
-# Serve's HAProxy front end with direct ingress: HTTP goes HAProxy -> the ingress replica's
+# Serve's HAProxy front end with direct ingress: HTTP goes HAProxy -> a worker replica's
 # own server, skipping Serve's Python proxy and its RPC hop to the replica (on the 2-core
 # CPU box: 27 -> 17 ms TTFT for a lone request, end-to-end SLO attainment 0.88 -> 0.97).
-# Ray starts its worker processes (our engines and the ingress) at nice 15, below its own
+# HAProxy balances by least connections: an online request is one open connection, so the
+# worker with the fewest online requests in flight gets the next one.
+# Ray starts its worker processes (our engines and their HTTP servers) at nice 15, below its own
 # daemons and the driver; on a busy node the serving path then waits for them. At nice 0
 # the peers suite's harvest-alone P99 went from 131/20.2 to 99/15.4 ms (TTFT/TPOT).
 # RAY_SERVE_THROUGHPUT_OPTIMIZED is Ray's own low-overhead Serve profile; what it changes
-# here: the ingress app runs on the replica's main event loop, not a second loop in
+# here: the OpenAI app runs on the replica's main event loop, not a second loop in
 # another thread, so each request and each streamed token skips a hop between threads.
 # Ray reads these when it starts; a value already in the environment wins.
 SERVE_ENV = {
@@ -93,30 +96,28 @@ def connect(address: str | None) -> None:
 
 
 def start(config: ServiceConfig, ready_timeout_s: float = 300.0) -> dict[str, Any]:
-    """Start (or find running) the controller and workers, then the Serve app. Ray must be up."""
+    """Start (or find running) the controller, then the workers as a Serve app. Ray must be up."""
     from ray import serve
 
-    from harvest.api.serve_app import APP_NAME, serve_application
+    from actors.gpu_worker import worker_application
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = config.num_workers or max(1, gpus)
+    settings = {**asdict(config), "num_workers": workers, "use_gpu": gpus > 0}
     controller = (
         controller_actor()
         .options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
-        .remote({**asdict(config), "num_workers": workers, "use_gpu": gpus > 0})
+        .remote(settings)
+    )
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(
+        worker_application(settings, workers, gpus > 0), name=APP_NAME, route_prefix="/", blocking=False
     )
     deadline = time.monotonic() + ready_timeout_s
     while not ray.get(controller.ready.remote()):
         if time.monotonic() > deadline:
-            raise TimeoutError("workers did not come up; see `ray status` and the Ray logs")
+            raise TimeoutError("workers did not come up; see `ray status`, `serve status` and the Ray logs")
         time.sleep(0.2)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(
-        serve_application(config.model, config.model_name, config.api_key),
-        name=APP_NAME,
-        route_prefix="/",
-        blocking=False,
-    )
     return ray.get(controller.status.remote())
 
 
@@ -129,7 +130,7 @@ def status() -> dict[str, Any]:
 
 
 def stop() -> None:
-    """Stop the Serve app, the workers (shards given back) and the controller."""
+    """Stop the workers (Serve's graceful shutdown gives their shards back), then the controller."""
     from ray import serve
 
     with contextlib.suppress(Exception):  # Serve not running

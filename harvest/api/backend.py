@@ -1,8 +1,8 @@
 """The seam between the HTTP layer and whatever runs the model.
 
 `build_app` speaks only to a `Backend`: `LocalBackend` runs one in-process `EngineLoop`
-(tests, a single-process server); the Ray Serve deployment implements the same protocol
-by forwarding to GPU worker actors.
+(tests, a single-process server); each GPU worker's Serve replica serves the app over its
+own engine loop with `WorkerBackend`, a `LocalBackend` that also feeds its SLO feedback.
 """
 
 from __future__ import annotations

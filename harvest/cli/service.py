@@ -60,7 +60,7 @@ def up(
         api_key=api_key,
     )
     service.connect(address)
-    with console.status("starting the controller, workers and the HTTP ingress..."):
+    with console.status("starting the controller and the workers..."):
         snapshot = service.start(config)
     base = f"http://{host}:{port}"
     console.print(f"[green]harvest is up[/]: {len(snapshot['workers'])} worker(s), model {model_name!r}")

@@ -2,7 +2,7 @@
 
 A serving process holds torch, transformers and Ray: hundreds of thousands of long-lived
 objects that every generation-2 collection walks again and frees none of (measured on
-the 2-core CPU box: 210-260 ms per pass, in the ingress replica and in the worker alike,
+the 2-core CPU box: 210-260 ms per pass, in the serving processes,
 every stream they carry stalled meanwhile). Once start-up is over, those objects move to
 the permanent generation, so later collections only walk what was allocated since.
 """

@@ -1,7 +1,7 @@
 """Engine-loop stats (`EngineLoop.stats()`) as Prometheus text exposition.
 
-One function serves a single-process server (one loop) and the Serve ingress, which
-gathers the stats of every worker and labels them by replica. The stats are read at
+One function serves a single-process server (one loop) and the service, whose workers
+render the stats of every worker (from the controller), labelled by worker. The stats are read at
 scrape time, so nothing here keeps state of its own.
 """
 

@@ -1,6 +1,6 @@
 """`harvest bench e2e`: co-serving end to end, through Ray Serve HTTP and the Redis queue.
 
-One local service (private Redis, local Ray, one worker, the Serve ingress), the same
+One local service (private Redis, local Ray, one worker behind Serve's HAProxy), the same
 online trace replayed twice by concurrent streaming HTTP clients: first alone, then with
 an offline backlog (5x as many requests) queued in Redis at the start. Reports online
 TTFT/TPOT both times, the offline tokens/s harvested, and compares the latency ratios
@@ -131,7 +131,7 @@ def bench_config(quick: bool) -> dict:
 
 
 def start_service(model: Path, redis_url: str) -> str:
-    """One worker and the ingress on a free port (Ray must be up); returns the base URL."""
+    """One worker serving HTTP on a free port (Ray must be up); returns the base URL."""
     from harvest import service
 
     port = free_port()
@@ -253,7 +253,7 @@ def _wait_healthy(base: str, timeout: float = 120) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise TimeoutError("the ingress never became healthy")
+    raise TimeoutError("the service never became healthy")
 
 
 def _compare_with_engine(out: Path, e2e: dict) -> dict | None:

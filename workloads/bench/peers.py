@@ -114,7 +114,7 @@ def _round(model: Path, arrivals, cfg: dict, tmp: Path, label: str) -> tuple[dic
         "transformers-serve": {**peer, "offline_tokens_per_s": 0.0},
         "harvest": {**_summary(ours, ours_s), "offline_tokens_per_s": offline_rate},
         # the same trace through harvest with no offline work: how much of any gap is the
-        # serving path (HTTP -> Serve -> worker actor) rather than co-serving
+        # serving path (HTTP -> HAProxy -> the worker replica) rather than co-serving
         "harvest-alone": {**_summary(alone, alone_s), "offline_tokens_per_s": 0.0},
     }
     samples = {"transformers-serve": peer_results, "harvest-alone": alone, "harvest": ours}

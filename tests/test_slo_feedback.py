@@ -1,8 +1,8 @@
-"""The controller's delivery-aware SLO feedback (pure logic; the service test covers the wiring)."""
+"""Delivery-aware SLO feedback (pure logic; the service test covers the wiring in the worker)."""
 
 from __future__ import annotations
 
-from controller.feedback import SLOFeedback
+from harvest.serving.feedback import SLOFeedback
 
 
 def test_shrinks_on_misses_and_waits_for_fresh_samples():

@@ -1,13 +1,13 @@
-"""Delivery-aware SLO targets: what a worker's engine plans for, from what the ingress sees.
+"""Delivery-aware SLO targets: what a worker's engine plans for, from what its clients see.
 
 The engine sizes offline work so that its own steps meet the SLO, but every token still
-travels worker -> ingress replica -> HTTP proxy -> client, and on a busy node that hop
-costs time the engine never sees (on the 2-core CPU box, a few ms per token next to an
-offline backlog). The ingress reports the TTFT and TPOT it observes per worker; when their
-recent p90 passes 0.8x the SLO (aiming the p90 below the SLO keeps the P99 near it), the
-share of the SLO the engine may plan for shrinks (x0.8); under 0.6x it grows back (x1.05)
-up to the SLO itself. Each decision waits for fresh samples, so one slow burst is not
-punished twice.
+travels from the engine thread through the replica's HTTP stack and the load balancer to
+the client, and on a busy node that way costs time the engine never sees (on the 2-core
+CPU box, a few ms per token next to an offline backlog). The worker observes the TTFT and
+TPOT of its finished online requests; when their recent p90 passes 0.8x the SLO (aiming
+the p90 below the SLO keeps the P99 near it), the share of the SLO the engine may plan for
+shrinks (x0.8); under 0.6x it grows back (x1.05) up to the SLO itself. Each decision waits
+for fresh samples, so one slow burst is not punished twice.
 """
 
 from __future__ import annotations
