@@ -216,12 +216,16 @@ class WorkerBackend(LocalBackend):
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         start, first = time.monotonic(), None
-        async for out in super().generate(prompt_token_ids, params, request_id):
-            if first is None and out.new_token_ids:
-                first = time.monotonic()
-            if out.finished and first is not None:
-                self.worker.observe(first - start, time.monotonic() - first, out.num_output_tokens)
-            yield out
+        stream = super().generate(prompt_token_ids, params, request_id)
+        try:
+            async for out in stream:
+                if first is None and out.new_token_ids:
+                    first = time.monotonic()
+                if out.finished and first is not None:
+                    self.worker.observe(first - start, time.monotonic() - first, out.num_output_tokens)
+                yield out
+        finally:
+            await stream.aclose()  # left early: the engine request is aborted now, not at GC
 
     async def metrics_text(self) -> str:
         """Every worker's engine figures (from the controller), else this one's."""
@@ -245,9 +249,6 @@ def _host(backend: WorkerBackend) -> None:
 class HostedBackend:
     """Stands in for `WorkerBackend` in the app that Serve pickles into each replica; the
     replica's constructor sets the real one once its engine is up."""
-
-    def model_names(self) -> list[str]:
-        return self._get().model_names()
 
     def _get(self) -> WorkerBackend:
         if _hosted is None:

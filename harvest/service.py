@@ -115,6 +115,9 @@ def start(config: ServiceConfig, ready_timeout_s: float = 300.0) -> dict[str, An
     )
     deadline = time.monotonic() + ready_timeout_s
     while not ray.get(controller.ready.remote()):
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "DEPLOY_FAILED":  # e.g. a model that does not load
+            raise RuntimeError(f"the workers failed to start: {app.message}")
         if time.monotonic() > deadline:
             raise TimeoutError("workers did not come up; see `ray status`, `serve status` and the Ray logs")
         time.sleep(0.2)

@@ -126,3 +126,9 @@ def test_submit_with_a_workload_kind(redis_server, tmp_path):
     assert bad.exit_code == 2 and "nonsense" in bad.output
     missing = runner.invoke(app, ["submit"], env=env)
     assert missing.exit_code == 2 and "--workload" in missing.output
+
+
+def test_up_refuses_a_model_directory_without_a_config_before_starting_anything(tmp_path):
+    result = CliRunner().invoke(app, ["up", "--model", str(tmp_path)])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "--model" in result.output and "config.json" in result.output

@@ -24,7 +24,7 @@ def up(
     model: Path | None = typer.Option(
         None, "--model", help="Local HF model dir; default: the tiny demo model."
     ),
-    workers: int | None = typer.Option(None, "--workers", help="Worker actors; default: one per GPU (or 1)."),
+    workers: int | None = typer.Option(None, "--workers", help="Workers (one Serve replica each); default: one per GPU (or 1)."),
     port: int = typer.Option(8000, "--port", help="HTTP port of the OpenAI-compatible endpoint."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 on a cluster)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="HARVEST_API_KEY", help="Require this key."),
@@ -33,8 +33,12 @@ def up(
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
     from harvest import local_redis, service
+    from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.paths import ensure_default_model
 
+    if model is not None and not (model / "config.json").is_file():
+        console.print(f"[red]--model {model}[/]: not a Hugging Face model directory (no config.json)")
+        raise typer.Exit(EXIT_BAD_INPUT)
     redis_url = os.environ.get("HARVEST_REDIS_URL")
     if redis_url is None:
         with console.status("starting the embedded Redis..."):
@@ -61,7 +65,11 @@ def up(
     )
     service.connect(address)
     with console.status("starting the controller and the workers..."):
-        snapshot = service.start(config)
+        try:
+            snapshot = service.start(config)
+        except (RuntimeError, TimeoutError) as exc:
+            console.print(f"[red]harvest did not come up[/]: {exc}")
+            raise typer.Exit(1) from None
     base = f"http://{host}:{port}"
     console.print(f"[green]harvest is up[/]: {len(snapshot['workers'])} worker(s), model {model_name!r}")
     console.print(f"  endpoint  {base}/v1   (OpenAI-compatible)   redis {redis_url}")
