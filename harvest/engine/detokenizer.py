@@ -1,6 +1,20 @@
-"""Incremental detokenization with stop strings, for requests that stream text."""
+"""Incremental detokenization with stop strings, for requests that stream text.
+
+Output ids are decoded after the last few prompt tokens, which are then cut off. Decoded
+alone, a SentencePiece (Metaspace) tokenizer such as Llama 2's or Mistral's drops the
+leading space of the first token: "▁Paris" reads "Paris", after the prompt " Paris".
+"""
 
 from __future__ import annotations
+
+CONTEXT_TOKENS = 4  # prompt tokens decoded ahead of the output
+
+
+def decode_output(tokenizer, prompt_ids: list[int], output_ids: list[int]) -> str:
+    """The output's text as it reads after its prompt."""
+    context = prompt_ids[-CONTEXT_TOKENS:]
+    prefix = tokenizer.decode(context, skip_special_tokens=True)
+    return tokenizer.decode(context + output_ids, skip_special_tokens=True)[len(prefix) :]
 
 
 class Detokenizer:
@@ -10,13 +24,13 @@ class Detokenizer:
     string; a stop string ends the text (the string itself is not included).
     """
 
-    def __init__(self, tokenizer, stop: list[str] | None = None) -> None:
+    def __init__(self, tokenizer, stop: list[str] | None = None, prompt_ids: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = stop or []
         self.hold_back = max((len(s) for s in self.stop), default=1) - 1
-        self.ids: list[int] = []
+        self.ids: list[int] = list((prompt_ids or [])[-CONTEXT_TOKENS:])  # context, then the output
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.ids)
         self.text = ""  # everything decoded so far (stop string cut off once found)
         self.emitted = 0  # characters of `text` already released
         self.stopped = False

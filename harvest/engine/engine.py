@@ -14,7 +14,7 @@ from harvest.engine.attention import LayerAbort
 from harvest.engine.block_manager import BlockManager
 from harvest.engine.checkpoint import Checkpointer, CheckpointStore, HostCheckpointStore
 from harvest.engine.config import CacheConfig, EngineConfig, Policy, SchedulerConfig, SLOConfig
-from harvest.engine.detokenizer import Detokenizer
+from harvest.engine.detokenizer import Detokenizer, decode_output
 from harvest.engine.latency_model import LatencyModel, profile
 from harvest.engine.metrics import EngineStats, StepMetrics
 from harvest.engine.model_runner import DTYPES, ModelRunner, load_shape
@@ -140,7 +140,7 @@ class Engine:
             raise ValueError("this engine runs the online-only policy: offline requests are not accepted")
         self.requests[req.request_id] = req
         if stream_text or req.params.stop:
-            detok = Detokenizer(self.tokenizer, req.params.stop)
+            detok = Detokenizer(self.tokenizer, req.params.stop, req.prompt_token_ids)
             for token in req.output_token_ids:
                 detok.push(token)
             self._detokenizers[req.request_id] = detok
@@ -301,7 +301,7 @@ class Engine:
             keep = output_ids
             if req.finish_reason is FinishReason.STOP and keep and keep[-1] in self.eos_token_ids:
                 keep = keep[:-1]
-            text = self.tokenizer.decode(keep, skip_special_tokens=True)
+            text = decode_output(self.tokenizer, req.prompt_token_ids, keep)
         metrics = {"arrival_time": req.arrival_time, "finish_time": time.monotonic()}
         if req.first_token_time is not None:
             metrics["first_token_time"] = req.first_token_time

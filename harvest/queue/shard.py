@@ -141,7 +141,7 @@ class ShardRun:
     def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None) -> Result:
         ids = run.all_output_ids
         if text is None or run.resumed:
-            text = self._decode(ids, run.params, reason)
+            text = self._decode(run.prompt_ids, ids, run.params, reason)
         return Result(
             status="completed", text=text, token_ids=ids, finish_reason=reason,
             prompt_tokens=len(run.prompt_ids), completion_tokens=len(ids), resumed_tokens=len(run.resumed),
@@ -149,9 +149,11 @@ class ShardRun:
             latency_s=mono - run.start_mono, worker=self.worker, attempt=self.lease.attempt,
         )  # fmt: skip
 
-    def _decode(self, ids: list[int], params: SamplingParams, reason: str | None) -> str:
+    def _decode(self, prompt: list[int], ids: list[int], params: SamplingParams, reason: str | None) -> str:
         """Text of a resumed request: its stop strings may straddle the resume point."""
-        text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+        from harvest.engine.detokenizer import decode_output
+
+        text = decode_output(self.engine.tokenizer, prompt, ids)
         cuts = [text.find(s) for s in params.stop if s in text]
         return text[: min(cuts)] if cuts and reason == "stop" else text
 
