@@ -262,22 +262,24 @@ class OfflineWorker:
         finally:
             self.stats.add("write", time.perf_counter() - start)
         write_replies, rest = replies[: len(batches)], replies[len(batches) :]
+        dropped: list[tuple[ShardRun, str]] = []
         with self._lock:
             for (run, results), reply in zip(batches, write_replies):
                 if reply in ("lost", "closed"):
-                    self._drop(run, reply)
+                    dropped.append(self._drop(run, reply))
                     continue
                 run.mark_written(list(results))  # 'ok' or 'dup': either way the request has its one result
                 self.stats.results_written += reply.count("ok")
                 self.stats.last_result_at = time.perf_counter()
             for (run, _), reply in zip(progress, rest[: len(progress)]):
                 if reply == "lost":
-                    self._drop(run, reply)
+                    dropped.append(self._drop(run, reply))
             acked = [
                 (run, reply)
                 for run, reply in zip(acks, rest[len(progress) :])
                 if run.lease.key in self.shards
             ]
+        self._release_closed(dropped)
         for run, reply in acked:
             self._acked(run, self.store.after_ack(run.lease, reply))
 
@@ -302,19 +304,23 @@ class OfflineWorker:
             for run in runs:
                 self.store.renew(run.lease, self.config.visibility_timeout_s, client=pipe)
             replies = self._timed("renew", pipe.execute)
-        for run, reply in zip(runs, replies):
-            if reply != "ok":
-                with self._lock:
-                    self._drop(run, reply)
+        with self._lock:
+            dropped = [self._drop(run, reply) for run, reply in zip(runs, replies) if reply != "ok"]
+        self._release_closed(dropped)
 
-    def _drop(self, run: ShardRun, why: str) -> None:
+    def _drop(self, run: ShardRun, why: str) -> tuple[ShardRun, str]:
         """Stop working on a shard: taken over ('lost') or its job cancelled/expired ('closed').
-        Called with the lock held."""
+        Called with the lock held, which the engine loop also takes: the Redis side of it is
+        `_release_closed`, after the lock is let go."""
         log.info("dropping shard %s: %s", run.lease.key, why)
         run.abort()
         self.shards.pop(run.lease.key, None)
-        if why == "closed":
-            self.store.release(run.lease)
+        return run, why
+
+    def _release_closed(self, dropped: list[tuple[ShardRun, str]]) -> None:
+        for run, why in dropped:
+            if why == "closed":
+                self.store.release(run.lease)
 
     def release_all(self) -> None:
         """Graceful stop: write what is finished, give the rest back without spending attempts."""
