@@ -24,7 +24,9 @@ def up(
     model: Path | None = typer.Option(
         None, "--model", help="Local HF model dir; default: the tiny demo model."
     ),
-    workers: int | None = typer.Option(None, "--workers", help="Workers (one Serve replica each); default: one per GPU (or 1)."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Workers (a Serve replica each); default: one per GPU (or 1)."
+    ),
     port: int = typer.Option(8000, "--port", help="HTTP port of the OpenAI-compatible endpoint."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 on a cluster)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="HARVEST_API_KEY", help="Require this key."),

@@ -60,17 +60,19 @@ def _transformers_serve(model: Path, arrivals, port: int) -> tuple[list[dict], f
 
 
 def _harvest(
-    model: Path, arrivals, backlog: int, offline_tokens: int, tmp: Path, slo: dict[str, float]
+    model: Path, arrivals, backlog: int, offline_tokens: int, redis_dir: Path, slo: dict[str, float]
 ) -> tuple[list[dict], float, list[dict], float, float]:
     """The trace alone, then next to the backlog with `slo` as harvest's online targets;
-    returns (alone, alone seconds, with offline, seconds, offline tokens/s)."""
+    returns (alone, alone seconds, with offline, seconds, offline tokens/s). `redis_dir`
+    must be fresh: a Redis that loads an earlier round's append-only file starts out
+    holding that round's jobs and results, and the rounds would not be alike."""
     import ray
 
     from harvest import service
     from harvest.client import HarvestClient
     from harvest.local_redis import private_redis
 
-    with private_redis(tmp) as redis_url, local_ray():
+    with private_redis(redis_dir) as redis_url, local_ray():
         try:
             base = start_service(model, redis_url)
             asyncio.run(_replay_http(base, "bench", arrivals[:3], 1))  # warm-up, as for the peer
@@ -99,7 +101,7 @@ def _harvest(
             service.stop()
 
 
-def _round(model: Path, arrivals, cfg: dict, tmp: Path, label: str) -> tuple[dict, dict]:
+def _round(model: Path, arrivals, cfg: dict, redis_dir: Path, label: str) -> tuple[dict, dict]:
     """One measurement of every system on the same trace: (summaries, latency samples)."""
     with console.status(f"{label}transformers serve --continuous-batching: the online trace alone..."):
         peer_results, peer_s = _transformers_serve(model, arrivals, free_port())
@@ -108,7 +110,7 @@ def _round(model: Path, arrivals, cfg: dict, tmp: Path, label: str) -> tuple[dic
     slo = {"ttft_s": peer["ttft_p99_s"], "tpot_s": peer["tpot_p99_s"]}
     with console.status(f"{label}harvest: the same trace alone, then next to an offline backlog..."):
         alone, alone_s, ours, ours_s, offline_rate = _harvest(
-            model, arrivals, cfg["backlog"], cfg["offline_output"], tmp, slo
+            model, arrivals, cfg["backlog"], cfg["offline_output"], redis_dir, slo
         )
     systems = {
         "transformers-serve": {**peer, "offline_tokens_per_s": 0.0},
@@ -158,7 +160,9 @@ def run(quick: bool, out: Path, repeat: int = 1) -> dict:
         model = make_tiny(tmp / "model", "llama", hidden=cfg["hidden"], layers=cfg["layers"], heads=4)
         for i in range(repeat):
             label = f"round {i + 1}/{repeat}: " if repeat > 1 else ""
-            systems, round_samples = _round(model, arrivals, cfg, tmp, label)
+            redis_dir = tmp / f"redis-{i + 1}"
+            redis_dir.mkdir()
+            systems, round_samples = _round(model, arrivals, cfg, redis_dir, label)
             rounds.append(systems)
             for name, results in round_samples.items():
                 samples.setdefault(name, []).extend(results)
