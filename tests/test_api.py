@@ -82,7 +82,8 @@ def expected_text(reference: Engine, prompt: str | list[int], params: SamplingPa
     tail that a one-shot decode would print as U+FFFD, so compare on the same rendering.
     """
     out = reference.generate([prompt], params)[0]
-    detok = Detokenizer(reference.tokenizer)
+    prompt_ids = reference.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    detok = Detokenizer(reference.tokenizer, prompt_ids=prompt_ids)  # as the engine decodes it
     for token in out.token_ids:
         detok.push(token)
     detok.flush()
