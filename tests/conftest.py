@@ -101,13 +101,15 @@ def queue_engine(tiny_model):
 
 @pytest.fixture
 def make_job(queue_store):
-    """make_job(n, shard_size=..., max_tokens=..., **JobOptions fields) -> id of an in_progress job."""
+    """make_job(n, shard_size=..., max_tokens=..., sampling=body defaults, **JobOptions fields) -> id of an
+    in_progress job."""
     from harvest.queue import JobOptions
     from harvest.queue.inputs import read_items
     from harvest.queue.submit import submit
 
-    def make(n: int, shard_size: int = 4, max_tokens: int = 4, **options) -> str:
-        defaults = {"max_tokens": max_tokens, "temperature": 0}
+    def make(n: int, shard_size: int = 4, max_tokens: int = 4, sampling: dict | None = None,
+             **options) -> str:  # fmt: skip
+        defaults = {"max_tokens": max_tokens, "temperature": 0, **(sampling or {})}
         opts = JobOptions(shard_size=shard_size, defaults=defaults, **options)
         prompts = [f"prompt number {i}" for i in range(n)]
         return submit(queue_store, lambda: read_items(prompts, opts.defaults), opts)

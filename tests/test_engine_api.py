@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from harvest.engine import FinishReason, SamplingParams
@@ -33,6 +35,18 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     other_seed = engine.generate([prompts[1]], SamplingParams(max_tokens=10, temperature=1.0, seed=99))[0]
     assert alone == batched
     assert other_seed.token_ids != alone
+
+
+def test_seeded_request_fed_its_own_output_continues_the_same(engine):
+    """How the offline queue resumes on another worker: prompt + output so far, fewer tokens."""
+    (prompt,) = make_prompts(engine, [7])
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    full = engine.generate([prompt], params)[0].token_ids
+    rest = engine.generate([prompt + full[:5]], replace(params, max_tokens=7))[0]
+    assert rest.token_ids == full[5:]
+    unseeded = replace(params, seed=None)
+    first, second = (engine.generate([prompt], unseeded)[0].token_ids for _ in range(2))
+    assert first != second  # no seed: a fresh random one per request
 
 
 def test_top_k_one_is_greedy(engine):

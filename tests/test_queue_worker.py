@@ -130,6 +130,21 @@ def test_resumed_request_continues_where_it_stopped(queue_store, queue_engine, m
     assert results[0].text == queue_engine.tokenizer.decode(full[0], skip_special_tokens=True)
 
 
+def test_seeded_sampled_request_resumes_as_if_uninterrupted(queue_store, queue_engine, make_job):
+    sampling = {"temperature": 1.0, "top_p": 0.9, "seed": 11, "ignore_eos": True}
+    job_id = make_job(2, shard_size=2, max_tokens=24, sampling=sampling)
+    params = SamplingParams(max_tokens=24, **sampling)
+    full = [o.token_ids for o in queue_engine.generate(["prompt number 0", "prompt number 1"], params)]
+    (lease,) = queue_store.lease("crashed", visibility_s=0.05)
+    assert queue_store.save_progress(lease, {0: Progress(full[0][:10]), 1: Progress(full[1][:3])}) == "ok"
+    run_local(
+        queue_store, queue_engine, WorkerConfig(idle_poll_s=0.02), stop=lambda: terminal(queue_store, job_id)
+    )
+    results = [r.result for r in iter_results(queue_store, job_id)]
+    assert [r.resumed_tokens for r in results] == [10, 3]
+    assert [r.token_ids for r in results] == full  # the new worker draws the same tokens
+
+
 def test_worker_killed_mid_shard(redis_server, queue_client, queue_engine, tiny_model):
     store = queue_client.store
     # per shard: two short requests finish (and are written) early, four long ones are mid-way at the kill

@@ -226,7 +226,8 @@ class Engine:
         sampling = [r for r, n in pairs if r.num_computed_tokens + n == r.num_tokens]
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
-        token_ids = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        token_ids = sample(logits, [r.params for r in sampling], [r.seed for r in sampling],
+                           [r.num_tokens for r in sampling])  # fmt: skip
         now = time.monotonic()
         outputs = []
         for req, token in zip(sampling, token_ids):

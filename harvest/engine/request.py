@@ -8,9 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
-from harvest.engine.sampling import SamplingParams, make_generator
+from harvest.engine.sampling import SamplingParams, request_seed
 
 
 class RequestClass(str, enum.Enum):
@@ -61,7 +59,7 @@ class Request:
         self.block_table: list[int] = []
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
-        self.generator: torch.Generator | None = make_generator(params)
+        self.seed: int | None = request_seed(params)  # what each sampled token is drawn from
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
@@ -100,7 +98,6 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def export_state(self) -> RequestState:
-        gen = self.generator
         return RequestState(
             request_id=self.request_id,
             token_ids=list(self.token_ids),
@@ -110,7 +107,7 @@ class Request:
             arrival_time=self.arrival_time,
             checkpointed_tokens=self.checkpointed_tokens,
             num_preemptions=self.num_preemptions,
-            generator_state=gen.get_state().numpy().tobytes() if gen is not None else None,
+            seed=self.seed,
         )
 
     @classmethod
@@ -121,8 +118,8 @@ class Request:
         req.token_ids = list(state.token_ids)
         req.checkpointed_tokens = state.checkpointed_tokens
         req.num_preemptions = state.num_preemptions
-        if req.generator is not None and state.generator_state is not None:
-            req.generator.set_state(torch.frombuffer(bytearray(state.generator_state), dtype=torch.uint8))
+        if state.seed is not None:
+            req.seed = state.seed
         return req
 
     def __repr__(self) -> str:
@@ -156,8 +153,8 @@ class RequestOutput:
 @dataclass
 class RequestState:
     """Everything needed to continue a request on another engine: tokens so far, sampling
-    parameters and RNG state, and how many leading tokens the checkpoint store holds (the
-    store is keyed by `request_id`)."""
+    parameters and seed, and how many leading tokens the checkpoint store holds (the store
+    is keyed by `request_id`)."""
 
     request_id: str
     token_ids: list[int]
@@ -167,4 +164,4 @@ class RequestState:
     arrival_time: float
     checkpointed_tokens: int = 0
     num_preemptions: int = 0
-    generator_state: bytes | None = None
+    seed: int | None = None  # a request without its own seed keeps the random one it drew
