@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 COLORS = {
     "online-only": "tab:gray",
@@ -25,6 +27,14 @@ def _cdf(ax, values: list[float], label: str, color: str | None) -> None:
     ax.step(xs, ys, where="post", label=label, color=color)
 
 
+def _ms_label(x: float, _pos) -> str:
+    """Log-axis tick labels in plain ms, on 1, 2 and 5 of each decade only (no overlaps)."""
+    if x <= 0:
+        return ""
+    lead = round(x / 10 ** math.floor(math.log10(x) + 1e-9))
+    return f"{x:g}" if lead in (1, 2, 5) else ""
+
+
 def plot_latency_cdfs(latency: dict[str, dict[str, list[float]]], slo: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, values in latency.items():
@@ -34,11 +44,13 @@ def plot_latency_cdfs(latency: dict[str, dict[str, list[float]]], slo: dict | No
         if slo:
             ax.axvline(slo[key] * 1e3, color="black", linestyle="--", linewidth=1, label="SLO")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(_ms_label))
+        ax.xaxis.set_minor_formatter(FuncFormatter(_ms_label))
         ax.set_xlabel(f"{title} (ms, log)")
         ax.set_ylabel("fraction of online requests")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Online latency CDFs per policy")
+    fig.suptitle("Online latency CDFs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
