@@ -73,6 +73,7 @@ def test_bench_peers_quick(tmp_path):
         _finite(s, ("ttft_p99_s", "tpot_p99_s", "online_tokens_per_s", "offline_tokens_per_s"))
         assert s["failed"] == 0, name
     assert systems["harvest"]["offline_tokens_per_s"] > 0
+    assert 0 <= systems["harvest"]["offline_requests_completed"] <= data["config"]["backlog"]
     assert systems["harvest"]["empty"] == 0  # ignore_eos: every harvest request streams tokens
     # two rounds, systems interleaved: the reported figures are the median round's
     assert len(data["rounds"]) == 2

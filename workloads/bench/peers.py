@@ -61,9 +61,10 @@ def _transformers_serve(model: Path, arrivals, port: int) -> tuple[list[dict], f
 
 def _harvest(
     model: Path, arrivals, backlog: int, offline_tokens: int, redis_dir: Path, slo: dict[str, float]
-) -> tuple[list[dict], float, list[dict], float, float]:
+) -> tuple[list[dict], float, list[dict], float, float, int]:
     """The trace alone, then next to the backlog with `slo` as harvest's online targets;
-    returns (alone, alone seconds, with offline, seconds, offline tokens/s). `redis_dir`
+    returns (alone, alone seconds, with offline, seconds, offline tokens/s, offline requests
+    completed). `redis_dir`
     must be fresh: a Redis that loads an earlier round's append-only file starts out
     holding that round's jobs and results, and the rounds would not be alike."""
     import ray
@@ -95,8 +96,9 @@ def _harvest(
             results = asyncio.run(_replay_http(base, "bench", arrivals, 0))
             duration = time.monotonic() - start
             after = generated_tokens(service)[1]
+            completed = client.get(job.id).request_counts.completed
             client.cancel(job.id)
-            return alone, alone_s, results, duration, (after - before) / duration
+            return alone, alone_s, results, duration, (after - before) / duration, completed
         finally:
             service.stop()
 
@@ -109,12 +111,17 @@ def _round(model: Path, arrivals, cfg: dict, redis_dir: Path, label: str) -> tup
     # harvest is told to keep what the peer gives: its P99s become harvest's online SLO
     slo = {"ttft_s": peer["ttft_p99_s"], "tpot_s": peer["tpot_p99_s"]}
     with console.status(f"{label}harvest: the same trace alone, then next to an offline backlog..."):
-        alone, alone_s, ours, ours_s, offline_rate = _harvest(
+        alone, alone_s, ours, ours_s, offline_rate, completed = _harvest(
             model, arrivals, cfg["backlog"], cfg["offline_output"], redis_dir, slo
         )
     systems = {
         "transformers-serve": {**peer, "offline_tokens_per_s": 0.0},
-        "harvest": {**_summary(ours, ours_s), "offline_tokens_per_s": offline_rate},
+        "harvest": {
+            **_summary(ours, ours_s),
+            "offline_tokens_per_s": offline_rate,
+            # of the backlog, sized to outlast the trace: every online request meets offline work
+            "offline_requests_completed": completed,
+        },
         # the same trace through harvest with no offline work: how much of any gap is the
         # serving path (HTTP -> HAProxy -> the worker replica) rather than co-serving
         "harvest-alone": {**_summary(alone, alone_s), "offline_tokens_per_s": 0.0},
