@@ -10,6 +10,7 @@ jobs finish on the same engine. Stops what it started at the end.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import statistics
 import threading
@@ -52,6 +53,8 @@ def demo(
     from workloads.registry import build_requests, sample_dataset
 
     transformers.utils.logging.disable_progress_bar()
+    # Serve's start-up lines would break into the live view (a filter: Serve resets the level)
+    logging.getLogger("ray.serve").addFilter(lambda record: record.levelno >= logging.WARNING)
     started_redis = "HARVEST_REDIS_URL" not in os.environ
     redis_url = os.environ.get("HARVEST_REDIS_URL") or local_redis.start()
     with console.status("building the tiny demo model (once, about a minute)..."):
