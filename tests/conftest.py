@@ -101,8 +101,8 @@ def queue_engine(tiny_model):
 
 @pytest.fixture
 def make_job(queue_store):
-    """make_job(n, shard_size=..., max_tokens=..., sampling=body defaults, **JobOptions fields) -> id of an
-    in_progress job."""
+    """make_job(n, shard_size=..., max_tokens=..., sampling={body defaults}, **JobOptions fields)
+    -> id of an in_progress job."""
     from harvest.queue import JobOptions
     from harvest.queue.inputs import read_items
     from harvest.queue.submit import submit

@@ -64,9 +64,8 @@ def _harvest(
 ) -> tuple[list[dict], float, list[dict], float, float, int]:
     """The trace alone, then next to the backlog with `slo` as harvest's online targets;
     returns (alone, alone seconds, with offline, seconds, offline tokens/s, offline requests
-    completed). `redis_dir`
-    must be fresh: a Redis that loads an earlier round's append-only file starts out
-    holding that round's jobs and results, and the rounds would not be alike."""
+    completed). `redis_dir` must be fresh: a Redis that loads an earlier round's append-only
+    file starts out holding that round's jobs and results, and the rounds would not be alike."""
     import ray
 
     from harvest import service
