@@ -59,6 +59,10 @@ SERVE_ENV = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # no load balancer to deregister from
     "RAY_worker_niceness": "0",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # A request whose worker dies before answering (the connection closes with no response)
+    # or answers 503 (its engine loop is gone) is retried on another worker: the client sees
+    # no error. A request that already streamed tokens cannot be retried, and is not.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response 503",
 }
 
 

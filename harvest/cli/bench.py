@@ -14,6 +14,7 @@ SUITES = {
     "e2e": "workloads.bench.e2e",
     "peers": "workloads.bench.peers",
     "queue": "workloads.bench.queue",
+    "chaos": "workloads.bench.chaos",
 }
 
 

@@ -41,7 +41,7 @@ def machine_info() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def local_ray():
+def local_ray(num_cpus: int | None = None):
     """Ray for a benchmark: a local instance, unless this process is already connected."""
     import ray
 
@@ -50,7 +50,13 @@ def local_ray():
     owned = not ray.is_initialized()
     if owned:
         use_serve_env()
-        ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
+        ray.init(
+            namespace="harvest",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="error",
+        )
     try:
         yield ray
     finally:
