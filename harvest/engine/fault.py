@@ -61,12 +61,13 @@ def isolate_forward(
         for half in (rows[:mid], rows[mid:]):
             try:
                 execute([requests[i] for i in half], [num_new_tokens[i] for i in half])
+                worked = True
+                continue
             except Exception as half_error:
                 if is_engine_fault(half_error):
                     raise
-                bisect(half, half_error)
-            else:
-                worked = True
+                failed = half_error
+            bisect(half, failed)  # outside the handler: errors deeper down do not chain onto this one
 
     bisect(list(range(len(requests))), error)
     # no culprit: the batch fails only as a whole, and would fail again next step
