@@ -106,8 +106,9 @@ class EngineLoop:
         """Add a request from any thread; returns its id.
 
         `on_output` is called on the loop thread for each of the request's step outputs
-        (the last has `.finished`); it must be quick and must not block. If the loop stops
-        or dies first, `on_error` gets an `EngineLoopError`. Raises `EngineLoopError` when
+        (the last has `.finished`; finish reason `error`, with `.error`, when the engine
+        failed on this request alone); it must be quick and must not block. If the loop
+        stops or dies first, `on_error` gets an `EngineLoopError`. Raises `EngineLoopError` when
         the loop is not running and `ValueError` for a request the engine refuses.
         """
         request_id = request_id or uuid.uuid4().hex
