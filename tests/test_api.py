@@ -326,14 +326,15 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(tiny_model)
     served = serve(tiny_model)
     forwards = 0
 
-    def fail_fifth_forward(module, args) -> None:
+    def fail_from_fifth_forward(module, args) -> None:
+        # a device that stays lost: a fault that fails once is blamed on its request instead
         nonlocal forwards
         forwards += 1
-        if forwards == 5:
+        if forwards >= 5:
             raise RuntimeError("device lost")
 
     layer = served.engine.runner.model.model.layers[0]
-    handle = layer.register_forward_pre_hook(fail_fifth_forward)
+    handle = layer.register_forward_pre_hook(fail_from_fifth_forward)
     try:
         with TestClient(served.app) as client:
             # greedy: sampled tokens may all be pieces of one character, i.e. no text yet

@@ -1,7 +1,8 @@
 """One request's run on the backend, as the HTTP handlers see it.
 
 The first output is awaited before any response starts, so a backend that refuses the
-request still gets a proper status code (503, 400) instead of a broken 200 stream.
+request still gets a proper status code (503, 400, or 500 when the engine failed on it at
+once) instead of a broken 200 stream.
 From then on the request must end in the engine however the client behaves: `close()`
 aborts it unless it finished, and handlers call it on every path.
 """
@@ -51,6 +52,9 @@ class Generation:
         except BaseException:
             backend.abort(request_id)
             raise
+        if first.finish_reason is FinishReason.ERROR:
+            await outputs.aclose()
+            raise engine_error(first)
         return cls(backend, request_id, len(inputs.prompt_token_ids), outputs, first)
 
     @property
@@ -58,7 +62,8 @@ class Generation:
         return self.final is not None
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        """Outputs up to the finished one; `BackendUnavailable` if the server aborted it."""
+        """Outputs up to the finished one; `BackendUnavailable` if the server aborted it,
+        `APIError` (500) if the engine failed on it."""
         if self._first is not None:
             first, self._first = self._first, None
             yield self._check(first)
@@ -76,6 +81,8 @@ class Generation:
             if out.finish_reason is FinishReason.ABORT:
                 # nobody here asked for it: the worker was stopped or drained
                 raise BackendUnavailable("the request was aborted by the server")
+            if out.finish_reason is FinishReason.ERROR:
+                raise engine_error(out)
         return out
 
     async def collect(self, request: Request | None = None) -> RequestOutput:
@@ -116,6 +123,12 @@ class Generation:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def engine_error(out: RequestOutput) -> APIError:
+    """This request (alone: the engine serves on) failed inside the engine."""
+    message = f"The server had an error while processing your request: {out.error or 'unknown error'}"
+    return APIError(500, message, type="server_error", code="engine_error")
 
 
 def error_event_body(exc: BaseException) -> dict:

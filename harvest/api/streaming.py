@@ -16,6 +16,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from harvest.api.backend import BackendUnavailable
+from harvest.api.errors import APIError
 from harvest.api.generation import Generation, error_event_body
 from harvest.api.schemas import (
     ChatChunkChoice,
@@ -70,7 +71,7 @@ async def completion_events(gen: Generation, model: str, include_usage: bool) ->
             usage = Usage.of(*gen.usage_tokens())
             yield sse(CompletionResponse(id=gen.request_id, created=gen.created, model=model, choices=[],
                                          usage=usage))  # fmt: skip
-    except BackendUnavailable as exc:
+    except (BackendUnavailable, APIError) as exc:  # the server stopped, or failed on this request
         yield sse(error_event_body(exc))
     yield DONE
 
@@ -92,6 +93,6 @@ async def chat_events(gen: Generation, model: str, include_usage: bool) -> Async
             usage = Usage.of(*gen.usage_tokens())
             yield sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=model, choices=[],
                                           usage=usage))  # fmt: skip
-    except BackendUnavailable as exc:
+    except (BackendUnavailable, APIError) as exc:  # the server stopped, or failed on this request
         yield sse(error_event_body(exc))
     yield DONE

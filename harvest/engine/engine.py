@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from harvest.engine.block_manager import BlockManager
 from harvest.engine.checkpoint import Checkpointer, CheckpointStore, HostCheckpointStore
 from harvest.engine.config import CacheConfig, EngineConfig, Policy, SchedulerConfig, SLOConfig
 from harvest.engine.detokenizer import Detokenizer, decode_output
+from harvest.engine.fault import describe, is_engine_fault, isolate_forward, sample_rows
 from harvest.engine.latency_model import LatencyModel, profile
 from harvest.engine.metrics import EngineStats, StepMetrics
 from harvest.engine.model_runner import DTYPES, ModelRunner, load_shape
@@ -31,6 +33,8 @@ from harvest.engine.scheduler import ScheduledBatch, Scheduler
 
 CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes")
 SCHEDULER_KEYS = ("max_num_batched_tokens", "max_num_seqs", "policy", "slo")
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -199,6 +203,14 @@ class Engine:
             # keys/values written so far sit in slots past num_computed_tokens
             self._record(batch, start, restored, aborted=True)
             return outputs
+        except Exception as exc:
+            if is_engine_fault(exc):
+                raise
+            # as after a layer abort nothing was committed: the requests that made the forward
+            # fail end with an error, everybody else runs this step again next time
+            outputs += self._isolate(batch, exc)
+            self._record(batch, start, restored, aborted=True)
+            return outputs
         outputs += self._update(batch, logits)
         checkpointed = self._checkpoint()
         self._record(batch, start, restored, checkpointed=checkpointed)
@@ -221,21 +233,35 @@ class Engine:
         self.checkpointer.poll()
         return saved
 
+    def _isolate(self, batch: ScheduledBatch, error: Exception) -> list[RequestOutput]:
+        """Finish the requests whose forward fails alone with an error (see fault.py)."""
+        culprits = isolate_forward(self.runner.execute, batch.requests, batch.num_new_tokens, error)
+        return [self._fail(self.requests[rid], exc) for rid, exc in culprits.items()]
+
     def _update(self, batch: ScheduledBatch, logits) -> list[RequestOutput]:
         pairs = zip(batch.requests, batch.num_new_tokens)
         sampling = [r for r, n in pairs if r.num_computed_tokens + n == r.num_tokens]
+        # what can fail runs before anything is committed, and per request: a request whose
+        # sampling or detokenizer raises ends with an error, alone
+        token_ids, errors = sample_rows(sample, logits, sampling)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
-        token_ids = sample(logits, [r.params for r in sampling], [r.seed for r in sampling],
-                           [r.num_tokens for r in sampling])  # fmt: skip
         now = time.monotonic()
         outputs = []
         for req, token in zip(sampling, token_ids):
+            detok = self._detokenizers.get(req.request_id)
+            error = errors.get(req.request_id)
+            if error is None:
+                try:
+                    delta = detok.push(token) if detok is not None else ""
+                except Exception as exc:  # a detokenizer holds one request's text: its fault alone
+                    error = exc
+            if error is not None:
+                outputs.append(self._fail(req, error))
+                continue
             req.token_ids.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
-            detok = self._detokenizers.get(req.request_id)
-            delta = detok.push(token) if detok is not None else ""
             reason = self._finish_reason(req, token, detok)
             if reason is not None:
                 self._finish(req, reason)
@@ -243,8 +269,9 @@ class Engine:
             else:
                 text = detok.text[: detok.emitted] if detok is not None else ""
                 outputs.append(RequestOutput(req.request_id, [token], req.output_token_ids, text, delta))
-        if req_count := len(sampling):
-            online = sum(r.is_online for r in sampling)
+        sampled = [r for r in sampling if r.finish_reason is not FinishReason.ERROR]
+        if req_count := len(sampled):
+            online = sum(r.is_online for r in sampled)
             self.stats.generated_online += online
             self.stats.generated_offline += req_count - online
         return outputs
@@ -289,13 +316,20 @@ class Engine:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        log.warning("request %s failed in the engine: %s", req.request_id, describe(error), exc_info=error)
+        self._finish(req, FinishReason.ERROR)
+        return self._final_output(req, error=describe(error))
+
     def _final_output(
-        self, req: Request, new_token_ids: list[int] | None = None, delta: str = ""
+        self, req: Request, new_token_ids: list[int] | None = None, delta: str = "", error: str | None = None
     ) -> RequestOutput:
         self.requests.pop(req.request_id, None)
         detok = self._detokenizers.pop(req.request_id, None)
         output_ids = req.output_token_ids
-        if detok is not None:
+        if error is not None:
+            text = ""  # decoding may be what failed: the error is the answer
+        elif detok is not None:
             delta += detok.flush()
             text = detok.text
         else:
@@ -318,6 +352,7 @@ class Engine:
             num_output_tokens=req.num_output_tokens,
             num_preemptions=req.num_preemptions,
             metrics=metrics,
+            error=error,
         )
 
     # ------------------------------------------------------------------ convenience

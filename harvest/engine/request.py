@@ -26,6 +26,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos, stop token or stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"
+    ERROR = "error"  # the request's own step failed (see engine/fault.py); `RequestOutput.error` says how
 
 
 _creation = itertools.count()
@@ -148,6 +149,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_preemptions: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # why a request finished with `FinishReason.ERROR`
 
 
 @dataclass

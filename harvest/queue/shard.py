@@ -136,6 +136,12 @@ class ShardRun:
         if "first_token_time" in out.metrics:
             run.ttft_s = out.metrics["first_token_time"] - run.start_mono
         reason = out.finish_reason.value if out.finish_reason is not None else None
+        if reason == "error":  # the engine failed on this request alone: its line's error record
+            self.results[run.index] = Result.error(
+                "engine_error", out.error or "the engine failed on this request", started_at=run.started_at,
+                finished_at=time.time(), ttft_s=run.ttft_s, latency_s=mono - run.start_mono,
+                worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+            return
         self.results[run.index] = self._result(run, reason, mono, out.text)
 
     def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None) -> Result:

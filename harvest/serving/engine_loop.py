@@ -106,8 +106,9 @@ class EngineLoop:
         """Add a request from any thread; returns its id.
 
         `on_output` is called on the loop thread for each of the request's step outputs
-        (the last has `.finished`); it must be quick and must not block. If the loop stops
-        or dies first, `on_error` gets an `EngineLoopError`. Raises `EngineLoopError` when
+        (the last has `.finished`; finish reason `error`, with `.error`, when the engine
+        failed on this request alone); it must be quick and must not block. If the loop
+        stops or dies first, `on_error` gets an `EngineLoopError`. Raises `EngineLoopError` when
         the loop is not running and `ValueError` for a request the engine refuses.
         """
         request_id = request_id or uuid.uuid4().hex
@@ -207,8 +208,10 @@ class EngineLoop:
                 self._progress_time = time.monotonic()
                 self._pace(started)
         except BaseException as exc:
-            log.exception("engine loop died")
+            # a request's own fault ends that request inside the engine (engine/fault.py):
+            # what reaches here is the engine's, so the replica is unhealthy from now on
             self._error = exc
+            log.exception("engine loop died")
         finally:
             self._fail_pending()
 
@@ -289,8 +292,8 @@ class EngineLoop:
         return time.monotonic() - self._progress_time
 
     def healthy(self, max_stall_s: float = 30.0) -> bool:
-        """False if the thread is gone, or it has work but no step finished for `max_stall_s`."""
-        if not self.running:
+        """False if the thread is gone or dying, or it has work but no step finished for `max_stall_s`."""
+        if self._error is not None or not self.running:
             return False
         # the age of an idle loop says nothing: it has been waiting, not stuck
         if self._idle or self.last_step_age_s() <= max_stall_s:
@@ -313,6 +316,7 @@ class EngineLoop:
         return {
             "running": self.running,
             "healthy": self.healthy(max_stall_s),
+            "error": None if self._error is None else self._why_not_running(),
             "loop_steps": self._steps,
             "last_step_age_s": self.last_step_age_s(),
             "pending_online": pending[RequestClass.ONLINE.value],
