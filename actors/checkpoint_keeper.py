@@ -80,6 +80,10 @@ class CheckpointKeeper:
         self.refs.pop(key, None)  # the refs go out of scope: Ray frees the objects
         self.closed.add(key)
 
+    def drop_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.drop(key)
+
     def stats(self) -> dict[str, int]:
         return {
             "keys": len(self.refs),
@@ -107,8 +111,10 @@ def keeper_for_this_node() -> tuple[str, Any]:
 
     node_id = ray.get_runtime_context().get_node_id()
     name = keeper_name(node_id)
+    # no task events: every call would be kept in the GCS (up to 100,000 of them), and workers
+    # call the keeper several times a second for as long as they run
     handle = (
-        ray.remote(num_cpus=0, max_concurrency=64)(CheckpointKeeper)
+        ray.remote(num_cpus=0, max_concurrency=64, enable_task_events=False)(CheckpointKeeper)
         .options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                  scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         .remote()
@@ -138,14 +144,17 @@ class RayCheckpointStore(HostCheckpointStore):
 
     def _ship(self) -> None:
         while True:
-            items = [self._outbox.get()]
+            queued = [self._outbox.get()]
             time.sleep(self.ship_interval_s)
             while not self._outbox.empty():
-                items.append(self._outbox.get_nowait())
-            items = [item for item in items if self.num_blocks(item[0])]  # not finished meanwhile
-            if not items:
-                continue
-            self.keeper.put_many.remote([(k, first, *_pack(c)) for k, first, c in _join_runs(items)])
+                queued.append(self._outbox.get_nowait())
+            drops = [key for key, first, _ in queued if first is None]
+            # a chunk of a request that finished meanwhile is not worth shipping
+            items = [item for item in queued if item[1] is not None and self.num_blocks(item[0])]
+            if items:
+                self.keeper.put_many.remote([(k, first, *_pack(c)) for k, first, c in _join_runs(items)])
+            if drops:  # a put of these still in flight finds them closed
+                self.keeper.drop_many.remote(drops)
 
     def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
         super().put(key, first_block, chunk)
@@ -153,7 +162,7 @@ class RayCheckpointStore(HostCheckpointStore):
 
     def drop(self, key: str) -> None:
         super().drop(key)
-        self.keeper.drop.remote(key)
+        self._outbox.put((key, None, None))  # one call per interval for every request that ended
 
     def handle(self, key: str) -> str:
         return f"{self.name}|{key}"

@@ -151,4 +151,7 @@ class HarvestController:
 
 
 def controller_actor():
-    return ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=16)(HarvestController)
+    # no task events: each worker's heartbeats (4 a second) would pile up in the GCS
+    return ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=16, enable_task_events=False)(
+        HarvestController
+    )
