@@ -15,6 +15,7 @@ SUITES = {
     "peers": "workloads.bench.peers",
     "queue": "workloads.bench.queue",
     "chaos": "workloads.bench.chaos",
+    "soak": "workloads.bench.soak",
 }
 
 
@@ -26,6 +27,9 @@ def bench(
     repeat: int = typer.Option(
         1, "--repeat", min=1, help="peers only: measure N rounds, the systems interleaved; report the median."
     ),
+    minutes: float | None = typer.Option(
+        None, "--minutes", min=0.5, help="soak only: how long to run (default 10, --quick 2)."
+    ),
 ) -> None:
     """Run a benchmark suite: prints a table, writes OUT/SUITE.json and PNG plots."""
     if suite not in SUITES:
@@ -35,5 +39,7 @@ def bench(
     if repeat != 1 and suite != "peers":
         raise typer.BadParameter("only the peers suite repeats its rounds", param_hint="--repeat")
     out.mkdir(parents=True, exist_ok=True)
-    options = {"repeat": repeat} if suite == "peers" else {}
+    if minutes is not None and suite != "soak":
+        raise typer.BadParameter("only the soak suite takes --minutes", param_hint="--minutes")
+    options = {"repeat": repeat} if suite == "peers" else {"minutes": minutes} if suite == "soak" else {}
     import_module(SUITES[suite]).run(quick=quick, out=out, **options)

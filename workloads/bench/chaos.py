@@ -22,151 +22,20 @@ shard needs. The rule under test: a fault costs exactly what caused it.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import json
 import os
-import shutil
 import signal
-import subprocess
 import tempfile
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harvest.local_redis import wait_up
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
+from workloads.bench.load import OnlineLoad, longest_gap
+from workloads.bench.redis_process import RedisProcess
 
 MODEL_NAME = "chaos"
 PHASES = ("baseline", "worker", "redis", "controller", "serve-controller")
-
-
-class RedisProcess:
-    """A redis-server with an append-only file that can be SIGKILLed and started again
-    on the same port and data dir (what a supervisor such as systemd would do)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "redis-server"
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_up(self.url, timeout_s=30)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
-@dataclass
-class OnlineRequest:
-    start: float
-    end: float = 0.0
-    ok: bool = False
-    status: int | None = None
-    tokens: int = 0
-    got_tokens: bool = False  # something had streamed before it ended
-    error: str | None = None
-
-
-@dataclass
-class OnlineLoad:
-    """`clients` streaming clients sending back-to-back completions until `stop` is set."""
-
-    base: str
-    clients: int
-    max_tokens: int
-    requests: list[OnlineRequest] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)  # monotonic arrival of each streamed chunk
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> threading.Thread:
-        thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="online-load", daemon=True)
-        thread.start()
-        return thread
-
-    async def _main(self) -> None:
-        import httpx
-
-        async with httpx.AsyncClient(base_url=self.base, timeout=60) as client:
-            await asyncio.gather(*(self._client(client, i) for i in range(self.clients)))
-
-    async def _client(self, client, index: int) -> None:
-        import httpx
-
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            body = {
-                "model": MODEL_NAME,
-                "prompt": f"client {index} asks question {n} about the mill",
-                "max_tokens": self.max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-            }
-            req = OnlineRequest(start=time.monotonic())
-            self.requests.append(req)
-            try:
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    req.status = r.status_code
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            req.error = event["error"].get("message")
-                        elif any(c.get("text") for c in event.get("choices", [])):
-                            req.tokens += 1
-                            req.got_tokens = True
-                            self.token_times.append(time.monotonic())
-                req.ok = r.status_code == 200 and req.error is None and req.tokens > 0
-                if r.status_code != 200:
-                    req.error = f"HTTP {r.status_code}"
-            except (httpx.HTTPError, json.JSONDecodeError) as exc:
-                req.error = f"{type(exc).__name__}: {exc}"
-            req.end = time.monotonic()
-            if not req.ok:
-                await asyncio.sleep(0.1)  # a client backs off a little after an error
-
-
-def longest_gap(times: list[float], start: float, end: float) -> float:
-    """The longest stretch in [start, end] with no online token delivered."""
-    inside = [t for t in sorted(times) if start <= t <= end]
-    edges = [start, *inside, end]
-    return max(b - a for a, b in itertools.pairwise(edges))
 
 
 def _config(quick: bool) -> dict[str, Any]:
@@ -395,7 +264,7 @@ def run(quick: bool, out: Path) -> dict:
             with local_ray(num_cpus=max(4, os.cpu_count() or 1)):
                 with console.status("starting the service (2 workers)..."):
                     base = _start_service(model, redis.url, cfg)
-                load = OnlineLoad(base, cfg["clients"], cfg["online_max_tokens"])
+                load = OnlineLoad(base, MODEL_NAME, cfg["clients"], cfg["online_max_tokens"])
                 t0 = time.monotonic()
                 thread = load.run()
                 try:
