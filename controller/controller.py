@@ -111,6 +111,9 @@ class HarvestController:
         is logged when it starts or changes, and the next round (one period later) retries."""
         try:
             if time.monotonic() - self._last_jobs > 2.0:
+                # a sweep: finalizing jobs complete, overdue ones expire and retired ones leave
+                # the job list even while no client looks and no worker leases
+                self.store.sweep()
                 for job in self.store.list_jobs(limit=100):
                     c = job.request_counts
                     depth.set(c.total - c.completed - c.failed, {"job": job.id})

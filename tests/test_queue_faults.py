@@ -59,7 +59,7 @@ def attempts(store: JobStore, job_id: str) -> list[str]:
 
 
 def test_redis_down_longer_than_the_visibility_timeout_costs_no_attempt(
-    redis_server, queue_client, queue_engine
+    redis_server, queue_client, queue_engine, caplog
 ):
     store = queue_client.store
     lengths = [3, 120, 120, 120] * 2
@@ -74,7 +74,7 @@ def test_redis_down_longer_than_the_visibility_timeout_costs_no_attempt(
         paused = wait_for(lambda: watched.worker.paused)
         assert paused.startswith("Redis unreachable since ") and "ConnectionError" in paused
         time.sleep(2 * config.visibility_timeout_s)  # the outage itself: every lease's deadline passes
-        assert watched.worker.status()["io_thread_alive"]
+        assert watched.worker.status()["io_thread_alive"] and watched.thread.is_alive()  # sync never raised
         redis_server.start()
         done = wait_for(reachable(lambda: terminal(store, job.id)), poll_s=0.05)
         assert watched.worker.paused is None and watched.worker.status()["io_thread_alive"]
@@ -86,6 +86,9 @@ def test_redis_down_longer_than_the_visibility_timeout_costs_no_attempt(
     assert [len(r.result.token_ids) for r in rows] == lengths
     assert attempts(store, job.id) == ["1", "1"]  # the outage charged nothing
     assert all(r.result.attempt == 1 for r in rows)
+    logged = [r.getMessage() for r in caplog.records if r.name == "harvest.queue.worker"]
+    assert sum("offline work paused" in m for m in logged) == 1  # once, not at every retry
+    assert sum("Redis is back" in m for m in logged) == 1
 
 
 def test_read_only_redis_pauses_offline_work_and_it_resumes(redis_server, queue_client, queue_engine):
@@ -105,6 +108,7 @@ def test_read_only_redis_pauses_offline_work_and_it_resumes(redis_server, queue_
         wait_for(lambda: not queue_engine.has_unfinished())  # the engine finishes what it holds...
         assert store.get_job(job.id).request_counts.completed == stalled  # ...and nothing is written
         assert watched.worker.paused is not None and watched.worker.status()["io_thread_alive"]
+        assert watched.thread.is_alive()  # the engine loop never saw an error
         store.r.execute_command("REPLICAOF", "NO", "ONE")
         done = wait_for(lambda: terminal(store, job.id), poll_s=0.05)
         assert watched.worker.paused is None

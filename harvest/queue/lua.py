@@ -158,9 +158,11 @@ local function charge_crashes(job, n, now, why)
   redis.call('HDEL', sk, 'admitted')
   if #admitted == 0 or redis.call('HGET', jk, 'status') ~= 'in_progress' then return end
   local crashes = cjson.decode(redis.call('HGET', sk, 'crashes') or '{}')
-  local failed = 0
+  local failed, seen = 0, {}
   for _, i in ipairs(admitted) do
-    if redis.call('HEXISTS', sk .. ':results', i) == 0 then
+    -- `seen`: an ADMIT retried after a lost reply recorded its indices twice
+    if not seen[i] and redis.call('HEXISTS', sk .. ':results', i) == 0 then
+      seen[i] = true
       local c = (crashes[tostring(i)] or 0) + 1
       crashes[tostring(i)] = c
       if c >= MAX_CRASHES then
