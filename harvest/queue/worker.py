@@ -286,7 +286,7 @@ class OfflineWorker:
                 and not run.running
                 and not run.results
             ]
-        admitted = 0
+        admitted, dropped = 0, []
         for key, run, group in ready:
             indices = [p[1].index for p in group]
             reply = self._timed("admit", lambda lease=run.lease, i=indices: self.store.admit(lease, i))
@@ -294,11 +294,12 @@ class OfflineWorker:
                 if key not in self.shards:  # dropped meanwhile
                     continue
                 if reply != "ok":
-                    self._release_closed([self._drop(run, reply)])
+                    dropped.append(self._drop(run, reply))
                     continue
                 self._waiting[key].pop(0)
                 run.commit(group)
                 admitted += len(group)
+        self._release_closed(dropped)
         if admitted and self.on_work is not None:
             self.on_work()
 
