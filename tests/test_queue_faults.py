@@ -14,6 +14,7 @@ from harvest.engine import Engine
 from harvest.local_redis import free_port
 from harvest.queue import JobStatus, JobStore, OfflineWorker, WorkerConfig, run_local
 from harvest.queue.outputs import iter_results
+from harvest.queue.pause import Pause
 from tests.test_queue_store import fake_results
 from tests.test_queue_worker import batch_line, reference, terminal, wait_for
 
@@ -228,3 +229,12 @@ def test_a_request_that_kills_its_worker_twice_is_quarantined_alone(
     good = [f"r{i}" for i in (0, 1, 3, 4, 5)]
     expected = reference(queue_engine, [f"prompt {i}" for i in (0, 1, 3, 4, 5)], 6)
     assert [rows[c].token_ids for c in good] == expected
+
+
+def test_pause_backs_off_to_its_cap_and_notes_a_new_cause():
+    pause = Pause.start(redis.ConnectionError("refused"))
+    assert pause.unreachable and pause.describe().startswith("Redis unreachable since ")
+    assert not any(pause.failed_again(redis.ConnectionError("refused"), cap_s=0.5) for _ in range(4))
+    assert pause.backoff_s == 0.5  # 0.1, 0.2, 0.4, then the cap
+    assert pause.failed_again(redis.ReadOnlyError("You can't write against a read only replica"), cap_s=0.5)
+    assert not pause.unreachable and "failing since" in pause.describe() and "ReadOnlyError" in pause.cause

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from harvest.queue.config import WorkerConfig
+from harvest.queue.pause import Pause, describe_error
 from harvest.queue.shard import Prepared, ShardRun
 from harvest.queue.store import JobStore
 
@@ -42,29 +43,6 @@ if TYPE_CHECKING:
     from harvest.engine import RequestOutput
 
 log = logging.getLogger(__name__)
-# retries while paused: from 0.1 s, doubling, at most 5 s apart, or a quarter of the
-# visibility timeout if that is less: a lease the queue extended across the outage (one
-# visibility timeout of grace) must be renewed before the grace runs out
-BACKOFF_S = (0.1, 5.0)
-
-
-@dataclass
-class Pause:
-    """Why the offline side is waiting for Redis, since when (unix s), and when it tries next."""
-
-    cause: str
-    since: float
-    unreachable: bool  # no connection (else Redis answers with an error: READONLY, OOM, ...)
-    backoff_s: float = BACKOFF_S[0]
-    retry_at: float = 0.0  # monotonic
-
-    def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
-        return f"Redis {'unreachable' if self.unreachable else 'failing'} since {when}: {self.cause}"
-
-
-def _cause(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -194,7 +172,7 @@ class OfflineWorker:
     def io_round(self) -> None:
         """One round of Redis work; a failure pauses the offline side instead of raising."""
         pause = self._pause
-        if pause is not None and time.monotonic() < pause.retry_at:
+        if pause is not None and not pause.due:
             return
         try:
             if pause is not None:
@@ -207,21 +185,15 @@ class OfflineWorker:
 
     def _paused(self, exc: Exception) -> None:
         """Log a pause once when it starts and when its cause changes, not at every retry."""
-        cause, pause = _cause(exc), self._pause
-        expected = isinstance(exc, redis.RedisError)
-        if pause is None:
-            unreachable = isinstance(exc, redis.ConnectionError | redis.TimeoutError)
-            self._pause = pause = Pause(cause, time.time(), unreachable)
+        trace = not isinstance(exc, redis.RedisError)  # a bug: show where
+        if self._pause is None:
+            self._pause = Pause.start(exc)
             log.warning("offline work paused (%s); results stay buffered, retrying with backoff",
-                        pause.describe(), exc_info=not expected)  # fmt: skip
-        else:
-            if cause != pause.cause:
-                log.warning("offline work still paused, now because of %s", cause, exc_info=not expected)
-                pause.cause = cause
-                pause.unreachable = isinstance(exc, redis.ConnectionError | redis.TimeoutError)
-            cap = min(BACKOFF_S[1], self.config.visibility_timeout_s / 4)
-            pause.backoff_s = min(cap, 2 * pause.backoff_s)
-        pause.retry_at = time.monotonic() + pause.backoff_s
+                        self._pause.describe(), exc_info=trace)  # fmt: skip
+        # a lease the queue extended across an outage has one visibility timeout of grace:
+        # retry well within it
+        elif self._pause.failed_again(exc, cap_s=self.config.visibility_timeout_s / 4):
+            log.warning("offline work still paused, now because of %s", self._pause.cause, exc_info=trace)
 
     def _resume(self, pause: Pause) -> None:
         """Redis answers again: reload the scripts (a restarted Redis has none), renew the
@@ -436,7 +408,7 @@ class OfflineWorker:
                 else:
                     self.store.release(run.lease)
         except redis.RedisError as exc:
-            log.warning("could not give shards back (%s); their leases will expire", _cause(exc))
+            log.warning("could not give shards back (%s); their leases will expire", describe_error(exc))
         self.shards.clear()
 
 
