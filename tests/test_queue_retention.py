@@ -77,3 +77,15 @@ def test_purge_deletes_every_key_and_refuses_a_running_job(queue_store, make_job
     assert job_keys(queue_store, running) == [] and queue_store.r.zcard("harvest:leases") == 0
     with pytest.raises(JobNotFoundError):
         queue_store.purge(running)
+
+
+def test_a_lease_outliving_its_expired_job_recreates_nothing(queue_store, make_job):
+    queue_store.set_job_ttl(0.1)
+    job_id = make_job(2, shard_size=2, completion_window_s=3600)
+    (lease,) = queue_store.lease("w", visibility_s=0.3)
+    queue_store.r.zadd("harvest:deadlines", {job_id: 0})
+    queue_store.sweep()  # expired, its shard still leased
+    wait_for(lambda: not job_keys(queue_store, job_id))  # the job's TTL ran out first
+    wait_for(lambda: queue_store.sweep() or queue_store.r.zcard("harvest:leases") == 0)
+    assert job_keys(queue_store, job_id) == []
+    assert queue_store.release(lease) == "lost"

@@ -63,7 +63,7 @@ local function heard(now)
     local job, n = string.match(member, '^(.*)/(%d+)$')
     local s = redis.call('HMGET', skey(job, n), 'visibility_ms', 'grace')
     local visibility = tonumber(s[1] or '30000')
-    if not s[2] and now - last >= visibility / 2 then
+    if s[1] and not s[2] and now - last >= visibility / 2 then  -- s[1]: the shard still exists
       redis.call('ZADD', P .. ':leases', now + visibility, member)
       redis.call('HSET', skey(job, n), 'grace', 1)
     end
@@ -184,12 +184,16 @@ local function sweep(now, limit)
   local reclaimed = 0
   for _, member in ipairs(redis.call('ZRANGE', P .. ':leases', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
     local job, n = string.match(member, '^(.*)/(%d+)$')
-    local worker = redis.call('HGET', skey(job, n), 'worker') or '?'
-    local why = 'lease expired (worker ' .. worker .. ' stopped renewing)'
-    charge_crashes(job, n, now, why)
-    unlease(job, n, now)
-    retry_or_dead(job, n, why, now)
-    reclaimed = reclaimed + 1
+    if redis.call('EXISTS', jkey(job)) == 0 then  -- its job's keys expired: recreate nothing
+      redis.call('ZREM', P .. ':leases', member)
+    else
+      local worker = redis.call('HGET', skey(job, n), 'worker') or '?'
+      local why = 'lease expired (worker ' .. worker .. ' stopped renewing)'
+      charge_crashes(job, n, now, why)
+      unlease(job, n, now)
+      retry_or_dead(job, n, why, now)
+      reclaimed = reclaimed + 1
+    end
   end
   for _, job in ipairs(redis.call('ZRANGE', P .. ':retired', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
     redis.call('ZREM', P .. ':retired', job)
