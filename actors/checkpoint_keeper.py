@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,10 @@ import torch
 from harvest.engine.checkpoint import HostCheckpointStore
 
 NAMESPACE = "harvest"
+# a closed key is remembered this long: past it no put for it can still be in flight (a
+# worker ships every 0.25 s, and a stale lease holder learns it lost the lease at its next
+# renewal, a third of the visibility timeout). Remembered forever, the set only grew.
+CLOSED_TTL_S = 600.0
 
 
 class CheckpointKeeper:
@@ -33,10 +38,22 @@ class CheckpointKeeper:
     moves without copies (a torch tensor went through torch.save: twice the cost here).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, closed_ttl_s: float = CLOSED_TTL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.refs: dict[str, dict[int, tuple[int, ray.ObjectRef, str]]] = {}
-        self.closed: set[str] = set()  # moved or dropped: a put still in flight must not revive them
+        # moved or dropped -> when: a put still in flight must not revive them (oldest first)
+        self.closed: dict[str, float] = {}
+        self.closed_ttl_s = closed_ttl_s
+        self.clock = clock
         self.bytes = 0
+
+    def _close(self, key: str) -> None:
+        now = self.clock()
+        self.closed.pop(key, None)  # re-inserted at the end: the dict stays in closing order
+        self.closed[key] = now
+        while self.closed[oldest := next(iter(self.closed))] < now - self.closed_ttl_s:
+            del self.closed[oldest]  # never the key just closed: the loop ends there
 
     def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
         self.put_many([(key, first_block, *_pack(chunk))])
@@ -72,13 +89,13 @@ class CheckpointKeeper:
     def move(self, source: str, dest: str) -> int:
         """Hand `source`'s chunks to `dest` (refs only, no data copied); returns its blocks."""
         self.refs[dest] = self.refs.pop(source, {})
-        self.closed.add(source)
-        self.closed.discard(dest)
+        self._close(source)
+        self.closed.pop(dest, None)
         return self.num_blocks(dest)
 
     def drop(self, key: str) -> None:
         self.refs.pop(key, None)  # the refs go out of scope: Ray frees the objects
-        self.closed.add(key)
+        self._close(key)
 
     def drop_many(self, keys: list[str]) -> None:
         for key in keys:
@@ -88,6 +105,7 @@ class CheckpointKeeper:
         return {
             "keys": len(self.refs),
             "chunks": sum(len(c) for c in self.refs.values()),
+            "closed": len(self.closed),
             "bytes_put": self.bytes,
         }
 

@@ -177,6 +177,7 @@ class GPUWorker:
             node_id=ctx.get_node_id(),
             actor_name=ctx.get_actor_name(),  # the Serve replica, in Serve's namespace
             offline_enabled=self.offline.leasing,
+            offline_paused=self.offline.paused,  # e.g. "Redis unreachable since ...: cause"
             shards=sorted(self.offline.shards),
             offline_inflight=self.offline.inflight_requests,
             kv_blocks_total=self.engine.block_manager.num_blocks,
@@ -199,7 +200,8 @@ class GPUWorker:
         self._stop.set()
         self.offline.leasing = False
         self.loop.stop()
-        self.offline.release_all()
+        # a loop that died in a step is a crash, not a graceful stop: its requests are charged
+        self.offline.release_all(crashed=getattr(self.loop, "error", None) is not None)
         with contextlib.suppress(ValueError):  # no controller: nobody to tell
             ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE).leave.remote(self.worker_id)
 

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import ray
+import redis
 
 from harvest.queue.store import JobStore
 
@@ -40,6 +41,8 @@ class HarvestController:
         self.view: dict[str, dict[str, Any]] = {}  # worker -> its last report, and when it came
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
         self.deaths: list[dict[str, Any]] = []
+        self.redis_error: str | None = None  # why the monitor's last round failed (it retries)
+        self._last_jobs = 0.0  # monotonic time of the last job-gauge refresh
         self.started = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -86,26 +89,45 @@ class HarvestController:
 
     def _forget(self, name: str, died: bool) -> None:
         with self._lock:
-            if self.view.pop(name, None) is None:
+            if name not in self.view:
                 return
-            self.actors.pop(name, None)
-        if died:
+        if died:  # first: should Redis fail, the worker stays in the view and the next round retries
             returned = self.store.expire_worker(name)
             self.deaths.append({"worker": name, "time": time.time(), "shards_returned": returned})
             log.warning("worker %s died; %d shards back to the queue", name, returned)
+        with self._lock:
+            self.view.pop(name, None)
+            self.actors.pop(name, None)
 
     def _run(self) -> None:
         from ray.util.metrics import Gauge
 
         depth = Gauge("harvest_job_requests_pending", "Offline requests not yet finished, per job.", ("job",))
-        last_jobs = 0.0
         while not self._stop.wait(self.period_s):
-            if time.monotonic() - last_jobs > 2.0:
-                last_jobs = time.monotonic()
+            self.monitor_round(depth)
+
+    def monitor_round(self, depth: Any) -> None:
+        """One round of the monitor thread. A Redis error ends the round, never the thread: it
+        is logged when it starts or changes, and the next round (one period later) retries."""
+        try:
+            if time.monotonic() - self._last_jobs > 2.0:
+                # a sweep: finalizing jobs complete, overdue ones expire and retired ones leave
+                # the job list even while no client looks and no worker leases
+                self.store.sweep()
                 for job in self.store.list_jobs(limit=100):
                     c = job.request_counts
                     depth.set(c.total - c.completed - c.failed, {"job": job.id})
+                self._last_jobs = time.monotonic()
             self._check_silent()
+        except redis.RedisError as exc:
+            cause = f"{type(exc).__name__}: {exc}"
+            if cause != self.redis_error:
+                log.warning("monitor: Redis failed (%s); retrying every %.2f s", cause, self.period_s)
+            self.redis_error = cause
+            return
+        if self.redis_error is not None:
+            log.warning("monitor: Redis is back")
+            self.redis_error = None
 
     # ------------------------------------------------------------------ API
 
@@ -130,12 +152,16 @@ class HarvestController:
     def status(self) -> dict[str, Any]:
         with self._lock:
             view = {name: dict(s) for name, s in self.view.items()}
-        jobs = [j.to_dict() for j in self.store.list_jobs(limit=20)]
+        try:
+            jobs = [j.to_dict() for j in self.store.list_jobs(limit=20)]
+        except redis.RedisError:
+            jobs = []  # the workers' view still stands; `redis_error` says why no jobs
         return {
             "config": self.config,
             "workers": view,
             "deaths": list(self.deaths),
             "jobs": jobs,
+            "redis_error": self.redis_error,
             "uptime_s": time.time() - self.started,
         }
 

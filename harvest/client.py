@@ -171,9 +171,15 @@ class HarvestClient:
             raise ValueError(f"export to .parquet or .jsonl, got {path.name!r}")
         return path
 
-    def dead_letters(self) -> list[tuple[str, int, str]]:
+    def purge(self, job_id: str, force: bool = False) -> int:
+        """Delete a finished job and all its data now (they expire by themselves after the job
+        TTL); how many keys went. A running job raises ValueError unless `force` (cancel first)."""
         with self._reachable():
-            return self.store.dead_letters()
+            return self.store.purge(job_id, force)
+
+    def dead_letters(self, job_id: str | None = None) -> list[tuple[str, int, str]]:
+        with self._reachable():
+            return self.store.dead_letters(job_id)
 
 
 class _ProgressBar:

@@ -31,12 +31,15 @@ class ServiceConfig:
     engine_options: dict[str, Any] = field(default_factory=dict)
     queue_options: dict[str, Any] = field(default_factory=dict)
     monitor_period_s: float = 0.25
+    job_ttl_s: float | None = None  # how long finished jobs are kept (None: as the store has it, 7 days)
 
     def __post_init__(self) -> None:
         if self.num_workers is not None and self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.job_ttl_s is not None and self.job_ttl_s <= 0:
+            raise ValueError(f"job_ttl_s must be > 0, got {self.job_ttl_s}")
 
 
 APP_NAME = "harvest"
@@ -105,6 +108,10 @@ def start(config: ServiceConfig, ready_timeout_s: float = 300.0) -> dict[str, An
 
     from actors.gpu_worker import worker_application
 
+    if config.job_ttl_s is not None:  # kept in Redis, so every process retires jobs alike
+        from harvest.queue.store import JobStore
+
+        JobStore.from_url(config.redis_url).set_job_ttl(config.job_ttl_s)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = config.num_workers or max(1, gpus)
     settings = {**asdict(config), "num_workers": workers, "use_gpu": gpus > 0}

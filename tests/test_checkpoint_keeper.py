@@ -6,11 +6,12 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
 
-from actors.checkpoint_keeper import RayCheckpointStore, _join_runs, keeper_for_this_node
+from actors.checkpoint_keeper import CheckpointKeeper, RayCheckpointStore, _join_runs, keeper_for_this_node
 
 
 @ray.remote(num_cpus=0)
@@ -115,3 +116,19 @@ def test_join_runs_keeps_order_and_gaps():
     joined = _join_runs([("x", 0, a), ("y", 5, b), ("x", 1, c), ("x", 3, d)])
     assert [(k, first, t.shape[2]) for k, first, t in joined] == [("x", 0, 2), ("y", 5, 1), ("x", 3, 1)]
     assert torch.equal(joined[0][2], torch.cat([a, c], dim=2))
+
+
+def test_keeper_forgets_closed_requests_once_no_put_can_be_in_flight():
+    now = [0.0]
+    keeper = CheckpointKeeper(closed_ttl_s=60, clock=lambda: now[0])
+    keeper.drop("old")
+    keeper.put_many([("old", 0, np.zeros((1, 2, 1), np.uint8), "uint8")])  # a late put: refused
+    assert keeper.stats()["keys"] == 0 and "old" in keeper.closed
+    now[0] = 30.0
+    keeper.move("moved", "new")
+    now[0] = 61.0
+    keeper.drop("last")  # each close forgets what closed longer than the TTL ago
+    assert list(keeper.closed) == ["moved", "last"]
+    now[0] = 1000.0
+    keeper.drop("later")
+    assert list(keeper.closed) == ["later"]  # bounded by what closed within the TTL

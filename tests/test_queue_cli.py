@@ -132,3 +132,20 @@ def test_up_refuses_a_model_directory_without_a_config_before_starting_anything(
     result = CliRunner().invoke(app, ["up", "--model", str(tmp_path)])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "--model" in result.output and "config.json" in result.output
+
+
+def test_purge_refuses_a_running_job_unless_forced(cli, tmp_path, queue_store):
+    write_batch(tmp_path / "in.jsonl", 3)
+    job_id = cli("submit", str(tmp_path / "in.jsonl")).stdout.strip()
+    refused = cli("purge", job_id)
+    assert refused.exit_code == 2 and "in_progress" in refused.stderr and "force" in refused.stderr
+    assert queue_store.get_job(job_id).request_counts.total == 3  # untouched
+    purged = cli("purge", job_id, "--force")
+    assert purged.exit_code == 0 and f"{job_id} purged" in purged.stderr
+    assert list(queue_store.r.scan_iter(f"harvest:job:{job_id}*")) == []
+    assert cli("purge", job_id).exit_code == EXIT_NOT_FOUND
+
+
+def test_up_refuses_a_bad_job_ttl_before_starting_anything():
+    result = CliRunner().invoke(app, ["up", "--job-ttl", "soon"])
+    assert result.exit_code == EXIT_BAD_INPUT and "--job-ttl" in result.output

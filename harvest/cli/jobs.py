@@ -244,6 +244,22 @@ def cancel(job_id: str = typer.Argument(..., metavar="JOB"), redis_url: str | No
 
 
 @app.command(epilog=EXIT_CODES)
+def purge(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    force: bool = typer.Option(False, "--force", help="Cancel the job first if it is still running."),
+    redis_url: str | None = RedisUrl,
+) -> None:
+    """Delete a finished job and its results now (finished jobs expire after the job TTL anyway)."""
+    with _exits():
+        try:
+            keys = _client(redis_url).purge(job_id, force)
+        except ValueError as exc:
+            err.print(f"[red]refused:[/] {exc}")
+            raise typer.Exit(2) from None  # bad usage: a running job needs --force
+    err.print(f"{job_id} purged ({keys} keys)")
+
+
+@app.command(epilog=EXIT_CODES)
 def work(
     local: bool = typer.Option(False, "--local", help="Run the local worker loop (no Ray)."),
     model: Path | None = typer.Option(

@@ -31,13 +31,26 @@ def up(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 on a cluster)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="HARVEST_API_KEY", help="Require this key."),
     model_name: str = typer.Option("harvest", "--model-name", help="Name clients pass as `model`."),
+    job_ttl: str | None = typer.Option(
+        None, "--job-ttl", help="Keep finished jobs and their results this long (e.g. 7d, 12h); default 7d."
+    ),
 ) -> None:
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
     from harvest import local_redis, service
     from harvest.cli.jobs import EXIT_BAD_INPUT
+    from harvest.client import parse_window
     from harvest.paths import ensure_default_model
 
+    try:
+        job_ttl_s = parse_window(job_ttl)
+    except ValueError:
+        job_ttl_s = 0.0
+    if job_ttl_s is not None and job_ttl_s <= 0:
+        console.print(
+            f"[red]--job-ttl[/] must be a positive time like 7d, 12h or 3600 (seconds), got {job_ttl!r}"
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
     if model is not None and not (model / "config.json").is_file():
         console.print(f"[red]--model {model}[/]: not a Hugging Face model directory (no config.json)")
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -64,6 +77,7 @@ def up(
         port=port,
         host=host,
         api_key=api_key,
+        job_ttl_s=job_ttl_s,
     )
     service.connect(address)
     with console.status("starting the controller and the workers..."):
@@ -140,13 +154,18 @@ def show_service_status(address: str, as_json: bool) -> None:
             "yes" if s.get("healthy") else "NO",
             f"{step.get('online_running', 0)}/{step.get('online_waiting', 0)}",
             f"{step.get('offline_running', 0)}/{step.get('offline_waiting', 0)}",
-            "on" if s.get("offline_enabled") else "off",
+            "[red]paused[/]" if s.get("offline_paused") else "on" if s.get("offline_enabled") else "off",
             f"{s.get('slo_scale', 1.0):.2f}",  # of the SLO the engine plans for (controller/feedback.py)
             f"{s.get('kv_blocks_used', 0)}/{s.get('kv_blocks_total', 0)}",
             f"{1e3 * step.get('measured_latency_s', 0):.1f}",
             str(len(s.get("shards", []))),
         )
     console.print(table)
+    for name, s in sorted(snapshot["workers"].items()):
+        if s.get("offline_paused"):
+            console.print(f"[yellow]{name}: offline paused: {s['offline_paused']}[/]")
+    if snapshot.get("redis_error"):
+        console.print(f"[yellow]controller: Redis failing ({snapshot['redis_error']}); no job list[/]")
     jobs = Table("job", "name", "status", "completed", "failed", "total", title="jobs")
     for j in snapshot["jobs"]:
         c = j.get("request_counts", {})

@@ -51,7 +51,6 @@ class WorkerConfig:
     max_inflight_requests: int | None = None
     max_shards: int = 8
     idle_poll_s: float = 0.2  # wait between empty lease attempts
-    reconnect_timeout_s: float = 120.0  # give up when Redis stays unreachable this long
 
     def __post_init__(self) -> None:
         if self.visibility_timeout_s <= 0:

@@ -8,13 +8,17 @@ Layout (P = prefix, J = job id, N = shard number):
   P:jobs                zset  J -> created ms
   P:job:J               hash  job record, counters (total/completed/failed/leased/shards_finished)
   P:job:J:ready         list  shard numbers waiting for a lease
-  P:job:J:shard:N       hash  state, token, attempts, worker, size, requests (JSON), last_error
+  P:job:J:dead          zset  N -> dead-lettered ms (expires with the job)
+  P:job:J:shard:N       hash  state, token, attempts, worker, size, requests (JSON), last_error,
+                              visibility_ms, grace, admitted (JSON indices), crashes (JSON index -> n)
   P:job:J:shard:N:results   hash index -> result JSON (HSETNX: the first write wins)
   P:job:J:shard:N:progress  hash index -> progress JSON
   P:active              list  jobs with ready shards, rotated for round-robin leasing
   P:leases              zset  "J/N" -> lease deadline ms
   P:deadlines           zset  J -> expiry ms (completion window)
-  P:dead                zset  "J/N" -> dead-lettered ms
+  P:retired             zset  J -> ms when its keys expire (a finished job, on the job TTL)
+  P:config              hash  job_ttl_ms: how long finished jobs are kept (default 7 days)
+  P:clock               string server ms of the last script call (outage detection)
   P:finalizing          set   jobs whose last shard finished
   P:validating          zset  J -> ms by which its submitter must show signs of life
   P:tokens              counter of fencing tokens
@@ -28,6 +32,43 @@ local function now_ms()
 end
 local function jkey(job) return P .. ':job:' .. job end
 local function skey(job, n) return P .. ':job:' .. job .. ':shard:' .. n end
+local TERMINAL = {completed = true, failed = true, expired = true, cancelled = true}
+local DEFAULT_JOB_TTL_MS = 7 * 86400 * 1000
+local MAX_CRASHES = 2  -- a request in this many crashed leases gets an error record, not another try
+
+-- a job reached a final state: all its keys expire after the store's job TTL, and the job
+-- leaves the job list then (the sweep); nothing finished lives forever
+local function retire(job, now)
+  local jk = jkey(job)
+  local ttl = tonumber(redis.call('HGET', P .. ':config', 'job_ttl_ms') or DEFAULT_JOB_TTL_MS)
+  for _, key in ipairs({jk, jk .. ':ready', jk .. ':dead'}) do redis.call('PEXPIRE', key, ttl) end
+  for n = 0, tonumber(redis.call('HGET', jk, 'num_shards') or '0') - 1 do
+    local sk = skey(job, n)
+    for _, key in ipairs({sk, sk .. ':results', sk .. ':progress'}) do redis.call('PEXPIRE', key, ttl) end
+  end
+  redis.call('ZADD', P .. ':retired', now + ttl, job)
+end
+
+-- Outages cost no attempts. Every script records the server time of the queue's last call;
+-- a lease whose deadline fell in a silence (no call at all) of at least half its visibility
+-- timeout could not have been renewed (Redis was down, or unreachable for everyone): it gets
+-- one more visibility timeout from now instead of being charged. `grace` makes that once per
+-- lease: a renewal clears it, so a holder that really died is reclaimed, and charged, one
+-- timeout later. See docs/QUEUE.md.
+local function heard(now)
+  local last = tonumber(redis.call('GET', P .. ':clock') or now)
+  redis.call('SET', P .. ':clock', now)
+  if last >= now then return end
+  for _, member in ipairs(redis.call('ZRANGE', P .. ':leases', '(' .. last, now, 'BYSCORE')) do
+    local job, n = string.match(member, '^(.*)/(%d+)$')
+    local s = redis.call('HMGET', skey(job, n), 'visibility_ms', 'grace')
+    local visibility = tonumber(s[1] or '30000')
+    if s[1] and not s[2] and now - last >= visibility / 2 then  -- s[1]: the shard still exists
+      redis.call('ZADD', P .. ':leases', now + visibility, member)
+      redis.call('HSET', skey(job, n), 'grace', 1)
+    end
+  end
+end
 
 -- redis.call(cmd, key, unpack(args)) in slices (Lua's stack caps unpack), keeping `group`-sized
 -- tuples together; the replies of all slices in one table (HMGET's values, in order)
@@ -46,9 +87,11 @@ end
 local function unlease(job, n, now)
   redis.call('ZREM', P .. ':leases', job .. '/' .. n)
   local jk = jkey(job)
+  if redis.call('EXISTS', jk) == 0 then return end  -- purged or expired: recreate nothing
   local leased = redis.call('HINCRBY', jk, 'leased', -1)
   if leased <= 0 and redis.call('HGET', jk, 'status') == 'cancelling' then
     redis.call('HSET', jk, 'status', 'cancelled', 'cancelled_ms', now)
+    retire(job, now)
   end
 end
 
@@ -87,7 +130,7 @@ local function retry_or_dead(job, n, err, now)
     return 'requeued'
   end
   redis.call('HSET', sk, 'state', 'dead')
-  redis.call('ZADD', P .. ':dead', now, job .. '/' .. n)
+  redis.call('ZADD', jk .. ':dead', now, n)
   local record = cjson.encode({status = 'failed', error = {code = 'shard_failed', message = err},
                                finished_at = now / 1000, attempt = attempts})
   local failed = 0
@@ -106,15 +149,55 @@ local function holds(job, n, token)
   return s[1] == 'leased' and s[2] == token
 end
 
--- return expired leases to their jobs (or the dead letters) and expire overdue jobs
+-- A lease ended in a crash (expired, its worker died): each request it admitted to the engine
+-- and did not finish is charged one crash; one charged MAX_CRASHES times gets an error record
+-- instead of another try, so a request that kills its worker stops killing workers
+local function charge_crashes(job, n, now, why)
+  local sk, jk = skey(job, n), jkey(job)
+  local admitted = cjson.decode(redis.call('HGET', sk, 'admitted') or '[]')
+  redis.call('HDEL', sk, 'admitted')
+  if #admitted == 0 or redis.call('HGET', jk, 'status') ~= 'in_progress' then return end
+  local crashes = cjson.decode(redis.call('HGET', sk, 'crashes') or '{}')
+  local failed, seen = 0, {}
+  for _, i in ipairs(admitted) do
+    -- `seen`: an ADMIT retried after a lost reply recorded its indices twice
+    if not seen[i] and redis.call('HEXISTS', sk .. ':results', i) == 0 then
+      seen[i] = true
+      local c = (crashes[tostring(i)] or 0) + 1
+      crashes[tostring(i)] = c
+      if c >= MAX_CRASHES then
+        local record = cjson.encode({status = 'failed', finished_at = now / 1000,
+          error = {code = 'engine_crash', message = 'crashed the engine twice (last: ' .. why .. ')'},
+          attempt = tonumber(redis.call('HGET', sk, 'attempts'))})
+        failed = failed + redis.call('HSETNX', sk .. ':results', i, record)
+        redis.call('HDEL', sk .. ':progress', i)
+      end
+    end
+  end
+  redis.call('HSET', sk, 'crashes', cjson.encode(crashes))
+  if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
+end
+
+-- return expired leases to their jobs (or the dead letters), expire overdue jobs, and drop
+-- retired jobs whose keys have expired from the job list
 local function sweep(now, limit)
   local reclaimed = 0
   for _, member in ipairs(redis.call('ZRANGE', P .. ':leases', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
     local job, n = string.match(member, '^(.*)/(%d+)$')
-    local worker = redis.call('HGET', skey(job, n), 'worker') or '?'
-    unlease(job, n, now)
-    retry_or_dead(job, n, 'lease expired (worker ' .. worker .. ' stopped renewing)', now)
-    reclaimed = reclaimed + 1
+    if redis.call('EXISTS', jkey(job)) == 0 then  -- its job's keys expired: recreate nothing
+      redis.call('ZREM', P .. ':leases', member)
+    else
+      local worker = redis.call('HGET', skey(job, n), 'worker') or '?'
+      local why = 'lease expired (worker ' .. worker .. ' stopped renewing)'
+      charge_crashes(job, n, now, why)
+      unlease(job, n, now)
+      retry_or_dead(job, n, why, now)
+      reclaimed = reclaimed + 1
+    end
+  end
+  for _, job in ipairs(redis.call('ZRANGE', P .. ':retired', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
+    redis.call('ZREM', P .. ':retired', job)
+    redis.call('ZREM', P .. ':jobs', job)
   end
   for _, job in ipairs(redis.call('ZRANGE', P .. ':deadlines', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
     redis.call('ZREM', P .. ':deadlines', job)
@@ -123,10 +206,11 @@ local function sweep(now, limit)
       redis.call('HSET', jk, 'status', 'expired', 'expired_ms', now)
       redis.call('LREM', P .. ':active', 0, job)
       redis.call('DEL', jk .. ':ready')
+      retire(job, now)
     end
   end
   -- a submitter that died mid-validation leaves its job in validating: fail it (nothing of
-  -- it was ever leasable, so nothing is lost); its partial shards go with `delete_job`
+  -- it was ever leasable, so nothing is lost); its partial shards go with `purge`
   for _, job in ipairs(redis.call('ZRANGE', P .. ':validating', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
     redis.call('ZREM', P .. ':validating', job)
     local jk = jkey(job)
@@ -134,10 +218,13 @@ local function sweep(now, limit)
       local why = cjson.encode({{line = 0, unit = 'line', custom_id = cjson.null,
         message = 'submission abandoned: the submitter stopped before the job was queued'}})
       redis.call('HSET', jk, 'status', 'failed', 'failed_ms', now, 'errors', why, 'num_errors', 1)
+      retire(job, now)
     end
   end
   return reclaimed
 end
+
+heard(now_ms())
 """
 
 # ARGV: prefix, worker -> shards returned to the queue. The controller calls this when it
@@ -147,6 +234,7 @@ local worker, now, reclaimed = ARGV[2], now_ms(), 0
 for _, member in ipairs(redis.call('ZRANGE', P .. ':leases', 0, -1)) do
   local job, n = string.match(member, '^(.*)/(%d+)$')
   if redis.call('HGET', skey(job, n), 'worker') == worker then
+    charge_crashes(job, n, now, 'worker ' .. worker .. ' died')
     unlease(job, n, now)
     retry_or_dead(job, n, 'worker ' .. worker .. ' died', now)
     reclaimed = reclaimed + 1
@@ -184,7 +272,7 @@ return 'in_progress'
 """
 
 # ARGV: prefix, worker, visibility_ms, max_shards, sweep_limit
-# -> {{job, n, token, attempts, requests, {done indices}, {index, progress, ...}}, ...}
+# -> {{job, n, token, attempts, requests, {done indices}, {index, progress, ...}, crashes JSON}, ...}
 LEASE = r"""
 local worker, visibility, max_shards = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
@@ -202,11 +290,14 @@ while #got < max_shards do
     local sk = skey(job, n)
     local token = redis.call('INCR', P .. ':tokens')
     local attempts = redis.call('HINCRBY', sk, 'attempts', 1)
-    redis.call('HSET', sk, 'state', 'leased', 'token', token, 'worker', worker, 'leased_ms', now)
+    redis.call('HSET', sk, 'state', 'leased', 'token', token, 'worker', worker, 'leased_ms', now,
+               'visibility_ms', visibility)
+    redis.call('HDEL', sk, 'grace', 'admitted')
     redis.call('HINCRBY', jk, 'leased', 1)
     redis.call('ZADD', P .. ':leases', now + visibility, job .. '/' .. n)
     table.insert(got, {job, n, token, attempts, redis.call('HGET', sk, 'requests'),
-                       redis.call('HKEYS', sk .. ':results'), redis.call('HGETALL', sk .. ':progress')})
+                       redis.call('HKEYS', sk .. ':results'), redis.call('HGETALL', sk .. ':progress'),
+                       redis.call('HGET', sk, 'crashes') or '{}'})
   end
 end
 return got
@@ -219,6 +310,8 @@ if not holds(job, n, token) then return 'lost' end
 local status = redis.call('HGET', jkey(job), 'status')
 if status ~= 'in_progress' then return 'closed' end
 redis.call('ZADD', P .. ':leases', now_ms() + tonumber(ARGV[5]), job .. '/' .. n)
+redis.call('HSET', skey(job, n), 'visibility_ms', ARGV[5])
+redis.call('HDEL', skey(job, n), 'grace')
 return 'ok'
 """
 
@@ -255,10 +348,12 @@ if counts.f > 0 then redis.call('HINCRBY', jk, 'failed', counts.f) end
 return out
 """
 
-# ARGV: prefix, job, n, token, then (index, progress JSON) pairs -> ok | lost
+# ARGV: prefix, job, n, token, then (index, progress JSON) pairs -> ok | lost | closed
 SAVE_PROGRESS = r"""
 local job, n, token = ARGV[2], ARGV[3], ARGV[4]
 if not holds(job, n, token) then return 'lost' end
+local status = redis.call('HGET', jkey(job), 'status')
+if status ~= 'in_progress' and status ~= 'cancelling' then return 'closed' end
 local sk = skey(job, n)
 for i = 5, #ARGV, 2 do
   if redis.call('HEXISTS', sk .. ':results', ARGV[i]) == 0 then
@@ -283,11 +378,13 @@ unlease(job, n, now)
 return shard_finished(job, now) and 'last' or 'ok'
 """
 
-# ARGV: prefix, job, n, token, error -> requeued | dead | closed | lost
+# ARGV: prefix, job, n, token, error, crashed ('1': the worker's engine died: charge the
+# admitted requests, as an expiry would) -> requeued | dead | closed | lost
 FAIL = r"""
 local job, n, token = ARGV[2], ARGV[3], ARGV[4]
 if not holds(job, n, token) then return 'lost' end
 local now = now_ms()
+if ARGV[6] == '1' then charge_crashes(job, n, now, ARGV[5]) end
 unlease(job, n, now)
 return retry_or_dead(job, n, ARGV[5], now)
 """
@@ -298,6 +395,7 @@ RELEASE = r"""
 local job, n, token = ARGV[2], ARGV[3], ARGV[4]
 if not holds(job, n, token) then return 'lost' end
 unlease(job, n, now_ms())
+redis.call('HDEL', skey(job, n), 'admitted')  -- a graceful stop charges no crash
 if redis.call('HGET', jkey(job), 'status') ~= 'in_progress' then
   redis.call('HSET', skey(job, n), 'state', 'cancelled')
   return 'closed'
@@ -319,7 +417,9 @@ local job = ARGV[2]
 local jk = jkey(job)
 redis.call('SREM', P .. ':finalizing', job)
 if redis.call('HGET', jk, 'status') == 'finalizing' then
-  redis.call('HSET', jk, 'status', 'completed', 'completed_ms', now_ms())
+  local now = now_ms()
+  redis.call('HSET', jk, 'status', 'completed', 'completed_ms', now)
+  retire(job, now)
 end
 return redis.call('HGET', jk, 'status')
 """
@@ -338,6 +438,7 @@ if tonumber(redis.call('HGET', jk, 'leased') or '0') > 0 then
   redis.call('HSET', jk, 'status', 'cancelling', 'cancelling_ms', now)
 else
   redis.call('HSET', jk, 'status', 'cancelled', 'cancelling_ms', now, 'cancelled_ms', now)
+  retire(job, now)
 end
 return redis.call('HGET', jk, 'status')
 """
@@ -348,6 +449,44 @@ local jk = jkey(ARGV[2])
 redis.call('ZREM', P .. ':validating', ARGV[2])
 if redis.call('HGET', jk, 'status') == 'validating' then
   redis.call('HSET', jk, 'status', 'failed', 'failed_ms', now_ms(), 'errors', ARGV[3], 'num_errors', ARGV[4])
+  retire(ARGV[2], now_ms())
 end
 return redis.call('HGET', jk, 'status')
+"""
+
+# ARGV: prefix, job, n, token, then request indices -> ok | lost
+# Called before those requests go into the engine: if the lease then ends in a crash, they
+# are the ones charged (`charge_crashes`).
+ADMIT = r"""
+local job, n, token = ARGV[2], ARGV[3], ARGV[4]
+if not holds(job, n, token) then return 'lost' end
+local sk = skey(job, n)
+local admitted = cjson.decode(redis.call('HGET', sk, 'admitted') or '[]')
+for i = 5, #ARGV do table.insert(admitted, tonumber(ARGV[i])) end
+redis.call('HSET', sk, 'admitted', cjson.encode(admitted))
+return 'ok'
+"""
+
+# ARGV: prefix, job, force ('1': cancel a job that is not finished, then purge it)
+# -> {'purged', keys deleted} | {'refused', status} | false (no such job)
+PURGE = r"""
+local job, force = ARGV[2], ARGV[3] == '1'
+local jk = jkey(job)
+local status = redis.call('HGET', jk, 'status')
+if not status then return false end
+if not TERMINAL[status] and not force then return {'refused', status} end
+local keys = {jk, jk .. ':ready', jk .. ':dead'}
+for n = 0, tonumber(redis.call('HGET', jk, 'num_shards') or '0') - 1 do
+  local sk = skey(job, n)
+  redis.call('ZREM', P .. ':leases', job .. '/' .. n)  -- a holder's next write answers 'lost'
+  for _, key in ipairs({sk, sk .. ':results', sk .. ':progress'}) do table.insert(keys, key) end
+end
+local deleted = 0
+for s = 1, #keys, 1000 do deleted = deleted + redis.call('DEL', unpack(keys, s, math.min(#keys, s + 999))) end
+for _, set in ipairs({':jobs', ':retired', ':deadlines', ':validating'}) do
+  redis.call('ZREM', P .. set, job)
+end
+redis.call('SREM', P .. ':finalizing', job)
+redis.call('LREM', P .. ':active', 0, job)
+return {'purged', deleted}
 """

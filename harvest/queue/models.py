@@ -158,6 +158,7 @@ class Lease:
     requests: list[dict[str, Any]]  # RequestSpec payloads, position = index in shard
     done: set[int] = field(default_factory=set)  # indices that already have a result
     progress: dict[int, Progress] = field(default_factory=dict)
+    crashes: dict[int, int] = field(default_factory=dict)  # unfinished index -> crashed leases it was in
 
     @property
     def key(self) -> str:

@@ -19,6 +19,7 @@ from harvest.queue.errors import JobNotFoundError, RedisUnavailableError
 from harvest.queue.models import Job, JobStatus, Lease, Progress, Result
 
 SWEEP_LIMIT = 64  # expired leases reclaimed per call: keeps each script short
+DEFAULT_JOB_TTL_S = 7 * 86400  # finished jobs are kept this long unless the store says otherwise
 
 
 def connect(url: str) -> redis.Redis:
@@ -51,7 +52,8 @@ class JobStore:
         self._scripts = {
             name: client.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
-                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING")
+                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING",
+                         "ADMIT", "PURGE")
         }  # fmt: skip
         self.load_scripts()
 
@@ -171,15 +173,16 @@ class JobStore:
         raw = self.r.hgetall(f"{self.shard_key(job_id, shard)}:progress")
         return {int(i): Progress.from_json(s) for i, s in raw.items()}
 
-    def dead_letters(self) -> list[tuple[str, int, str]]:
-        """(job, shard, last error) of every dead-lettered shard, oldest first."""
-        out = []
-        for member in self.r.zrange(f"{self.prefix}:dead", 0, -1):
-            job_id, shard = member.rsplit("/", 1)
-            out.append(
-                (job_id, int(shard), self.r.hget(self.shard_key(job_id, int(shard)), "last_error") or "")
-            )
-        return out
+    def dead_letters(self, job_id: str | None = None) -> list[tuple[str, int, str]]:
+        """(job, shard, last error) of the dead-lettered shards of `job_id` (None: of every job
+        still kept), oldest first. They are kept with their job and expire with it."""
+        jobs = [job_id] if job_id is not None else self.r.zrange(f"{self.prefix}:jobs", 0, -1)
+        dead = []
+        for job in jobs:
+            for shard, ms in self.r.zrange(f"{self.job_key(job)}:dead", 0, -1, withscores=True):
+                last_error = self.r.hget(self.shard_key(job, int(shard)), "last_error") or ""
+                dead.append((ms, job, int(shard), last_error))
+        return [(job, shard, error) for _, job, shard, error in sorted(dead)]
 
     # ------------------------------------------------------------------ worker verbs
 
@@ -187,13 +190,19 @@ class JobStore:
         """Lease up to `max_shards` shards (round-robin over jobs); reclaims expired leases first."""
         got = self._run("LEASE", worker, int(visibility_s * 1000), max_shards, SWEEP_LIMIT)
         leases = []
-        for job_id, shard, token, attempts, requests, done, progress in got:
+        for job_id, shard, token, attempts, requests, done, progress, crashes in got:
             pairs = zip(progress[::2], progress[1::2])
             lease = Lease(job_id, int(shard), int(token), int(attempts), orjson.loads(requests))
             lease.done = {int(i) for i in done}
             lease.progress = {int(i): Progress.from_json(p) for i, p in pairs}
+            lease.crashes = {int(i): n for i, n in orjson.loads(crashes).items() if int(i) not in lease.done}
             leases.append(lease)
         return leases
+
+    def admit(self, lease: Lease, indices: Iterable[int]) -> str:
+        """Record that these requests go into the engine now: 'ok' or 'lost'. Should the lease
+        end in a crash, they are the requests charged for it."""
+        return self._run("ADMIT", lease.job_id, lease.shard, lease.token, *indices)
 
     def renew(self, lease: Lease, visibility_s: float, client: Any = None) -> str:
         """'ok'; 'lost' (taken over: stop working on it); 'closed' (job cancelled or expired)."""
@@ -231,9 +240,10 @@ class JobStore:
             return "ok"
         return reply
 
-    def fail(self, lease: Lease, error: str) -> str:
-        """The attempt failed: 'requeued', 'dead' (dead-lettered), 'closed' or 'lost'."""
-        status = self._run("FAIL", lease.job_id, lease.shard, lease.token, error)
+    def fail(self, lease: Lease, error: str, crashed: bool = False) -> str:
+        """The attempt failed: 'requeued', 'dead' (dead-lettered), 'closed' or 'lost'.
+        `crashed`: the engine died with the lease's admitted requests in it: charge them."""
+        status = self._run("FAIL", lease.job_id, lease.shard, lease.token, error, int(crashed))
         if status == "dead":
             self.finalize(lease.job_id)
         return status
@@ -268,17 +278,31 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return JobStatus(status)
 
+    def purge(self, job_id: str, force: bool = False) -> int:
+        """Delete a finished job and every key of it now (one script); how many keys went.
+
+        A job still running is refused (ValueError) unless `force`, which cancels it in the
+        same step: its holders' next writes answer 'lost' and they drop its requests.
+        """
+        reply = self._run("PURGE", job_id, int(force))
+        if not reply:
+            raise JobNotFoundError(job_id)
+        verdict, value = reply
+        if verdict == "refused":
+            raise ValueError(f"job {job_id} is {value}; cancel it first, or purge with force")
+        return int(value)
+
     def delete_job(self, job_id: str) -> None:
-        """Drop a finished job and everything under it."""
-        job = self.get_job(job_id)
-        if not job.status.is_terminal:
-            raise ValueError(f"job {job_id} is {job.status.value}; cancel it first")
-        keys = [self.job_key(job_id), f"{self.job_key(job_id)}:ready"]
-        for n in range(job.num_shards):
-            sk = self.shard_key(job_id, n)
-            keys += [sk, f"{sk}:results", f"{sk}:progress"]
-        with self.r.pipeline() as pipe:
-            pipe.delete(*keys)
-            pipe.zrem(f"{self.prefix}:jobs", job_id)
-            pipe.zrem(f"{self.prefix}:dead", *[f"{job_id}/{n}" for n in range(job.num_shards)] or ["-"])
-            pipe.execute()
+        """Drop a finished job and everything under it (`purge` without force)."""
+        self.purge(job_id)
+
+    def set_job_ttl(self, seconds: float) -> None:
+        """How long finished jobs are kept, for every process using this Redis; applies to jobs
+        that finish from now on."""
+        if not seconds > 0:
+            raise ValueError(f"job TTL must be > 0 seconds, got {seconds}")
+        self.r.hset(f"{self.prefix}:config", "job_ttl_ms", int(seconds * 1000))
+
+    def job_ttl(self) -> float:
+        ms = self.r.hget(f"{self.prefix}:config", "job_ttl_ms")
+        return int(ms) / 1000 if ms else DEFAULT_JOB_TTL_S

@@ -11,11 +11,16 @@ for a core and costs a millisecond. `background=False` does the same work inline
 
 Leases are renewed only while the engine loop keeps calling `sync`, so a wedged loop loses
 its shards even though the I/O thread is fine.
+
+Redis failing (unreachable, READONLY after a failover, OOM, a script error) pauses the
+offline side and nothing else: the I/O thread never dies. It keeps the results it could not
+write, retries with capped exponential backoff for as long as it takes (every write is
+fenced and idempotent, so re-sending is safe), and when Redis answers again it first renews
+its leases, then goes on. `paused` says why it waits; the engine loop never sees an error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -30,15 +35,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from harvest.queue.config import WorkerConfig
-from harvest.queue.shard import ShardRun
+from harvest.queue.pause import Pause, describe_error
+from harvest.queue.shard import Prepared, ShardRun
 from harvest.queue.store import JobStore
 
 if TYPE_CHECKING:
     from harvest.engine import RequestOutput
 
 log = logging.getLogger(__name__)
-# NoScriptError: Redis restarted (empty script cache) between loading scripts and running a pipeline
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError)
 
 
 @dataclass
@@ -97,8 +101,12 @@ class OfflineWorker:
         self._last_progress = time.monotonic()
         self._last_flush = time.monotonic()
         self._loop_seen = time.monotonic()  # the engine loop's last sync
-        self._down_since: float | None = None
-        self._error: BaseException | None = None
+        self._pause: Pause | None = None  # set while Redis fails; only the I/O side touches it
+        # lease key -> groups of a shard's prepared requests still to admit: the first group
+        # is every request with no crash on record; each suspect (a request that was in a
+        # crashed lease) follows alone, once the group before it has finished, so a request
+        # that crashes the engine again takes only itself (and other shards' requests) down
+        self._waiting: dict[str, list[list[Prepared]]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,17 +123,28 @@ class OfflineWorker:
     def owns(self, request_id: str) -> bool:
         return request_id.rsplit("/", 1)[0] in self.shards
 
+    @property
+    def paused(self) -> str | None:
+        """Why offline work waits ("Redis unreachable since ...: cause"); None while it runs."""
+        pause = self._pause
+        return pause.describe() if pause is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """The offline side for a status view: shards held, requests in the engine, pause."""
+        return {
+            "offline_paused": self.paused,
+            "shards": sorted(self.shards),
+            "offline_inflight": self.inflight_requests,
+            "io_thread_alive": self._thread is None or self._thread.is_alive(),
+        }
+
     # ------------------------------------------------------------------ the engine loop's side
 
     def sync(self, outputs: list[RequestOutput] = ()) -> None:
         """Route one step's outputs to their shards (called on the engine loop after each step).
-
-        Raises what stopped the I/O thread (Redis unreachable past `reconnect_timeout_s`).
-        """
+        Never raises because of Redis: see `paused`."""
         start = time.perf_counter()
         self._loop_seen = time.monotonic()
-        if self._error is not None:
-            raise self._error
         finishing = False
         finished = [out for out in outputs if out.finished]  # the only outputs a shard needs
         if finished:
@@ -137,8 +156,7 @@ class OfflineWorker:
                         finishing |= not run.running
         self.stats.loop_s += time.perf_counter() - start
         if self._thread is None:
-            self.fill()
-            self.flush()
+            self.io_round()
         elif finishing:  # a shard's last result: write and ack it now, not at the next tick
             self._wake.set()
 
@@ -146,15 +164,46 @@ class OfflineWorker:
 
     def _io_loop(self) -> None:
         tick = max(0.005, min(self.config.result_flush_s or 0.01, self.config.idle_poll_s))
+        while not self._stopping.is_set():
+            self.io_round()
+            self._wake.wait(tick)
+            self._wake.clear()
+
+    def io_round(self) -> None:
+        """One round of Redis work; a failure pauses the offline side instead of raising."""
+        pause = self._pause
+        if pause is not None and not pause.due:
+            return
         try:
-            while not self._stopping.is_set():
-                self.fill()
-                self.flush()
-                self._wake.wait(tick)
-                self._wake.clear()
-        except BaseException as exc:
-            log.exception("queue I/O thread stopped")
-            self._error = exc
+            if pause is not None:
+                self._resume(pause)
+            self.fill()
+            self.flush()
+            self._admit_waiting()  # after flush: the group before is written, so not charged
+        except Exception as exc:  # Redis's errors, and a bug here must not end offline work either
+            self._paused(exc)
+
+    def _paused(self, exc: Exception) -> None:
+        """Log a pause once when it starts and when its cause changes, not at every retry."""
+        trace = not isinstance(exc, redis.RedisError)  # a bug: show where
+        if self._pause is None:
+            self._pause = Pause.start(exc)
+            log.warning("offline work paused (%s); results stay buffered, retrying with backoff",
+                        self._pause.describe(), exc_info=trace)  # fmt: skip
+        # a lease the queue extended across an outage has one visibility timeout of grace:
+        # retry well within it
+        elif self._pause.failed_again(exc, cap_s=self.config.visibility_timeout_s / 4):
+            log.warning("offline work still paused, now because of %s", self._pause.cause, exc_info=trace)
+
+    def _resume(self, pause: Pause) -> None:
+        """Redis answers again: reload the scripts (a restarted Redis has none), renew the
+        leases before anything else (one held across the outage got a visibility timeout of
+        grace from the queue, see lua.heard), then carry on where the pause left off."""
+        self.store.load_scripts()
+        if time.monotonic() - self._loop_seen < self.config.visibility_timeout_s / 2:
+            self._renew()
+        self._pause = None
+        log.warning("Redis is back after %.1f s; offline work resumes", time.time() - pause.since)
 
     def _timed(self, kind: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -162,18 +211,6 @@ class OfflineWorker:
             return fn()
         finally:
             self.stats.add(kind, time.perf_counter() - start)
-
-    def _redis_down(self, exc: Exception) -> None:
-        if isinstance(exc, redis.exceptions.NoScriptError):  # restarted: its script cache is empty
-            with contextlib.suppress(*REDIS_DOWN):
-                self.store.load_scripts()
-        now = time.monotonic()
-        if self._down_since is None:
-            log.warning("Redis unreachable (%s); keeping results buffered and retrying", exc)
-            self._down_since = now
-        elif now - self._down_since > self.config.reconnect_timeout_s:
-            raise exc
-        self._next_lease = now + self.config.idle_poll_s
 
     def fill(self) -> int:
         """Lease shards while the engine has offline room; returns how many were leased."""
@@ -186,15 +223,9 @@ class OfflineWorker:
                 # as many shards as fill the room, judged by the last shard's size: one round trip
                 room = -(-(self.max_inflight - inflight) // self._shard_size)
                 want = max(1, min(room, cfg.max_shards - len(self.shards)))
-            try:
-                leases = self._timed(
-                    "lease",
-                    lambda want=want: self.store.lease(self.worker_id, cfg.visibility_timeout_s, want),
-                )
-            except REDIS_DOWN as exc:
-                self._redis_down(exc)
-                return leased
-            self._down_since = None
+            leases = self._timed(
+                "lease", lambda want=want: self.store.lease(self.worker_id, cfg.visibility_timeout_s, want)
+            )
             if not leases:
                 self._next_lease = time.monotonic() + cfg.idle_poll_s
                 self.queue_empty = True
@@ -203,28 +234,56 @@ class OfflineWorker:
                 self._shard_size = max(1, len(lease.requests))
                 run = ShardRun(lease, self.engine, self.worker_id)
                 prepared = run.prepare()  # tokenizing and checkpoint adoption: off the lock
+                suspects = [[p] for p in prepared if lease.crashes.get(p[1].index)]
+                clean = [p for p in prepared if not lease.crashes.get(p[1].index)]
                 with self._lock:
                     self.shards[lease.key] = run
-                    run.commit(prepared)
+                    self._waiting[lease.key] = ([clean] if clean else []) + suspects
                 leased += 1
             self.queue_empty = False
-            if self.on_work is not None:
-                self.on_work()
+            self._admit_waiting()
         return leased
+
+    def _admit_waiting(self) -> None:
+        """Record the next group of each shard as admitted (ADMIT), then hand it to the engine.
+        A group waits until the one before it has finished and its results are written (a
+        crash charges every admitted request without a stored result), and no request
+        reaches the engine before the record of it is in Redis."""
+        with self._lock:
+            ready = [
+                (key, run, groups[0])
+                for key, groups in self._waiting.items()
+                if groups
+                and (run := self.shards.get(key)) is not None
+                and not run.running
+                and not run.results
+            ]
+        admitted, dropped = 0, []
+        for key, run, group in ready:
+            indices = [p[1].index for p in group]
+            reply = self._timed("admit", lambda lease=run.lease, i=indices: self.store.admit(lease, i))
+            with self._lock:
+                if key not in self.shards:  # dropped meanwhile
+                    continue
+                if reply != "ok":
+                    dropped.append(self._drop(run, reply))
+                    continue
+                self._waiting[key].pop(0)
+                run.commit(group)
+                admitted += len(group)
+        self._release_closed(dropped)
+        if admitted and self.on_work is not None:
+            self.on_work()
 
     def flush(self, force: bool = False) -> None:
         """Write results/progress, ack finished shards, renew leases (all safe to retry)."""
-        try:
-            self._write(force)
-            self._ack_done()
-            now = time.monotonic()
-            # renewing proves the engine loop is alive: not while it has stopped calling sync
-            loop_alive = now - self._loop_seen < self.config.visibility_timeout_s / 2
-            if loop_alive and now - self._last_renew >= self.config.renew_interval_s:
-                self._renew()
-            self._down_since = None
-        except REDIS_DOWN as exc:
-            self._redis_down(exc)
+        self._write(force)
+        self._ack_done()
+        now = time.monotonic()
+        # renewing proves the engine loop is alive: not while it has stopped calling sync
+        loop_alive = now - self._loop_seen < self.config.visibility_timeout_s / 2
+        if loop_alive and now - self._last_renew >= self.config.renew_interval_s:
+            self._renew()
 
     def _write(self, force: bool = False) -> None:
         """One pipeline: results (every result_flush_s, at once when they finish a shard),
@@ -272,7 +331,7 @@ class OfflineWorker:
                 self.stats.results_written += reply.count("ok")
                 self.stats.last_result_at = time.perf_counter()
             for (run, _), reply in zip(progress, rest[: len(progress)]):
-                if reply == "lost":
+                if reply in ("lost", "closed") and run.lease.key in self.shards:
                     dropped.append(self._drop(run, reply))
             acked = [
                 (run, reply)
@@ -284,10 +343,13 @@ class OfflineWorker:
             self._acked(run, self.store.after_ack(run.lease, reply))
 
     def _acked(self, run: ShardRun, status: str) -> None:
+        """After ACK. A Redis error here leaves the shard held: the next round's ACK answers
+        'lost' (it was done) or 'incomplete' again, and either way ends up here once more."""
         if status == "incomplete":  # a result went missing: spend the attempt, retry elsewhere
             self.store.fail(run.lease, "ack found requests without a result")
         with self._lock:
             self.shards.pop(run.lease.key, None)
+            self._waiting.pop(run.lease.key, None)
 
     def _ack_done(self) -> None:
         """Ack shards that finished without a write this round (all done earlier, or a retry)."""
@@ -315,6 +377,7 @@ class OfflineWorker:
         log.info("dropping shard %s: %s", run.lease.key, why)
         run.abort()
         self.shards.pop(run.lease.key, None)
+        self._waiting.pop(run.lease.key, None)
         return run, why
 
     def _release_closed(self, dropped: list[tuple[ShardRun, str]]) -> None:
@@ -322,22 +385,30 @@ class OfflineWorker:
             if why == "closed":
                 self.store.release(run.lease)
 
-    def release_all(self) -> None:
-        """Graceful stop: write what is finished, give the rest back without spending attempts."""
+    def release_all(self, crashed: bool = False) -> None:
+        """Stop: write what is finished, then give the rest back. A graceful stop spends no
+        attempt and charges no request; `crashed` (the engine loop died) counts as the crash it
+        is: each shard spends its attempt and its admitted, unfinished requests are charged."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         try:
+            if self._pause is not None:  # maybe back by now; a restarted Redis needs its scripts
+                self.store.load_scripts()
             self._write(force=True)
             self._ack_done()
             with self._lock:
                 runs, self.shards = list(self.shards.values()), {}
+                self._waiting.clear()
             for run in runs:
                 run.abort()
-                self.store.release(run.lease)
-        except REDIS_DOWN as exc:
-            log.warning("could not give shards back (%s); their leases will expire", exc)
+                if crashed:
+                    self.store.fail(run.lease, f"the engine of worker {self.worker_id} died", crashed=True)
+                else:
+                    self.store.release(run.lease)
+        except redis.RedisError as exc:
+            log.warning("could not give shards back (%s); their leases will expire", describe_error(exc))
         self.shards.clear()
 
 
@@ -349,13 +420,17 @@ def run_local(
     stop: Callable[[], bool] | None = None,
     exit_when_idle: bool = False,
     worker_id: str = "",
+    worker: OfflineWorker | None = None,
 ) -> OfflineWorker:
-    """Pull shards and run them until `stop()` (or, with `exit_when_idle`, an empty queue)."""
+    """Pull shards and run them until `stop()` (or, with `exit_when_idle`, an empty queue).
+    `worker`: one made by the caller (to watch it while it runs); else a new one."""
     # the I/O thread's Python (JSON, tokenizing a shard) must not hold the GIL for the
     # default 5 ms while the engine loop waits for it between kernels
     sys.setswitchinterval(0.0005)
     work = threading.Event()
-    worker = OfflineWorker(store, engine, config, worker_id, on_work=work.set)
+    if worker is None:
+        worker = OfflineWorker(store, engine, config, worker_id)
+    worker.on_work = work.set
     try:
         while not (stop is not None and stop()):
             outputs: list[RequestOutput] = []

@@ -1,0 +1,91 @@
+"""Nothing finished lives forever: job TTLs, dead letters kept with their job, purge."""
+
+from __future__ import annotations
+
+import pytest
+
+from harvest.queue import JobNotFoundError, JobOptions, JobStatus, Progress
+from tests.test_queue_store import fake_results, run_fake, wait_for
+
+
+def job_keys(store, job_id: str) -> list[str]:
+    return sorted(store.r.scan_iter(f"{store.prefix}:job:{job_id}*"))
+
+
+def test_finished_jobs_carry_the_store_ttl_on_every_key(queue_store, make_job):
+    queue_store.set_job_ttl(3600)
+    job_id = make_job(6, shard_size=2, max_attempts=1)
+    (lease,) = queue_store.lease("w", 5)
+    queue_store.save_progress(lease, {0: Progress([1])})
+    assert all(queue_store.r.pttl(k) == -1 for k in job_keys(queue_store, job_id))  # running: kept
+    assert queue_store.fail(lease, "boom") == "dead"
+    run_fake(queue_store, "w")
+    assert queue_store.get_job(job_id).status is JobStatus.COMPLETED
+    keys = job_keys(queue_store, job_id)
+    assert f"harvest:job:{job_id}:dead" in keys  # the dead letter lives with its job
+    assert queue_store.dead_letters(job_id) == [(job_id, lease.shard, "boom")]
+    assert keys and all(3_500_000 < queue_store.r.pttl(k) <= 3_600_000 for k in keys)
+    assert not queue_store.r.exists("harvest:dead")  # no global list growing forever
+
+
+@pytest.mark.parametrize("how", ["cancelled", "expired", "failed"])
+def test_every_final_state_retires_the_job(queue_store, make_job, how):
+    if how == "failed":  # rejected at validation
+        job_id = queue_store.create_job(JobOptions())
+        queue_store.reject(job_id, [{"line": 1, "message": "bad"}], 1)
+    else:
+        job_id = make_job(4, shard_size=2, completion_window_s=3600)
+        if how == "cancelled":
+            queue_store.cancel(job_id)
+        else:
+            queue_store.r.zadd("harvest:deadlines", {job_id: 0})
+            queue_store.sweep()
+    assert queue_store.get_job(job_id).status.value == how
+    assert all(queue_store.r.pttl(k) > 0 for k in job_keys(queue_store, job_id))
+
+
+def test_expired_jobs_leave_the_job_list(queue_store, make_job):
+    queue_store.set_job_ttl(0.2)
+    job_id = make_job(2, shard_size=2)
+    run_fake(queue_store, "w")
+    wait_for(lambda: not job_keys(queue_store, job_id))  # Redis expired every key
+    queue_store.sweep()
+    assert queue_store.list_jobs() == [] and queue_store.r.zcard("harvest:jobs") == 0
+    assert queue_store.r.zcard("harvest:retired") == 0
+
+
+def test_purge_deletes_every_key_and_refuses_a_running_job(queue_store, make_job):
+    done, running = make_job(4, shard_size=2), make_job(4, shard_size=2)
+    queue_store.cancel(done)
+    assert queue_store.purge(done) == 3  # the job and its two shards (no results, no progress)
+    assert job_keys(queue_store, done) == [] and queue_store.r.zscore("harvest:jobs", done) is None
+    with pytest.raises(JobNotFoundError):
+        queue_store.get_job(done)
+
+    (lease,) = queue_store.lease("w", 5)
+    assert lease.job_id == running
+    queue_store.write_results(lease, fake_results(lease, [0]))
+    with pytest.raises(ValueError, match="in_progress; cancel it first"):
+        queue_store.purge(running)
+    assert queue_store.get_job(running).status is JobStatus.IN_PROGRESS  # untouched
+    assert queue_store.purge(running, force=True) > 0
+    assert job_keys(queue_store, running) == []
+    # its holder learns at its next write, and recreates nothing
+    assert queue_store.write_results(lease, fake_results(lease, [1])) == "lost"
+    assert queue_store.renew(lease, 5) == "lost" and queue_store.release(lease) == "lost"
+    queue_store.sweep()
+    assert job_keys(queue_store, running) == [] and queue_store.r.zcard("harvest:leases") == 0
+    with pytest.raises(JobNotFoundError):
+        queue_store.purge(running)
+
+
+def test_a_lease_outliving_its_expired_job_recreates_nothing(queue_store, make_job):
+    queue_store.set_job_ttl(0.1)
+    job_id = make_job(2, shard_size=2, completion_window_s=3600)
+    (lease,) = queue_store.lease("w", visibility_s=0.3)
+    queue_store.r.zadd("harvest:deadlines", {job_id: 0})
+    queue_store.sweep()  # expired, its shard still leased
+    wait_for(lambda: not job_keys(queue_store, job_id))  # the job's TTL ran out first
+    wait_for(lambda: queue_store.sweep() or queue_store.r.zcard("harvest:leases") == 0)
+    assert job_keys(queue_store, job_id) == []
+    assert queue_store.release(lease) == "lost"
