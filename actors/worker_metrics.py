@@ -2,7 +2,7 @@
 
 A worker's /metrics serves every worker's engine figures as text for one scrape target; these
 series reach a cluster's Prometheus through Ray's own per-node export, tagged by worker
-(the controller adds the per-job queue depth).
+(the controller adds the offline queue depth).
 """
 
 from __future__ import annotations

@@ -102,7 +102,9 @@ class HarvestController:
     def _run(self) -> None:
         from ray.util.metrics import Gauge
 
-        depth = Gauge("harvest_job_requests_pending", "Offline requests not yet finished, per job.", ("job",))
+        # one series for all jobs: a label per job would add a series for every job ever
+        # submitted, kept by Ray's exporter for as long as the controller lives
+        depth = Gauge("harvest_job_requests_pending", "Offline requests not yet finished, over all jobs.")
         while not self._stop.wait(self.period_s):
             self.monitor_round(depth)
 
@@ -114,9 +116,11 @@ class HarvestController:
                 # a sweep: finalizing jobs complete, overdue ones expire and retired ones leave
                 # the job list even while no client looks and no worker leases
                 self.store.sweep()
+                pending = 0
                 for job in self.store.list_jobs(limit=100):
                     c = job.request_counts
-                    depth.set(c.total - c.completed - c.failed, {"job": job.id})
+                    pending += c.total - c.completed - c.failed
+                depth.set(pending)
                 self._last_jobs = time.monotonic()
             self._check_silent()
         except redis.RedisError as exc:
