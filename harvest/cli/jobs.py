@@ -20,6 +20,7 @@ from harvest.cli.app import app
 from harvest.queue.config import default_redis_url
 from harvest.queue.errors import InvalidInputError, JobNotFoundError, RedisUnavailableError
 from harvest.queue.models import Job, JobStatus
+from harvest.redact import redact_url
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 EXIT_REDIS, EXIT_NOT_COMPLETED, EXIT_TIMEOUT = 5, 6, 7
@@ -291,7 +292,7 @@ def work(
     # finish the step, write what is done and give the rest back instead of dying mid-write
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     worker_id = make_worker_id()
-    err.print(f"worker {worker_id} serving {url}")
+    err.print(f"worker {worker_id} serving {redact_url(url)}")
     try:
         with _exits():
             worker = run_local(

@@ -37,6 +37,7 @@ def up(
     from harvest import local_redis, service
     from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.paths import ensure_default_model
+    from harvest.redact import redact_url
 
     if model is not None and not (model / "config.json").is_file():
         console.print(f"[red]--model {model}[/]: not a Hugging Face model directory (no config.json)")
@@ -74,7 +75,7 @@ def up(
             raise typer.Exit(1) from None
     base = f"http://{host}:{port}"
     console.print(f"[green]harvest is up[/]: {len(snapshot['workers'])} worker(s), model {model_name!r}")
-    console.print(f"  endpoint  {base}/v1   (OpenAI-compatible)   redis {redis_url}")
+    console.print(f"  endpoint  {base}/v1   (OpenAI-compatible)   redis {redact_url(redis_url)}")
     console.print("next:")
     console.print(
         f"  curl {base}/v1/completions -H 'Content-Type: application/json' "

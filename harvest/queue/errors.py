@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from harvest.redact import redact_url
+
 if TYPE_CHECKING:
     from harvest.queue.inputs import InputError
 
@@ -22,9 +24,11 @@ class JobNotFoundError(QueueError, KeyError):
 
 
 class RedisUnavailableError(QueueError, ConnectionError):
+    """No Redis at `url`; the URL is kept and shown with its password masked."""
+
     def __init__(self, url: str, cause: Exception) -> None:
-        super().__init__(f"cannot reach Redis at {url}: {cause}")
-        self.url = url
+        self.url = redact_url(url)
+        super().__init__(f"cannot reach Redis at {self.url}: {cause}")
 
 
 class InvalidInputError(QueueError, ValueError):

@@ -1,0 +1,109 @@
+"""No secret is printed or stored in clear: Redis passwords in URLs, the API key."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner
+
+from harvest.cli import app
+from harvest.cli.jobs import EXIT_REDIS
+from harvest.client import HarvestClient
+from harvest.local_redis import free_port, wait_up
+from harvest.queue.errors import RedisUnavailableError
+from harvest.redact import redact_url
+
+PASSWORD = "hunter2-s3cret"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6390/0", "redis://127.0.0.1:6390/0"),
+        (f"redis://:{PASSWORD}@host:6379/0", "redis://:***@host:6379/0"),
+        (f"redis://alice:{PASSWORD}@host:6379/2", "redis://***:***@host:6379/2"),
+        (
+            f"rediss://alice:{PASSWORD}@host/0?ssl_cert_reqs=none",
+            "rediss://***:***@host/0?ssl_cert_reqs=none",
+        ),
+        (f"redis://host:6379/0?password={PASSWORD}&db=1", "redis://host:6379/0?password=***&db=1"),
+        (f"unix://:{PASSWORD}@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        (f"redis://:{PASSWORD}@[::1:6379/0", "redis://***@[::1:6379/0"),  # unparseable: still masked
+    ],
+)
+def test_redact_url_masks_userinfo_and_password_options(url, shown):
+    assert redact_url(url) == shown
+
+
+@pytest.fixture
+def password_redis(tmp_path) -> Iterator[str]:
+    """A redis-server that wants PASSWORD; yields its URL (with the password)."""
+    port = free_port()
+    args = [
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(tmp_path),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--requirepass",
+        PASSWORD,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
+    try:
+        wait_up(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def closed_url() -> str:
+    return f"redis://alice:{PASSWORD}@127.0.0.1:{free_port()}/0"
+
+
+def test_unreachable_redis_errors_never_show_the_password(password_redis, caplog):
+    caplog.set_level(logging.DEBUG)
+    wrong = password_redis.replace(PASSWORD, PASSWORD + "-wrong")
+    for url in (closed_url(), wrong):
+        with pytest.raises(RedisUnavailableError) as info:
+            HarvestClient(url)
+        shown = f"{info.value} {info.value!r} {info.value.url}"
+        assert PASSWORD not in shown and "***@127.0.0.1" in shown
+    with pytest.raises(TimeoutError) as timeout:
+        wait_up(closed_url(), timeout_s=0.05)
+    assert PASSWORD not in str(timeout.value)
+    assert PASSWORD not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["jobs"], ["status", "batch_x"], ["cancel", "batch_x"], ["submit", "FILE"], ["work", "--local"]],
+)
+def test_cli_never_prints_the_password(tmp_path, command, caplog):
+    caplog.set_level(logging.DEBUG)
+    (tmp_path / "in.jsonl").write_text(
+        '{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "p"}}\n'
+    )
+    args = [str(tmp_path / "in.jsonl") if a == "FILE" else a for a in command]
+    result = CliRunner().invoke(app, [*args, "--redis-url", closed_url()])
+    assert result.exit_code == EXIT_REDIS, result.output
+    assert "cannot reach Redis at redis://***:***@127.0.0.1" in result.stderr
+    assert PASSWORD not in result.output and PASSWORD not in caplog.text
+
+
+def test_service_config_repr_hides_secrets():
+    from harvest.service import ServiceConfig
+
+    config = ServiceConfig(model="m", redis_url=closed_url(), api_key="sk-" + PASSWORD)
+    assert PASSWORD not in repr(config)
