@@ -102,6 +102,24 @@ def test_cli_never_prints_the_password(tmp_path, command, caplog):
     assert PASSWORD not in result.output and PASSWORD not in caplog.text
 
 
+def test_redis_dying_mid_submit_shows_no_password(password_redis, monkeypatch, caplog):
+    """The error that stops a submission, and the warning that the sweep will clean up after it."""
+    caplog.set_level(logging.DEBUG)
+    client = HarvestClient(password_redis)
+    add_shards = client.store.add_shards
+
+    def dying(job_id: str, shards: list, first: int) -> str:
+        if first > 0:  # the second write: Redis goes away under it
+            client.store.r.shutdown(nosave=True)
+        return add_shards(job_id, shards, first=first)
+
+    monkeypatch.setattr(client.store, "add_shards", dying)
+    with pytest.raises(RedisUnavailableError) as info:
+        client.submit([f"prompt {i}" for i in range(40)], shard_size=1)
+    assert "***@127.0.0.1" in str(info.value) and PASSWORD not in str(info.value)
+    assert "a sweep will fail it" in caplog.text and PASSWORD not in caplog.text
+
+
 def test_service_config_repr_hides_secrets():
     from harvest.service import ServiceConfig
 

@@ -51,7 +51,8 @@ class JobStore:
         self._scripts = {
             name: client.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
-                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING")
+                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING",
+                         "ADD_SHARDS")
         }  # fmt: skip
         self.load_scripts()
 
@@ -99,24 +100,21 @@ class JobStore:
             pipe.execute()
         return job_id
 
-    def still_validating(self, job_id: str) -> None:
-        """The submitter's heartbeat: without one for `submitter_timeout_s`, a sweep fails the job."""
-        self._run("VALIDATING", job_id, self.submitter_timeout_ms, "XX")
+    def still_validating(self, job_id: str) -> str:
+        """The submitter's heartbeat: without one for `submitter_timeout_s`, a sweep fails the job.
 
-    def add_shards(self, job_id: str, shards: Iterable[list[dict[str, Any]]], first: int) -> int:
-        """Write shards numbered from `first` (one pipeline); returns how many requests they hold."""
-        total = 0
-        with self.r.pipeline(transaction=False) as pipe:
-            for n, requests in enumerate(shards, start=first):
-                key = self.shard_key(job_id, n)
-                pipe.hset(key, mapping={"state": "ready", "size": len(requests), "attempts": 0, "token": 0,
-                                        "requests": orjson.dumps(requests)})  # fmt: skip
-                pipe.rpush(f"{self.job_key(job_id)}:ready", n)
-                pipe.hincrby(self.job_key(job_id), "num_shards", 1)
-                pipe.hincrby(self.job_key(job_id), "total", len(requests))
-                total += len(requests)
-            pipe.execute()
-        return total
+        Returns the job's status: anything but 'validating' means the submission is over
+        (cancelled, or failed by a sweep) and the submitter should stop.
+        """
+        return self._run("VALIDATING", job_id, self.submitter_timeout_ms, "XX")
+
+    def add_shards(self, job_id: str, shards: Iterable[list[dict[str, Any]]], first: int) -> str:
+        """Write shards numbered from `first` in one script; 'ok', or the job's status when it is no
+        longer validating (cancelled or failed meanwhile: nothing was written)."""
+        args: list[Any] = []
+        for requests in shards:
+            args += [len(requests), orjson.dumps(requests)]
+        return self._run("ADD_SHARDS", job_id, first, *args)
 
     def activate(self, job_id: str) -> JobStatus:
         """validating -> in_progress: its shards become leasable and its window starts."""
@@ -126,6 +124,7 @@ class JobStore:
         return status
 
     def reject(self, job_id: str, errors: list[dict[str, Any]], num_errors: int) -> JobStatus:
+        """validating -> failed with `errors`; a job never queued also loses the shards written for it."""
         return JobStatus(self._run("REJECT", job_id, json.dumps(errors), num_errors))
 
     # ------------------------------------------------------------------ reading jobs
