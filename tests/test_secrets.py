@@ -125,3 +125,29 @@ def test_service_config_repr_hides_secrets():
 
     config = ServiceConfig(model="m", redis_url=closed_url(), api_key="sk-" + PASSWORD)
     assert PASSWORD not in repr(config)
+
+
+def test_controller_keeps_the_api_key_and_redis_password_out_of_redis_and_status(password_redis):
+    """The controller class itself (Ray plays no part in what it stores or shows)."""
+    from controller.controller import CONFIG_KEY, HarvestController
+
+    api_key = "sk-" + PASSWORD
+    args = {"redis_url": password_redis, "api_key": api_key, "num_workers": 1, "monitor_period_s": 0.05}
+    controller = HarvestController(dict(args))
+    try:
+        assert controller.set_slo(0.5, 0.05)  # no worker to wait for; a change that must survive a restart
+        stored = controller.store.r.get(CONFIG_KEY)
+        assert PASSWORD not in stored and "api_key" not in stored and "redis_url" not in stored
+        shown = controller.status()["config"]
+        assert PASSWORD not in str(shown)
+        assert shown["api_key"] == "***" and shown["redis_url"].startswith("redis://:***@127.0.0.1")
+    finally:
+        controller.shutdown()
+    controller.store.r.set(CONFIG_KEY, stored)  # as a crashed controller would have left it
+    restarted = HarvestController(dict(args))
+    try:
+        assert restarted.config["engine_options"]["slo"] == {"ttft_s": 0.5, "tpot_s": 0.05}
+        assert restarted.config["api_key"] == api_key  # from its arguments, for its own use
+        assert PASSWORD not in restarted.store.r.get(CONFIG_KEY)
+    finally:
+        restarted.shutdown()
