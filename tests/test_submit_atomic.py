@@ -105,6 +105,15 @@ def test_whole_input_errors_are_judged_before_a_job_exists(queue_client, tmp_pat
     assert info.value.job_id is None and queue_client.store.r.dbsize() == 0  # nothing at all
 
 
+def test_a_bad_csv_row_is_not_judged_up_front_but_still_leaves_no_shards(queue_client, tmp_path):
+    """Only the header is read before the job exists: a row further down is that row's error."""
+    rows = "".join(f"doc {i}\n" for i in range(50))
+    (tmp_path / "docs.csv").write_text(f"text\n{rows}a,b,c\n")
+    with pytest.raises(ValueError):  # the row's InvalidInputError, or pyarrow's parse error
+        queue_client.submit_file(tmp_path / "docs.csv", column="text", shard_size=1)
+    assert_failed_and_empty(queue_client.store, only_job(queue_client.store))
+
+
 def test_bad_lines_fail_the_job_with_no_shards(queue_client):
     with pytest.raises(InvalidInputError) as info:
         queue_client.submit(["fine", 42, "also fine"])

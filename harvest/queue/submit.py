@@ -15,6 +15,7 @@ first sweep after `submitter_timeout_s` fails the same way.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import string
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import redis
 
@@ -107,15 +107,21 @@ def check_table(path: Path, column: str | None, template: str | None, id_column:
         if fmt == "parquet":
             names = pq.read_schema(path).names
         elif fmt == "csv":
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            names = pcsv.open_csv(path, parse_options=pcsv.ParseOptions(delimiter=delimiter)).schema.names
+            names = _csv_header(path)
         else:
             return  # JSONL rows each have their own keys: a missing one is that row's error
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InvalidInputError([InputError(0, f"cannot read {path.name} as {fmt}: {exc}")]) from None
     missing = [c for c in needed if c not in names]
     if missing:
         raise InvalidInputError([InputError(0, f"no column(s) {missing} in {path.name}; it has {names}")])
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The header row alone: a bad row further down is that row's error, named when it is read."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f, delimiter=delimiter), [])
 
 
 def template_columns(template: str) -> list[str]:
