@@ -18,8 +18,7 @@ from typer.testing import CliRunner
 
 from harvest.cli import app
 from harvest.cli.jobs import EXIT_BAD_INPUT, EXIT_NOT_COMPLETED
-from harvest.queue import InvalidInputError, JobOptions, JobStatus, JobStore
-from harvest.queue.errors import JobNotQueuedError
+from harvest.queue import InvalidInputError, JobNotQueuedError, JobOptions, JobStatus, JobStore
 from harvest.queue.inputs import read_items
 from harvest.queue.submit import submit
 from tests.test_queue_store import wait_for
