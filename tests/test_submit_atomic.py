@@ -113,6 +113,16 @@ def test_a_bad_csv_row_is_not_judged_up_front_but_still_leaves_no_shards(queue_c
     assert_failed_and_empty(queue_client.store, only_job(queue_client.store))
 
 
+def test_a_restarted_redis_without_its_scripts_still_gets_whole_jobs(queue_store, redis_server):
+    """Creating a job is one script (record + submitter deadline): a pipeline that met an empty
+    script cache after a Redis restart used to leave a record with no deadline, never swept."""
+    redis_server.restart()  # the same data back from its AOF, but no scripts
+    job_id = submit(queue_store, prompt_source(), one_per_shard())
+    job = queue_store.get_job(job_id)
+    assert job.status is JobStatus.IN_PROGRESS and job.request_counts.total == N_PROMPTS
+    assert job.created_at is not None
+
+
 def test_bad_lines_fail_the_job_with_no_shards(queue_client):
     with pytest.raises(InvalidInputError) as info:
         queue_client.submit(["fine", 42, "also fine"])

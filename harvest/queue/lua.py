@@ -170,16 +170,24 @@ end
 return reclaimed
 """
 
-# ARGV: prefix, job, timeout_ms, 'NX' (a new job) | 'XX' (a heartbeat: only while validating)
-# -> the job's status; 'validating' when the deadline was set. On the server's clock, like every
-# lease and deadline. A heartbeat that finds the job gone from validating tells the submitter to stop.
+# ARGV: prefix, job, submitter timeout ms, then the record's (field, value) pairs -> 'validating'
+# The record and its submitter's deadline in one step: no job is ever left without a deadline.
+CREATE = r"""
+local job, now = ARGV[2], now_ms()
+redis.call('HSET', jkey(job), 'status', 'validating', 'created_ms', now, unpack(ARGV, 4))
+redis.call('ZADD', P .. ':jobs', now, job)
+redis.call('ZADD', P .. ':validating', now + tonumber(ARGV[3]), job)
+return 'validating'
+"""
+
+# ARGV: prefix, job, timeout_ms -> the job's status; 'validating' when the deadline was pushed
+# back. On the server's clock, like every lease and deadline. A heartbeat that finds the job
+# gone from validating (cancelled, or failed by a sweep) tells the submitter to stop.
 VALIDATING = r"""
 local job = ARGV[2]
-if ARGV[4] == 'XX' then
-  local status = redis.call('HGET', jkey(job), 'status')
-  if status ~= 'validating' then return status or 'gone' end
-end
-redis.call('ZADD', P .. ':validating', ARGV[4], now_ms() + tonumber(ARGV[3]), job)
+local status = redis.call('HGET', jkey(job), 'status')
+if status ~= 'validating' then return status or 'gone' end
+redis.call('ZADD', P .. ':validating', 'XX', now_ms() + tonumber(ARGV[3]), job)
 return 'validating'
 """
 

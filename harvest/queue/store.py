@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -52,7 +51,7 @@ class JobStore:
             name: client.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
                          "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING",
-                         "ADD_SHARDS")
+                         "ADD_SHARDS", "CREATE")
         }  # fmt: skip
         self.load_scripts()
 
@@ -83,21 +82,15 @@ class JobStore:
     def create_job(self, options: JobOptions) -> str:
         """Write a job record in `validating`; no shard of it can be leased yet."""
         job_id = f"batch_{uuid.uuid4().hex[:20]}"
-        now_ms = int(time.time() * 1000)
         record = {
-            "id": job_id, "status": JobStatus.VALIDATING.value, "name": options.name,
+            "id": job_id, "name": options.name,
             "model": options.model, "owner": options.owner,
             "defaults": json.dumps(options.defaults), "metadata": json.dumps(options.metadata),
             "shard_size": options.shard_size, "max_attempts": options.max_attempts,
             "completion_window_ms": int((options.completion_window_s or 0) * 1000),
             "total": 0, "completed": 0, "failed": 0, "num_shards": 0, "shards_finished": 0, "leased": 0,
-            "created_ms": now_ms,
         }  # fmt: skip
-        with self.r.pipeline() as pipe:
-            pipe.hset(self.job_key(job_id), mapping=record)
-            pipe.zadd(f"{self.prefix}:jobs", {job_id: now_ms})
-            self._run("VALIDATING", job_id, self.submitter_timeout_ms, "NX", client=pipe)
-            pipe.execute()
+        self._run("CREATE", job_id, self.submitter_timeout_ms, *[x for pair in record.items() for x in pair])
         return job_id
 
     def still_validating(self, job_id: str) -> str:
@@ -106,7 +99,7 @@ class JobStore:
         Returns the job's status: anything but 'validating' means the submission is over
         (cancelled, or failed by a sweep) and the submitter should stop.
         """
-        return self._run("VALIDATING", job_id, self.submitter_timeout_ms, "XX")
+        return self._run("VALIDATING", job_id, self.submitter_timeout_ms)
 
     def add_shards(self, job_id: str, shards: Iterable[list[dict[str, Any]]], first: int) -> str:
         """Write shards numbered from `first` in one script; 'ok', or the job's status when it is no
