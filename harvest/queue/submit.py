@@ -27,7 +27,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import redis
 
 from harvest.queue.config import JobOptions
 from harvest.queue.errors import InvalidInputError, JobNotQueuedError
@@ -192,8 +191,8 @@ def _give_up(store: JobStore, job_id: str, errors: list[InputError], num_errors:
     sweep (after `submitter_timeout_s`), so the caller still sees the exception that stopped it."""
     try:
         store.reject(job_id, [e.to_dict() for e in errors], num_errors)
-    except redis.RedisError as exc:
-        log.warning("job %s not marked failed (%s); a sweep will fail it and drop its shards", job_id, exc)
+    except Exception as exc:  # never in place of the exception that stopped the submission
+        log.warning("job %s not marked failed (%r); a sweep will fail it and drop its shards", job_id, exc)
 
 
 def _not_queued(store: JobStore, job_id: str, status: str) -> JobNotQueuedError:
