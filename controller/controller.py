@@ -22,21 +22,40 @@ import ray
 import redis
 
 from harvest.queue.store import JobStore
+from harvest.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "harvest-controller"
 NAMESPACE = "harvest"
 CONFIG_KEY = "harvest:service"
+# never written to Redis: a restarted controller gets them from its own creation arguments
+SECRET_SETTINGS = ("api_key", "redis_url")
+
+
+def stored_config(config: dict[str, Any]) -> str:
+    """The service config as kept in Redis (CONFIG_KEY): everything but the secrets."""
+    return json.dumps({k: v for k, v in config.items() if k not in SECRET_SETTINGS})
+
+
+def shown_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The service config as `status()` shows it: the Redis password and the API key masked."""
+    shown = {k: v for k, v in config.items() if k not in SECRET_SETTINGS}
+    if "redis_url" in config:
+        shown["redis_url"] = redact_url(config["redis_url"])
+    shown["api_key"] = "***" if config.get("api_key") else None
+    return shown
 
 
 class HarvestController:
     def __init__(self, config: dict[str, Any]) -> None:
         self.store = JobStore.from_url(config["redis_url"])
         stored = self.store.r.get(CONFIG_KEY)
-        # a restarted controller gets its original config back from Redis
-        self.config = json.loads(stored) if stored else config
-        self.store.r.set(CONFIG_KEY, json.dumps(self.config))
+        # a restarted controller gets its config back from Redis (with later changes such as a
+        # new SLO); the secrets, never stored there, from its arguments
+        restored = {k: v for k, v in json.loads(stored or "{}").items() if k not in SECRET_SETTINGS}
+        self.config = {**config, **restored}
+        self.store.r.set(CONFIG_KEY, stored_config(self.config))
         self.period_s = self.config.get("monitor_period_s", 0.25)
         self.view: dict[str, dict[str, Any]] = {}  # worker -> its last report, and when it came
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
@@ -139,7 +158,7 @@ class HarvestController:
         """New online SLO targets for every worker (kept for restarts); True once every
         worker reported them, which takes one heartbeat."""
         self.config.setdefault("engine_options", {})["slo"] = {"ttft_s": ttft_s, "tpot_s": tpot_s}
-        self.store.r.set(CONFIG_KEY, json.dumps(self.config))
+        self.store.r.set(CONFIG_KEY, stored_config(self.config))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -161,7 +180,7 @@ class HarvestController:
         except redis.RedisError:
             jobs = []  # the workers' view still stands; `redis_error` says why no jobs
         return {
-            "config": self.config,
+            "config": shown_config(self.config),
             "workers": view,
             "deaths": list(self.deaths),
             "jobs": jobs,

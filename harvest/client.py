@@ -6,7 +6,9 @@
     client.export(job.id, "out.parquet")
 
 Errors: JobNotFoundError (unknown job id), InvalidInputError (bad lines, each with its
-line number and reason), RedisUnavailableError (no Redis at the URL).
+line number and reason), JobNotQueuedError (the job was cancelled while being submitted),
+RedisUnavailableError (no Redis at the URL; shown with its password masked). A submit
+that fails leaves nothing half-made: no job, or a failed one without shards.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class HarvestClient:
         """Queue prompt strings, chat-message lists or OpenAI batch request dicts.
 
         `options` are JobOptions fields: metadata, owner, shard_size, max_attempts,
-        allow_invalid. Raises InvalidInputError (nothing queued) on bad items.
+        allow_invalid. Raises InvalidInputError (nothing queued) on bad items, and
+        JobNotQueuedError when the job is cancelled before it was queued.
         """
         items = list(requests)  # validated and then written: two passes
         opts = self._options(model, name, max_tokens, temperature, defaults, completion_window, **options)

@@ -18,6 +18,7 @@ import redis
 
 from harvest.paths import data_dir
 from harvest.queue.config import DEFAULT_REDIS_URL, EMBEDDED_REDIS_PORT
+from harvest.redact import redact_url
 
 
 def free_port() -> int:
@@ -32,7 +33,7 @@ def wait_up(url: str, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not is_up(url):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no Redis answered at {url} within {timeout_s:.0f} s")
+            raise TimeoutError(f"no Redis answered at {redact_url(url)} within {timeout_s:.0f} s")
         time.sleep(0.02)
 
 

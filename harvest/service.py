@@ -22,12 +22,12 @@ from controller.controller import CONTROLLER_NAME, NAMESPACE, controller_actor
 @dataclass
 class ServiceConfig:
     model: str
-    redis_url: str
+    redis_url: str = field(repr=False)  # may hold a password: kept out of reprs and logs
     model_name: str = "harvest"
     num_workers: int | None = None  # None: one per GPU, or one CPU worker
     port: int = 8000
     host: str = "127.0.0.1"
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     engine_options: dict[str, Any] = field(default_factory=dict)
     queue_options: dict[str, Any] = field(default_factory=dict)
     monitor_period_s: float = 0.25

@@ -50,6 +50,7 @@ def demo(
     from harvest import local_redis, service
     from harvest.client import HarvestClient
     from harvest.paths import ensure_default_model
+    from harvest.redact import redact_url
     from workloads.registry import build_requests, sample_dataset
 
     transformers.utils.logging.disable_progress_bar()
@@ -72,7 +73,7 @@ def demo(
         )
         service.start(config)
     base = f"http://127.0.0.1:{port}"
-    console.print(f"[green]up[/]: {base}/v1 (OpenAI-compatible), Redis {redis_url}")
+    console.print(f"[green]up[/]: {base}/v1 (OpenAI-compatible), Redis {redact_url(redis_url)}")
     client = HarvestClient(redis_url)
     jobs = {
         kind: client.submit(

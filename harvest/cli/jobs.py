@@ -18,15 +18,22 @@ from rich.table import Column, Table
 
 from harvest.cli.app import app
 from harvest.queue.config import default_redis_url
-from harvest.queue.errors import InvalidInputError, JobNotFoundError, RedisUnavailableError
+from harvest.queue.errors import (
+    InvalidInputError,
+    JobNotFoundError,
+    JobNotQueuedError,
+    QueueError,
+    RedisUnavailableError,
+)
 from harvest.queue.models import Job, JobStatus
+from harvest.redact import redact_url
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 EXIT_REDIS, EXIT_NOT_COMPLETED, EXIT_TIMEOUT = 5, 6, 7
 EXIT_CODES = (
     "Exit codes: 0 ok (with --wait: job completed); 2 bad usage; 3 invalid input (each bad line is "
     "named on stderr); 4 unknown job; 5 Redis unreachable; 6 the job ended failed, expired or "
-    "cancelled; 7 --timeout passed first."
+    "cancelled (submit: it was cancelled while being submitted); 7 --timeout passed first."
 )
 err = Console(stderr=True)
 out = Console()
@@ -48,6 +55,9 @@ def _exits() -> Iterator[None]:
     except JobNotFoundError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_NOT_FOUND) from None
+    except JobNotQueuedError as exc:
+        err.print(f"[yellow]not queued:[/] {exc}")
+        raise typer.Exit(EXIT_NOT_COMPLETED) from None
     except (RedisUnavailableError, redis.ConnectionError) as exc:
         err.print(f"[red]error:[/] {exc}\nStart Redis (`harvest up`) or set HARVEST_REDIS_URL.")
         raise typer.Exit(EXIT_REDIS) from None
@@ -125,6 +135,16 @@ def submit(
                 raise
             err.print(f"[red]error:[/] {exc}")
             raise typer.Exit(EXIT_USAGE) from None
+        except OSError as exc:
+            if isinstance(exc, RedisUnavailableError):
+                raise
+            err.print(f"[red]error:[/] cannot read the input: {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except (QueueError, redis.ConnectionError, typer.Exit):
+            raise
+        except Exception as exc:  # a message, not a traceback; the job (if any) was marked failed
+            err.print(f"[red]error:[/] submission failed: {type(exc).__name__}: {exc}")
+            raise typer.Exit(EXIT_ERROR) from None
         if job.num_errors:
             err.print(f"[yellow]skipped {job.num_errors} invalid line(s)[/]")
             for e in job.errors[:20]:
@@ -307,7 +327,7 @@ def work(
     # finish the step, write what is done and give the rest back instead of dying mid-write
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     worker_id = make_worker_id()
-    err.print(f"worker {worker_id} serving {url}")
+    err.print(f"worker {worker_id} serving {redact_url(url)}")
     try:
         with _exits():
             worker = run_local(

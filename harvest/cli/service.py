@@ -41,6 +41,7 @@ def up(
     from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.client import parse_window
     from harvest.paths import ensure_default_model
+    from harvest.redact import redact_url
 
     try:
         job_ttl_s = parse_window(job_ttl)
@@ -88,7 +89,7 @@ def up(
             raise typer.Exit(1) from None
     base = f"http://{host}:{port}"
     console.print(f"[green]harvest is up[/]: {len(snapshot['workers'])} worker(s), model {model_name!r}")
-    console.print(f"  endpoint  {base}/v1   (OpenAI-compatible)   redis {redis_url}")
+    console.print(f"  endpoint  {base}/v1   (OpenAI-compatible)   redis {redact_url(redis_url)}")
     console.print("next:")
     console.print(
         f"  curl {base}/v1/completions -H 'Content-Type: application/json' "

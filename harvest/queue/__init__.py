@@ -1,7 +1,13 @@
 """The offline job queue: a Redis job store, inputs, outputs and the worker's offline side."""
 
 from harvest.queue.config import JobOptions, WorkerConfig, default_redis_url
-from harvest.queue.errors import InvalidInputError, JobNotFoundError, QueueError, RedisUnavailableError
+from harvest.queue.errors import (
+    InvalidInputError,
+    JobNotFoundError,
+    JobNotQueuedError,
+    QueueError,
+    RedisUnavailableError,
+)
 from harvest.queue.inputs import InputError, RequestSpec
 from harvest.queue.models import Job, JobStatus, Lease, Progress, RequestCounts, Result, ShardState
 from harvest.queue.outputs import ResultRow, iter_results
@@ -13,6 +19,7 @@ __all__ = [
     "InvalidInputError",
     "Job",
     "JobNotFoundError",
+    "JobNotQueuedError",
     "JobOptions",
     "JobStatus",
     "JobStore",

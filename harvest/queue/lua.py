@@ -20,7 +20,8 @@ Layout (P = prefix, J = job id, N = shard number):
   P:config              hash  job_ttl_ms: how long finished jobs are kept (default 7 days)
   P:clock               string server ms of the last script call (outage detection)
   P:finalizing          set   jobs whose last shard finished
-  P:validating          zset  J -> ms by which its submitter must show signs of life
+  P:validating          zset  J -> ms by which its submitter must show signs of life (else the
+                        job fails and its shards are dropped)
   P:tokens              counter of fencing tokens
 """
 
@@ -108,6 +109,19 @@ local function shard_finished(job, now)
     return true
   end
   return false
+end
+
+-- a job that was never queued (rejected, abandoned or cancelled while validating): drop the
+-- shards its submitter wrote, so a failed submission leaves no payloads behind
+local function discard_shards(job)
+  local jk = jkey(job)
+  if redis.call('EXISTS', jk) == 0 or redis.call('HEXISTS', jk, 'in_progress_ms') == 1 then return end
+  for n = 0, tonumber(redis.call('HGET', jk, 'num_shards') or '0') - 1 do
+    local sk = skey(job, n)
+    redis.call('DEL', sk, sk .. ':results', sk .. ':progress')
+  end
+  redis.call('DEL', jk .. ':ready')
+  redis.call('HSET', jk, 'num_shards', 0, 'total', 0)
 end
 
 local function make_ready(job, n)
@@ -209,8 +223,8 @@ local function sweep(now, limit)
       retire(job, now)
     end
   end
-  -- a submitter that died mid-validation leaves its job in validating: fail it (nothing of
-  -- it was ever leasable, so nothing is lost); its partial shards go with `purge`
+  -- a submitter that died mid-validation leaves its job in validating: fail it and drop the
+  -- shards it wrote (nothing of it was ever leasable, so nothing is lost)
   for _, job in ipairs(redis.call('ZRANGE', P .. ':validating', '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
     redis.call('ZREM', P .. ':validating', job)
     local jk = jkey(job)
@@ -218,6 +232,7 @@ local function sweep(now, limit)
       local why = cjson.encode({{line = 0, unit = 'line', custom_id = cjson.null,
         message = 'submission abandoned: the submitter stopped before the job was queued'}})
       redis.call('HSET', jk, 'status', 'failed', 'failed_ms', now, 'errors', why, 'num_errors', 1)
+      discard_shards(job)
       retire(job, now)
     end
   end
@@ -243,10 +258,47 @@ end
 return reclaimed
 """
 
-# ARGV: prefix, job, timeout_ms, 'NX' (a new job) | 'XX' (a heartbeat: only while validating)
-# -> 1 when the deadline was set. On the server's clock, like every lease and deadline.
+# ARGV: prefix, job, submitter timeout ms, then the record's (field, value) pairs -> 'validating'
+# The record and its submitter's deadline in one step: no job is ever left without a deadline.
+CREATE = r"""
+local job, now = ARGV[2], now_ms()
+redis.call('HSET', jkey(job), 'status', 'validating', 'created_ms', now, unpack(ARGV, 4))
+redis.call('ZADD', P .. ':jobs', now, job)
+redis.call('ZADD', P .. ':validating', now + tonumber(ARGV[3]), job)
+return 'validating'
+"""
+
+# ARGV: prefix, job, timeout_ms -> the job's status; 'validating' when the deadline was pushed
+# back. On the server's clock, like every lease and deadline. A heartbeat that finds the job
+# gone from validating (cancelled, or failed by a sweep) tells the submitter to stop.
 VALIDATING = r"""
-return redis.call('ZADD', P .. ':validating', ARGV[4], 'CH', now_ms() + tonumber(ARGV[3]), ARGV[2])
+local job = ARGV[2]
+local status = redis.call('HGET', jkey(job), 'status')
+if status ~= 'validating' then return status or 'gone' end
+redis.call('ZADD', P .. ':validating', 'XX', now_ms() + tonumber(ARGV[3]), job)
+return 'validating'
+"""
+
+# ARGV: prefix, job, first shard number, then (size, requests JSON) per shard
+# -> 'ok', or the job's status when it is no longer validating (then nothing is written).
+# Idempotent: a write retried after a lost reply finds its shards there and adds nothing twice.
+ADD_SHARDS = r"""
+local job, first = ARGV[2], tonumber(ARGV[3])
+local jk = jkey(job)
+local status = redis.call('HGET', jk, 'status')
+if status ~= 'validating' then return status or 'gone' end
+for i = 4, #ARGV, 2 do
+  local n = first + (i - 4) / 2
+  local sk = skey(job, n)
+  if redis.call('EXISTS', sk) == 0 then
+    redis.call('HSET', sk, 'state', 'ready', 'size', ARGV[i], 'attempts', 0, 'token', 0,
+               'requests', ARGV[i + 1])
+    redis.call('RPUSH', jk .. ':ready', n)
+    redis.call('HINCRBY', jk, 'num_shards', 1)
+    redis.call('HINCRBY', jk, 'total', tonumber(ARGV[i]))
+  end
+end
+return 'ok'
 """
 
 # ARGV: prefix, job -> new status
@@ -440,18 +492,27 @@ else
   redis.call('HSET', jk, 'status', 'cancelled', 'cancelling_ms', now, 'cancelled_ms', now)
   retire(job, now)
 end
+if status == 'validating' then  -- cancelled mid-submission: its submitter writes no more shards
+  redis.call('ZREM', P .. ':validating', job)
+  discard_shards(job)
+end
 return redis.call('HGET', jk, 'status')
 """
 
 # ARGV: prefix, job, errors JSON, num_errors -> status after the call
+# A job still validating fails with these errors; one that was never queued (failed or
+# cancelled meanwhile) loses whatever shards were written for it.
 REJECT = r"""
-local jk = jkey(ARGV[2])
-redis.call('ZREM', P .. ':validating', ARGV[2])
+local job = ARGV[2]
+local jk = jkey(job)
+redis.call('ZREM', P .. ':validating', job)
 if redis.call('HGET', jk, 'status') == 'validating' then
   redis.call('HSET', jk, 'status', 'failed', 'failed_ms', now_ms(), 'errors', ARGV[3], 'num_errors', ARGV[4])
   retire(ARGV[2], now_ms())
 end
-return redis.call('HGET', jk, 'status')
+local status = redis.call('HGET', jk, 'status')
+if status == 'failed' or status == 'cancelled' then discard_shards(job) end
+return status
 """
 
 # ARGV: prefix, job, n, token, then request indices -> ok | lost

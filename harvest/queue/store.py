@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -53,7 +52,7 @@ class JobStore:
             name: client.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
                          "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING",
-                         "ADMIT", "PURGE")
+                         "ADMIT", "PURGE", "ADD_SHARDS", "CREATE")
         }  # fmt: skip
         self.load_scripts()
 
@@ -84,41 +83,32 @@ class JobStore:
     def create_job(self, options: JobOptions) -> str:
         """Write a job record in `validating`; no shard of it can be leased yet."""
         job_id = f"batch_{uuid.uuid4().hex[:20]}"
-        now_ms = int(time.time() * 1000)
         record = {
-            "id": job_id, "status": JobStatus.VALIDATING.value, "name": options.name,
+            "id": job_id, "name": options.name,
             "model": options.model, "owner": options.owner,
             "defaults": json.dumps(options.defaults), "metadata": json.dumps(options.metadata),
             "shard_size": options.shard_size, "max_attempts": options.max_attempts,
             "completion_window_ms": int((options.completion_window_s or 0) * 1000),
             "total": 0, "completed": 0, "failed": 0, "num_shards": 0, "shards_finished": 0, "leased": 0,
-            "created_ms": now_ms,
         }  # fmt: skip
-        with self.r.pipeline() as pipe:
-            pipe.hset(self.job_key(job_id), mapping=record)
-            pipe.zadd(f"{self.prefix}:jobs", {job_id: now_ms})
-            self._run("VALIDATING", job_id, self.submitter_timeout_ms, "NX", client=pipe)
-            pipe.execute()
+        self._run("CREATE", job_id, self.submitter_timeout_ms, *[x for pair in record.items() for x in pair])
         return job_id
 
-    def still_validating(self, job_id: str) -> None:
-        """The submitter's heartbeat: without one for `submitter_timeout_s`, a sweep fails the job."""
-        self._run("VALIDATING", job_id, self.submitter_timeout_ms, "XX")
+    def still_validating(self, job_id: str) -> str:
+        """The submitter's heartbeat: without one for `submitter_timeout_s`, a sweep fails the job.
 
-    def add_shards(self, job_id: str, shards: Iterable[list[dict[str, Any]]], first: int) -> int:
-        """Write shards numbered from `first` (one pipeline); returns how many requests they hold."""
-        total = 0
-        with self.r.pipeline(transaction=False) as pipe:
-            for n, requests in enumerate(shards, start=first):
-                key = self.shard_key(job_id, n)
-                pipe.hset(key, mapping={"state": "ready", "size": len(requests), "attempts": 0, "token": 0,
-                                        "requests": orjson.dumps(requests)})  # fmt: skip
-                pipe.rpush(f"{self.job_key(job_id)}:ready", n)
-                pipe.hincrby(self.job_key(job_id), "num_shards", 1)
-                pipe.hincrby(self.job_key(job_id), "total", len(requests))
-                total += len(requests)
-            pipe.execute()
-        return total
+        Returns the job's status: anything but 'validating' means the submission is over
+        (cancelled, or failed by a sweep) and the submitter should stop.
+        """
+        return self._run("VALIDATING", job_id, self.submitter_timeout_ms)
+
+    def add_shards(self, job_id: str, shards: Iterable[list[dict[str, Any]]], first: int) -> str:
+        """Write shards numbered from `first` in one script; 'ok', or the job's status when it is no
+        longer validating (cancelled or failed meanwhile: nothing was written)."""
+        args: list[Any] = []
+        for requests in shards:
+            args += [len(requests), orjson.dumps(requests)]
+        return self._run("ADD_SHARDS", job_id, first, *args)
 
     def activate(self, job_id: str) -> JobStatus:
         """validating -> in_progress: its shards become leasable and its window starts."""
@@ -128,6 +118,7 @@ class JobStore:
         return status
 
     def reject(self, job_id: str, errors: list[dict[str, Any]], num_errors: int) -> JobStatus:
+        """validating -> failed with `errors`; a job never queued also loses the shards written for it."""
         return JobStatus(self._run("REJECT", job_id, json.dumps(errors), num_errors))
 
     # ------------------------------------------------------------------ reading jobs

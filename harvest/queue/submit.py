@@ -2,24 +2,40 @@
 
 Two passes over the source keep memory flat for large inputs: the first validates and
 collects errors (plus the set of custom_ids, for duplicates), the second writes shards of
-`shard_size` requests. Nothing becomes leasable until `activate`, so a rejected input
-never leaves a half-queued job.
+`shard_size` requests. Nothing becomes leasable until `activate`.
+
+A submission ends one of four ways, never half-made: queued; nothing created at all (the
+input as a whole is judged before a job exists: file, suffix, template, columns); the job
+`failed` with its errors and the shards written for it dropped (bad lines, an input error
+found while reading, an interruption); or the job cancelled or failed by someone else
+meanwhile (JobNotQueuedError), its shards dropped by whoever ended it. A submitter that
+dies where it cannot tell Redis (Redis itself gone) leaves a `validating` job that the
+first sweep after `submitter_timeout_s` fails the same way.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import string
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from harvest.queue.config import JobOptions
-from harvest.queue.errors import InvalidInputError
+from harvest.queue.errors import InvalidInputError, JobNotQueuedError
 from harvest.queue.inputs import BadRequest, InputError, RequestSpec, read_batch_jsonl, sampling_from
+from harvest.queue.models import JobStatus
 from harvest.queue.store import JobStore
-from harvest.queue.tables import read_table
+from harvest.queue.tables import read_table, table_format
+
+log = logging.getLogger(__name__)
 
 Source = Callable[[], Iterator[tuple[int, RequestSpec | InputError]]]  # callable twice: two passes
 MAX_REPORTED_ERRORS = 1000  # kept on the job record; the count covers all of them
@@ -76,47 +92,129 @@ def file_source(
         if path.suffix.lower() not in (".jsonl", ".ndjson", ".json"):
             raise InvalidInputError([InputError(0, f"{path.name}: a table needs --column (or --template)")])
         return lambda: read_batch_jsonl(path, defaults)
+    check_table(path, column, template, id_column)
     return lambda: read_table(path, column, template, defaults, id_column, chat)
 
 
+def check_table(path: Path, column: str | None, template: str | None, id_column: str | None) -> None:
+    """What can be judged of a table as a whole, judged before a job exists: its type, the
+    template's syntax and (Parquet, CSV) that the columns exist. InvalidInputError if not."""
+    fmt = table_format(path)
+    fields = template_columns(template) if template is not None else []
+    needed = list(dict.fromkeys(c for c in (column, *fields, id_column) if c))
+    try:
+        if fmt == "parquet":
+            names = pq.read_schema(path).names
+        elif fmt == "csv":
+            names = _csv_header(path)
+        else:
+            return  # JSONL rows each have their own keys: a missing one is that row's error
+    except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInputError([InputError(0, f"cannot read {path.name} as {fmt}: {exc}")]) from None
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise InvalidInputError([InputError(0, f"no column(s) {missing} in {path.name}; it has {names}")])
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The header row alone: a bad row further down is that row's error, named when it is read."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f, delimiter=delimiter), [])
+
+
+def template_columns(template: str) -> list[str]:
+    """The columns a prompt template names; InvalidInputError for anything but plain `{name}` fields."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InvalidInputError([InputError(0, f"bad prompt template {template!r}: {exc}")]) from None
+    fields = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():  # `{}`, `{0}`, `{a.b}`, `{a[0]}`
+            why = f"template field {{{name}}} must name a column, like {{text}}"
+            raise InvalidInputError([InputError(0, why)])
+        if spec or conversion:  # `{text:d}` fails on strings; `{text!r}` quotes the prompt
+            why = f"template field {{{name}}} takes no format spec or conversion; use {{{name}}}"
+            raise InvalidInputError([InputError(0, why)])
+        fields.append(name)
+    return fields
+
+
 def submit(store: JobStore, source: Source, options: JobOptions) -> str:
-    """Validate, create, shard and activate a job; InvalidInputError when it is rejected."""
+    """Validate, create, shard and activate a job; returns its id once it is queued.
+
+    InvalidInputError when the input is rejected (with `job_id` when a failed job records
+    why), JobNotQueuedError when the job was cancelled or failed during submission; any
+    other exception leaves the job failed. See the module docstring.
+    """
     try:
         sampling_from({}, options.defaults)
     except BadRequest as exc:
         raise InvalidInputError([InputError(0, f"job sampling defaults: {exc}")]) from None
     job_id = store.create_job(options)
-    source = _with_heartbeat(store, job_id, source)
     try:
-        v = validate(source)
-        if v.num_valid == 0 and v.num_errors == 0:
-            v.errors.append(InputError(0, "the input holds no requests"))
-            v.num_errors = 1
-        if (v.num_errors and not options.allow_invalid) or v.num_valid == 0:
-            store.reject(job_id, [e.to_dict() for e in v.errors], v.num_errors)
-            raise InvalidInputError(v.errors, v.num_errors, job_id)
-        if v.num_errors:
-            errors = json.dumps([e.to_dict() for e in v.errors])
-            store.r.hset(store.job_key(job_id), mapping={"errors": errors, "num_errors": v.num_errors})
-        _write_shards(store, job_id, source, options.shard_size)
-    except InvalidInputError:
+        _fill(store, job_id, _with_heartbeat(store, job_id, source), options)
+        status = store.activate(job_id)
+    except InvalidInputError as exc:  # bad lines, or the input as a whole found bad while reading it
+        exc.job_id = job_id
+        _give_up(store, job_id, exc.errors, exc.num_errors)
         raise
-    except BaseException as exc:
-        store.reject(job_id, [InputError(0, f"submission interrupted: {exc!r}").to_dict()], 1)
+    except JobNotQueuedError:
+        raise  # whoever cancelled or failed the job dropped its shards
+    except BaseException as exc:  # Redis gone mid-write, a bug, Ctrl-C: nothing half-made either way
+        _give_up(store, job_id, [InputError(0, f"submission interrupted: {exc!r}")], 1)
         raise
-    store.activate(job_id)
+    if status in (JobStatus.FAILED, JobStatus.CANCELLED):  # e.g. cancelled after the last shard
+        raise _not_queued(store, job_id, status.value)
     return job_id
 
 
+def _fill(store: JobStore, job_id: str, source: Source, options: JobOptions) -> None:
+    """Validate the source and write its valid requests as shards; InvalidInputError to reject."""
+    v = validate(source)
+    if v.num_valid == 0 and v.num_errors == 0:
+        v.errors.append(InputError(0, "the input holds no requests"))
+        v.num_errors = 1
+    if (v.num_errors and not options.allow_invalid) or v.num_valid == 0:
+        raise InvalidInputError(v.errors, v.num_errors)
+    if v.num_errors:
+        errors = json.dumps([e.to_dict() for e in v.errors])
+        store.r.hset(store.job_key(job_id), mapping={"errors": errors, "num_errors": v.num_errors})
+    _write_shards(store, job_id, source, options.shard_size)
+
+
+def _give_up(store: JobStore, job_id: str, errors: list[InputError], num_errors: int) -> None:
+    """Fail the job with `errors` and drop its shards. With Redis unreachable that is left to the
+    sweep (after `submitter_timeout_s`), so the caller still sees the exception that stopped it."""
+    try:
+        store.reject(job_id, [e.to_dict() for e in errors], num_errors)
+    except Exception as exc:  # never in place of the exception that stopped the submission
+        log.warning("job %s not marked failed (%r); a sweep will fail it and drop its shards", job_id, exc)
+
+
+def _not_queued(store: JobStore, job_id: str, status: str) -> JobNotQueuedError:
+    reason = ""
+    if status == JobStatus.FAILED.value:  # a sweep took the submitter for dead
+        errors = store.get_job(job_id).errors
+        reason = errors[0]["message"] if errors else ""
+    return JobNotQueuedError(job_id, status, reason)
+
+
 def _with_heartbeat(store: JobStore, job_id: str, source: Source) -> Source:
-    """The source, telling Redis now and then that its submitter is alive (see `still_validating`)."""
+    """The source, telling Redis now and then that its submitter is alive (see `still_validating`);
+    JobNotQueuedError as soon as the job is no longer validating (cancelled, or failed by a sweep)."""
     every_s = store.submitter_timeout_ms / 1000 / 4
 
     def items() -> Iterator[tuple[int, RequestSpec | InputError]]:
         last = time.monotonic()
         for item in source():
             if time.monotonic() - last > every_s:
-                store.still_validating(job_id)
+                status = store.still_validating(job_id)
+                if status != JobStatus.VALIDATING.value:
+                    raise _not_queued(store, job_id, status)
                 last = time.monotonic()
             yield item
 
@@ -135,10 +233,16 @@ def _write_shards(store: JobStore, job_id: str, source: Source, shard_size: int)
             shards.append(current)
             current = []
         if len(shards) == SHARDS_PER_WRITE:
-            store.add_shards(job_id, shards, first=written)
+            _add_shards(store, job_id, shards, written)
             written += len(shards)
             shards = []
     if current:
         shards.append(current)
     if shards:
-        store.add_shards(job_id, shards, first=written)
+        _add_shards(store, job_id, shards, written)
+
+
+def _add_shards(store: JobStore, job_id: str, shards: list[list[dict[str, Any]]], first: int) -> None:
+    reply = store.add_shards(job_id, shards, first=first)
+    if reply != "ok":  # cancelled or failed meanwhile: nothing was written, and no more will be
+        raise _not_queued(store, job_id, reply)
