@@ -69,10 +69,19 @@ SERVE_ENV = {
 }
 
 
-def use_serve_env() -> None:
-    """Put SERVE_ENV into this process's environment, for a Ray started from here."""
+def use_serve_env(private_ports: bool = False) -> None:
+    """Put SERVE_ENV into this process's environment, for a Ray started from here.
+
+    `private_ports` (tests, benchmarks): HAProxy's metrics and stats listeners on free ports
+    instead of Serve's fixed 9101 and 8404, so that a second service on the machine (a
+    `harvest up`, another test run) does not stop this one's HAProxy from starting."""
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    if private_ports:
+        from harvest.local_redis import free_port
+
+        for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
+            os.environ.setdefault(key, str(free_port()))
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:

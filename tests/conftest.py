@@ -124,7 +124,7 @@ def ray_cluster():
 
     from harvest.service import use_serve_env
 
-    use_serve_env()  # the same Serve front end as `harvest up`
+    use_serve_env(private_ports=True)  # the same Serve front end as `harvest up`
     port = free_port()
     ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False,
              _metrics_export_port=port)  # fmt: skip

@@ -61,7 +61,7 @@ def demo(
     with console.status("building the tiny demo model (once, about a minute)..."):
         model = ensure_default_model()
     with console.status("starting Ray, the controller, a worker and the HTTP endpoint..."):
-        service.use_serve_env()  # the same HAProxy front end as `harvest up`
+        service.use_serve_env(private_ports=True)  # the same HAProxy front end as `harvest up`
         ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
         config = service.ServiceConfig(
             model=str(model),

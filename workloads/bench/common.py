@@ -49,7 +49,7 @@ def local_ray(num_cpus: int | None = None):
 
     owned = not ray.is_initialized()
     if owned:
-        use_serve_env()
+        use_serve_env(private_ports=True)
         ray.init(
             namespace="harvest",
             num_cpus=num_cpus,
