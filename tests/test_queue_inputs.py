@@ -25,19 +25,25 @@ def write_jsonl(path, lines: list) -> None:
 
 
 BAD_LINES = {
-    # line number -> (raw line, words the reason must contain)
+    # line number -> (raw line, words the reason must contain): the wording the HTTP routes use
     2: ('{"custom_id": "b", "url": ', "malformed JSON"),
     3: (line("a"), "duplicate custom_id 'a'"),
     4: (line("c", url="/v1/embeddings"), "unknown url '/v1/embeddings'"),
-    5: (line("d", prompt="x", temperature=-1), "temperature must be >= 0"),
-    6: (line("e", prompt="x", max_tokens=0), "max_tokens must be >= 1"),
-    7: (line("f", prompt="x", top_p=1.5), "top_p must be in (0, 1]"),
-    8: (line("g", prompt="x", max_tokens="ten"), "max_tokens must be int"),
+    5: (line("d", prompt="x", temperature=-1), "Invalid value for 'temperature'"),
+    6: (line("e", prompt="x", max_tokens=0), "Invalid value for 'max_tokens'"),
+    7: (line("f", prompt="x", top_p=1.5), "Invalid value for 'top_p'"),
+    8: (
+        line("g", prompt="x", max_tokens="ten"),
+        "Invalid value for 'max_tokens': Input should be a valid integer",
+    ),
     9: ({"url": "/v1/completions", "body": {"prompt": "x"}}, "custom_id must be a non-empty string"),
-    10: (line("h", url="/v1/chat/completions", messages=[{"role": "robot", "content": "x"}]), "messages[0]"),
-    11: (line("i", prompt=""), "prompt is empty"),
+    10: (
+        line("h", url="/v1/chat/completions", messages=[{"role": "robot", "content": "x"}]),
+        "messages[0].role",
+    ),
+    11: (line("i", prompt=""), "prompt must not be empty"),
     12: ({"custom_id": "j", "method": "GET", "url": "/v1/completions", "body": {}}, "method must be POST"),
-    13: (line("k", prompt="x", n=2), "n must be 1"),
+    13: (line("k", prompt="x", n=2), "Only n=1 is supported"),
 }
 
 
