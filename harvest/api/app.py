@@ -22,6 +22,7 @@ from harvest.api.backend import Backend, BackendBusy, BackendUnavailable
 from harvest.api.errors import APIError, install_error_handlers, invalid, model_not_found, unavailable
 from harvest.api.generation import ClientDisconnected, Generation
 from harvest.api.inputs import Tokenizing
+from harvest.api.limits import BodySizeLimit, too_large
 from harvest.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -48,13 +49,10 @@ def build_app(
     backend: Backend, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> FastAPI:
     """The app over `backend`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
-    app = FastAPI(
-        title="harvest",
-        summary="OpenAI-compatible online serving for harvest.",
-        max_body_size=max_body_bytes,  # Starlette's limit: checks Content-Length, counts streamed bytes
-    )
+    app = FastAPI(title="harvest", summary="OpenAI-compatible online serving for harvest.")
     install_error_handlers(app)
     _install_edge_handlers(app, max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     started = int(time.time())
@@ -121,9 +119,8 @@ def _install_edge_handlers(app: FastAPI, max_body_bytes: int) -> None:
         error = APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
         return error.response({"Retry-After": str(exc.retry_after_s)})
 
-    async def on_too_large(request: Request, exc: Exception) -> Response:
-        message = f"The request body is larger than the server's limit of {max_body_bytes} bytes."
-        return APIError(413, message, code="request_too_large").response()
+    async def on_too_large(request: Request, exc: Exception) -> Response:  # a streamed body, past the cap
+        return too_large(max_body_bytes).response()
 
     app.add_exception_handler(InvalidRequest, on_invalid)
     app.add_exception_handler(BackendBusy, on_busy)

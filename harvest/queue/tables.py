@@ -118,9 +118,10 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
-    """Rows by line number. A row that does not parse (wrong number of fields) is that
-    line's error; any other parse failure (bad UTF-8) ends the file with an error after the
-    last good line, since the reader cannot go on past it."""
+    """Rows by line number (the header is line 1; as Arrow counts, a quoted value spanning
+    lines is one). A row that does not parse (wrong number of fields) is that line's error;
+    any other parse failure (bad UTF-8) ends the file with an error after the last good
+    line, since the reader cannot go on past it."""
     bad: list[tuple[int | None, str]] = []
 
     def on_invalid_row(row: Any) -> str:
@@ -137,8 +138,12 @@ def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
             parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid_row),
             convert_options=pcsv.ConvertOptions(column_types={c: "string" for c in columns}),
         )
-    except (pa.ArrowException, OSError) as exc:
-        raise _whole_input_error(f"cannot read {path.name} as CSV: {exc}") from None
+    except (pa.ArrowException, OSError) as exc:  # the first block did not parse
+        line = _first_non_utf8_line(path)
+        where = f" (line {line} is not UTF-8)" if line else ""
+        raise InvalidInputError(
+            [InputError(line or 0, f"cannot read {path.name} as CSV{where}: {exc}")]
+        ) from None
     missing = [c for c in columns if c not in reader.schema.names]
     if missing:
         raise _whole_input_error(f"no column(s) {missing} in {path.name}; it has {reader.schema.names}")
@@ -150,7 +155,8 @@ def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
         except StopIteration:
             break
         except pa.ArrowException as exc:
-            yield line + 1, BadRequest(f"cannot read {path.name} past line {line}: {exc}")
+            bad_line = _first_non_utf8_line(path) or line + 1
+            yield bad_line, BadRequest(f"cannot read {path.name} past line {line}: {exc}")
             return
         for number, reason in bad:
             number = number if number is not None else line + 1
@@ -193,6 +199,17 @@ def read_table(
             yield line, InputError(line, str(exc), None, unit)
             continue
         yield line, spec
+
+
+def _first_non_utf8_line(path: Path) -> int | None:
+    """The line Arrow's "invalid UTF8" error is about (it names only the column)."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line
+    return None
 
 
 def _row_request(
