@@ -70,7 +70,7 @@ def uvicorn_server(app) -> Iterator[str]:
 
 def post(client, url: str, body: dict[str, Any]) -> httpx.Response:
     # json.dumps writes NaN/Infinity and \ud800 escapes, as a careless client would
-    content = json.dumps({"model": MODEL, **body})
+    content = json.dumps({"model": MODEL} | body)
     return client.post(url, content=content, headers={"content-type": "application/json"})
 
 
@@ -103,6 +103,7 @@ POISON = [
     (COMPLETIONS, {"prompt": [1, -1]}, "prompt"),
     (COMPLETIONS, {"prompt": [1, 2**63]}, "prompt"),
     (COMPLETIONS, {"prompt": "a lone \ud800 surrogate"}, "prompt"),
+    (COMPLETIONS, {"prompt": "hi", "model": "\ud800"}, "model"),  # echoed in a 404, it was a 500
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": True}, "max_tokens"),
     (COMPLETIONS, {"prompt": "hi", "n": 2}, "n"),
@@ -220,6 +221,7 @@ def test_jsonl_poison_lines_name_their_line(tmp_path):
         + "}}",
         line("seed", seed=2**64),
         line("surrogate", prompt="x\ud800"),
+        json.dumps({"custom_id": "id\udfff", "url": COMPLETIONS, "body": {"prompt": "hi"}}),
         line("stop", stop=[["x"]]),
         line("tiny", temperature=1e-40),
         line("ok2", top_k=-1),
@@ -229,14 +231,15 @@ def test_jsonl_poison_lines_name_their_line(tmp_path):
     v = validate(lambda: read_batch_jsonl(path, {}))
     assert v.num_valid == 2
     reasons = {e.line: e.reason for e in v.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
     assert reasons[2].startswith("malformed JSON: NaN is not valid JSON")
     assert reasons[3].startswith("malformed JSON: Infinity is not valid JSON")
     assert reasons[4].startswith("malformed JSON:") and "digits" in reasons[4]
     assert reasons[5].startswith("Invalid value for 'seed'")
     assert reasons[6].startswith("Invalid value for 'prompt'") and "surrogate" in reasons[6]
-    assert reasons[7].startswith("Invalid value for 'stop'")
-    assert reasons[8].startswith("Invalid value for 'temperature'")
+    assert reasons[7].startswith("custom_id holds an unpaired UTF-16 surrogate")
+    assert reasons[8].startswith("Invalid value for 'stop'")
+    assert reasons[9].startswith("Invalid value for 'temperature'")
 
 
 def submit_errors(queue_client, path, **kwargs) -> list[tuple[int, str]]:
@@ -314,6 +317,12 @@ def test_parse_body_names_what_is_not_a_request():
 
 
 # ---------------------------------------------------------------------- the HTTP edge
+
+
+def test_unparseable_numbers_are_a_400_online(api):
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).replace("1}", "9" * 5001 + "}")
+    r = api.client.post(COMPLETIONS, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_body_over_the_cap_is_413_declared_or_streamed(tiny_model):

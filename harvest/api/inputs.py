@@ -38,6 +38,3 @@ class Tokenizing:
         default = 16 if spec.url == COMPLETIONS else None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, engine_inputs, spec, tokenizer, max_model_len, default)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -15,8 +15,9 @@ Bounds, each refused naming its field:
 - stop: a string or a list of at most 16 non-empty strings of at most 256 characters.
 - prompt token ids and stop_token_ids: integers in [0, 2^63) here; below the vocabulary
   size once the model is known.
-- prompt, message contents and stop strings: valid Unicode (no unpaired UTF-16
-  surrogates, which JSON's \\ud800 escapes can produce and no tokenizer can encode).
+- every string (prompt, message contents, stop strings, model, ...): valid Unicode (no
+  unpaired UTF-16 surrogates, which JSON's \\ud800 escapes can produce and which neither
+  a tokenizer nor a UTF-8 response or results file can hold).
 - chat roles: system, developer (read as system), user, assistant, tool (if the model's
   template takes it); content as a string or a list of text parts, joined.
 
@@ -71,7 +72,8 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """What completions and chat completions share."""
 
-    model: str | None = None  # required online (the route checks it), the job's model offline
+    # every string is Text: one that cannot be encoded would fail wherever it is echoed
+    model: Text | None = None  # required online (the route checks it), the job's model offline
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -83,7 +85,7 @@ class SamplingFields(_Request):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -120,7 +122,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int]
     echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     @field_validator("prompt", mode="before")
@@ -149,7 +151,7 @@ class CompletionRequest(SamplingFields):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text
-    name: str | None = None
+    name: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from harvest.protocol.errors import InvalidRequest
-from harvest.protocol.requests import CHAT, COMPLETIONS, URLS, PromptSpec, check_sampling, parse_body
+from harvest.protocol.requests import (
+    CHAT,
+    COMPLETIONS,
+    URLS,
+    PromptSpec,
+    check_sampling,
+    check_text,
+    parse_body,
+)
 from harvest.protocol.sampling_params import SamplingParams
 
 __all__ = ["CHAT", "COMPLETIONS", "URLS"]  # re-exported: the queue's modules name urls from here
@@ -127,6 +135,7 @@ def parse_batch_line(obj: Any, defaults: dict[str, Any]) -> RequestSpec:
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise BadRequest("custom_id must be a non-empty string")
+    check_custom_id(custom_id)
     if obj.get("method", "POST") != "POST":
         raise BadRequest(f"method must be POST, got {obj.get('method')!r}")
     url = obj.get("url")
@@ -179,6 +188,13 @@ def read_batch_jsonl(path: Path, defaults: dict[str, Any]) -> Iterator[tuple[int
                 yield line_no, InputError(line_no, str(exc))
                 continue
             yield from _errors_as_values([(line_no, obj)], lambda _, o: parse_batch_line(o, defaults), "line")
+
+
+def check_custom_id(custom_id: str) -> str:
+    try:
+        return check_text(custom_id, "custom_id")
+    except ValueError as exc:  # results files are UTF-8: an id with a surrogate could not be written
+        raise BadRequest(str(exc)) from None
 
 
 def _checked(defaults: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from harvest.queue.inputs import (
     BadRequest,
     InputError,
     RequestSpec,
+    check_custom_id,
     job_defaults,
     parse_json,
     spec_from_body,
@@ -235,7 +236,7 @@ def _row_request(
     prompt = template.format_map(row) if template is not None else row[column]
     if not prompt:
         raise BadRequest(f"empty prompt from column {column!r}")
-    custom_id = str(row[id_column]) if id_column else f"row-{n}"
+    custom_id = check_custom_id(str(row[id_column])) if id_column else f"row-{n}"
     if chat:
         return spec_from_body(custom_id, CHAT, {"messages": [{"role": "user", "content": prompt}]}, params)
     return spec_from_body(custom_id, COMPLETIONS, {"prompt": prompt}, params)
