@@ -250,11 +250,11 @@ def parse_body(url: str, body: Any) -> PromptSpec:
     return translate(validated)
 
 
-def check_sampling(values: dict[str, Any]) -> dict[str, Any]:
+def check_sampling(values: dict[str, Any], only_sampling: bool = True) -> dict[str, Any]:
     """SamplingParams fields given by name (a job's defaults) -> the same, checked as a body's
-    fields are; InvalidRequest names the first bad one."""
+    fields are; InvalidRequest names the first bad one, or (`only_sampling`) an unknown name."""
     unknown = sorted(set(values) - set(_SAMPLING))
-    if unknown:
+    if unknown and only_sampling:
         raise InvalidRequest(f"unknown sampling parameter(s) {unknown}; known: {list(_SAMPLING)}", unknown[0])
     try:
         validated = SamplingFields.model_validate(values)

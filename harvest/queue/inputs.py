@@ -94,7 +94,7 @@ def job_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
 def sampling_from(body: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The body's SamplingParams fields over the job defaults; BadRequest names the bad field."""
     try:
-        params = {**check_sampling(defaults), **check_sampling(body)}
+        params = {**check_sampling(defaults), **check_sampling(body, only_sampling=False)}
         SamplingParams(**params)
     except (InvalidRequest, ValueError) as exc:
         raise BadRequest(str(exc)) from None
