@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from harvest.protocol.prepare import engine_inputs
 from harvest.queue.inputs import RequestSpec
 from harvest.queue.models import Lease, Progress, Result
 
@@ -62,8 +63,6 @@ class ShardRun:
         state): what `commit` adds. Bad requests become error results at once: the same
         model-dependent checks as the HTTP routes (`engine_inputs`), with the context the
         engine can hold."""
-        from harvest.protocol.prepare import engine_inputs
-
         tok, prepared = self.engine.tokenizer, []
         max_model_len = min(self.engine.max_model_len, self.engine.capacity_tokens)
         for index in sorted(self.pending):
