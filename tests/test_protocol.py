@@ -408,3 +408,17 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(tiny_model):
     assert still_tokenizing  # /health was answered during the encode, not after it
     huge = answer["huge"]
     assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(("num_blocks", "expected"), [(1024, 8), (64, 4)])
+def test_worker_backend_sizes_its_queue_from_the_kv_pool(tiny_model, num_blocks, expected):
+    from actors.gpu_worker import WorkerBackend
+
+    engine = make_engine(tiny_model, max_num_seqs=4, num_blocks=num_blocks, max_model_len=MAX_MODEL_LEN)
+    worker = SimpleNamespace(engine=engine, loop=EngineLoop(engine))
+    try:
+        # 1024 blocks of 4 tokens hold 8 requests of 512 tokens; 64 blocks hold fewer than a batch
+        assert WorkerBackend(worker, MODEL).max_pending == expected
+        assert WorkerBackend(worker, MODEL, max_pending=2).max_pending == 2
+    finally:
+        worker.loop.stop()

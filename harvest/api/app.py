@@ -116,7 +116,8 @@ def _install_edge_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return invalid(exc.message, exc.param, exc.code).response()
 
     async def on_busy(request: Request, exc: BackendBusy) -> Response:
-        error = APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
+        # OpenAI's own shape for a request-rate limit
+        error = APIError(429, str(exc), type="requests", code="rate_limit_exceeded")
         return error.response({"Retry-After": str(exc.retry_after_s)})
 
     async def on_too_large(request: Request, exc: Exception) -> Response:  # a streamed body, past the cap
