@@ -157,6 +157,12 @@ def test_body_fields_go_over_the_job_defaults():
         offline_verdict(COMPLETIONS, {"prompt": "hi"}, {"temperature": 1e-9})
 
 
+def test_python_ints_past_int64_are_refused_before_they_reach_a_shard():
+    # json.dumps cannot write an int of more than 4,300 digits: it would fail writing the shard
+    item = offline_verdict(COMPLETIONS, {"prompt": "hi", "max_tokens": 10**5000})
+    assert isinstance(item, InputError) and item.reason.startswith("Invalid value for 'max_tokens'")
+
+
 def test_the_translator_imports_neither_torch_nor_the_http_layer():
     import subprocess
     import sys

@@ -11,7 +11,7 @@ Bounds, each refused naming its field:
   divided by the temperature overflow float32 and the sampler produces NaN.
 - NaN and +-inf: refused in every float field.
 - top_p in (0, 1]; top_k -1 or 0 (off) or >= 1; max_tokens >= 1; n must be 1.
-- seed within int64.
+- seed, max_tokens and top_k within int64.
 - stop: a string or a list of at most 16 non-empty strings of at most 256 characters.
 - prompt token ids and stop_token_ids: integers in [0, 2^63) here; below the vocabulary
   size once the model is known.
@@ -74,10 +74,11 @@ class SamplingFields(_Request):
 
     # every string is Text: one that cannot be encoded would fail wherever it is echoed
     model: Text | None = None  # required online (the route checks it), the job's model offline
-    max_tokens: int | None = Field(default=None, ge=1)
+    # ints are bounded to int64: an unbounded one would fail later, in the JSON of a shard
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     temperature: float = Field(default=1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=-1)  # extension (vLLM): 0 or -1 disables
+    top_k: int = Field(default=0, ge=-1, le=INT64_MAX)  # extension (vLLM): 0 or -1 disables
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[TokenId] = Field(default_factory=list)  # extension (vLLM)
@@ -173,7 +174,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = None
 
