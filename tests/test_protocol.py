@@ -263,6 +263,7 @@ def test_csv_parse_errors_name_their_line(queue_client, tmp_path):
     job = queue_client.submit_file(path, column="text", allow_invalid=True)
     specs = queue_client.store.shard_requests(job.id, 0)
     assert [s["prompt"] for s in specs] == ["first", "multi\nline", "fourth"]
+    assert [s["custom_id"] for s in specs] == ["row-0", "row-2", "row-3"]  # the bad row keeps its place
 
     broken = tmp_path / "broken.csv"
     broken.write_bytes(b"text\nfine\nbad \xff bytes\n")

@@ -149,7 +149,7 @@ def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
     if missing:
         raise _whole_input_error(f"no column(s) {missing} in {path.name}; it has {reader.schema.names}")
     line = 1  # the header
-    bad_lines: set[int] = set()
+    skipped: dict[int, str] = {}  # line -> reason, for bad rows not yet yielded
     while True:
         try:
             batch = reader.read_next_batch()
@@ -159,18 +159,21 @@ def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
             bad_line = _first_non_utf8_line(path) or line + 1
             yield bad_line, BadRequest(f"cannot read {path.name} past line {line}: {exc}")
             return
-        for number, reason in bad:
-            number = number if number is not None else line + 1
-            bad_lines.add(number)
-            yield number, BadRequest(reason)
+        # the handler saw this block's bad rows before the block came back: yield every row
+        # in file order, so that `row-{n}` ids stay the n-th data row
+        skipped.update((number or line + 1, reason) for number, reason in bad)
         bad.clear()
         for record in batch.select(columns).to_pylist():
             line += 1
-            while line in bad_lines:
+            while line in skipped:
+                yield line, BadRequest(skipped.pop(line))
                 line += 1
             yield line, record
-    for number, reason in bad:  # rows skipped in the last block
-        yield number if number is not None else line + 1, BadRequest(reason)
+        while line + 1 in skipped:
+            line += 1
+            yield line, BadRequest(skipped.pop(line))
+    for number in sorted(skipped):
+        yield number, BadRequest(skipped[number])
 
 
 def read_table(
