@@ -142,3 +142,17 @@ def test_worker_backend_sizes_its_queue_from_the_kv_pool(tiny_model, num_blocks,
         assert WorkerBackend(worker, MODEL, max_pending=2).max_pending == 2
     finally:
         worker.loop.stop()
+
+
+def test_the_tokenizer_pool_pickles_after_use():
+    # Serve ships the app, whose routes hold the pool, with cloudpickle; threads do not travel
+    from ray import cloudpickle
+
+    from harvest.api.inputs import Tokenizing
+
+    tokenizing = Tokenizing(threads=2)
+    assert tokenizing.pool.submit(sum, [1, 2]).result() == 3
+    clone = cloudpickle.loads(cloudpickle.dumps(tokenizing))
+    assert clone.threads == 2 and clone.pool.submit(sum, [3]).result() == 3
+    tokenizing.pool.shutdown()
+    clone.pool.shutdown()

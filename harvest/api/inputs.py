@@ -24,10 +24,24 @@ TOKENIZE_THREADS = 4
 
 
 class Tokenizing:
-    """The app's tokenizer pool: `await tokenizing(body, tokenizer, max_model_len)`."""
+    """The app's tokenizer pool: `await tokenizing(body, tokenizer, max_model_len)`.
+
+    The pool starts on first use and is not pickled: Serve pickles the app (with this in
+    its routes' closures) to ship it to the replica, and threads do not travel.
+    """
 
     def __init__(self, threads: int = TOKENIZE_THREADS) -> None:
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="harvest-tokenize")
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:
+        return {"threads": self.threads, "_pool": None}
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="harvest-tokenize")
+        return self._pool
 
     async def __call__(
         self, body: Body, tokenizer: PreTrainedTokenizerBase, max_model_len: int
