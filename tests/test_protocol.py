@@ -114,8 +114,12 @@ def test_good_bodies_are_accepted_on_both_paths(api, url, body):
 
 
 def test_body_fields_go_over_the_job_defaults():
-    spec = offline_verdict(COMPLETIONS, {"prompt": "hi", "top_k": -1}, {"temperature": 0, "top_k": 5})
-    assert spec.params == {"temperature": 0, "top_k": 0}
+    spec = offline_verdict(
+        COMPLETIONS,
+        {"prompt": "hi", "top_k": -1, "stop": None},
+        {"temperature": 0, "top_k": 5, "stop": ["\n"]},
+    )
+    assert spec.params == {"temperature": 0, "top_k": 0, "stop": ["\n"]}  # null is "the default"
     with pytest.raises(InvalidInputError, match="job sampling defaults: Invalid value for 'temperature'"):
         offline_verdict(COMPLETIONS, {"prompt": "hi"}, {"temperature": 1e-9})
 

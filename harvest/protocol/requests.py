@@ -80,7 +80,7 @@ class SamplingFields(_Request):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=-1, le=INT64_MAX)  # extension (vLLM): 0 or -1 disables
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] | None = None  # null: the default (offline, the job's), not "no stop strings"
     stop_token_ids: list[TokenId] = Field(default_factory=list)  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
     n: int = 1
@@ -103,7 +103,7 @@ class SamplingFields(_Request):
     def _stop_list(cls, value: Any) -> Any:
         """Everything is decided here, so a bad value gives one error naming `stop`."""
         if value is None:
-            return []
+            return None
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or any(not isinstance(s, str) for s in value):
