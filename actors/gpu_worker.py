@@ -210,8 +210,22 @@ class WorkerBackend(LocalBackend):
     """The app's `Backend` over the worker in this process: its engine loop, and the
     latencies its handlers see going back to the worker's SLO feedback."""
 
-    def __init__(self, worker: GPUWorker, model_name: str) -> None:
-        super().__init__(worker.loop, model_name)
+    def __init__(
+        self,
+        worker: GPUWorker,
+        model_name: str,
+        max_pending: int | None = None,
+        typical_request_tokens: int = 512,
+    ) -> None:
+        if max_pending is None:
+            # as many online requests as the KV pool holds at a typical size (prompt + output),
+            # and never fewer than one full batch: a request past that would only wait for
+            # others to finish, so it gets a 429 with Retry-After (the client backs off or the
+            # router tries another replica) instead of an unbounded queue in this process
+            engine = worker.engine
+            by_kv = engine.capacity_tokens // typical_request_tokens
+            max_pending = max(engine.config.scheduler.max_num_seqs, by_kv)
+        super().__init__(worker.loop, model_name, max_pending=max_pending)
         self.worker = worker
 
     async def generate(

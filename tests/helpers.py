@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from harvest.engine import Engine, RequestOutput
 
@@ -36,3 +39,21 @@ def run_checked(engine: Engine, max_steps: int = 5000) -> dict[str, RequestOutpu
     assert not engine.has_unfinished(), f"stuck after {max_steps} steps: {engine.scheduler.unfinished()}"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     return done
+
+
+def serve_app(model: Path, model_name: str, backend_class: type | None = None, max_model_len: int = 256,
+              **app_options) -> SimpleNamespace:  # fmt: skip
+    """An OpenAI app over a real engine loop: `.engine`, `.loop` (stop it), `.backend`, `.app`."""
+    from harvest.api import LocalBackend, build_app
+    from harvest.serving import EngineLoop
+
+    engine = make_engine(model, max_num_seqs=4, max_model_len=max_model_len)
+    loop = EngineLoop(engine)
+    backend = (backend_class or LocalBackend)(loop, model_name)
+    return SimpleNamespace(engine=engine, loop=loop, backend=backend, app=build_app(backend, **app_options))
+
+
+def post_json(client, url: str, body: dict[str, Any]) -> Any:
+    """POST `body` as json.dumps writes it: NaN, Infinity and \\ud800 escapes included, as a
+    careless client would send them (httpx's own encoder refuses NaN)."""
+    return client.post(url, content=json.dumps(body), headers={"content-type": "application/json"})

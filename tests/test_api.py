@@ -253,7 +253,8 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options", None),
     ("completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model", "model_not_found"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400,
+    # "tool" is a role like the others now (offline always took it), if the template does
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400,
      "messages[0].role", None),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
      "messages[0].content", None),
@@ -313,12 +314,14 @@ def test_stopped_loop_means_unhealthy_and_503(tiny_model):
         assert "harvest_engine_healthy" in client.get("/metrics").text
 
 
-def test_full_backend_answers_503(tiny_model):
+def test_full_backend_answers_429_with_retry_after(tiny_model):
+    # a full queue is back-pressure, not an outage: 429 (which the OpenAI SDKs retry), not 503
     served = serve(tiny_model, max_pending=0)
     with TestClient(served.app) as client:
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
-        assert r.status_code == 503 and "too many" in r.json()["error"]["message"]
-        assert r.json()["error"]["code"] == "service_unavailable"
+        assert r.status_code == 429 and "too many" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
+        assert client.get("/health").status_code == 200  # full is not unhealthy
     served.loop.stop()
 
 

@@ -64,7 +64,7 @@ def test_bad_input_names_the_line(cli, tmp_path):
     result = cli("submit", str(path))
     assert result.exit_code == EXIT_BAD_INPUT
     assert "line 3: duplicate custom_id 'c0'" in result.stderr
-    assert "line 4: top_p must be in (0, 1]" in result.stderr
+    assert "line 4: Invalid value for 'top_p'" in result.stderr  # the HTTP routes' wording
     assert result.stdout == ""
     skipped = cli("submit", str(path), "--allow-invalid")
     assert skipped.exit_code == 0 and "skipped 2 invalid line(s)" in skipped.stderr

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from harvest.protocol.requests import COMPLETIONS
 from harvest.queue import InvalidInputError, JobStatus
 from harvest.queue.inputs import read_batch_jsonl
 from harvest.queue.submit import validate
@@ -25,19 +26,25 @@ def write_jsonl(path, lines: list) -> None:
 
 
 BAD_LINES = {
-    # line number -> (raw line, words the reason must contain)
+    # line number -> (raw line, words the reason must contain): the wording the HTTP routes use
     2: ('{"custom_id": "b", "url": ', "malformed JSON"),
     3: (line("a"), "duplicate custom_id 'a'"),
     4: (line("c", url="/v1/embeddings"), "unknown url '/v1/embeddings'"),
-    5: (line("d", prompt="x", temperature=-1), "temperature must be >= 0"),
-    6: (line("e", prompt="x", max_tokens=0), "max_tokens must be >= 1"),
-    7: (line("f", prompt="x", top_p=1.5), "top_p must be in (0, 1]"),
-    8: (line("g", prompt="x", max_tokens="ten"), "max_tokens must be int"),
+    5: (line("d", prompt="x", temperature=-1), "Invalid value for 'temperature'"),
+    6: (line("e", prompt="x", max_tokens=0), "Invalid value for 'max_tokens'"),
+    7: (line("f", prompt="x", top_p=1.5), "Invalid value for 'top_p'"),
+    8: (
+        line("g", prompt="x", max_tokens="ten"),
+        "Invalid value for 'max_tokens': Input should be a valid integer",
+    ),
     9: ({"url": "/v1/completions", "body": {"prompt": "x"}}, "custom_id must be a non-empty string"),
-    10: (line("h", url="/v1/chat/completions", messages=[{"role": "robot", "content": "x"}]), "messages[0]"),
-    11: (line("i", prompt=""), "prompt is empty"),
+    10: (
+        line("h", url="/v1/chat/completions", messages=[{"role": "robot", "content": "x"}]),
+        "messages[0].role",
+    ),
+    11: (line("i", prompt=""), "prompt must not be empty"),
     12: ({"custom_id": "j", "method": "GET", "url": "/v1/completions", "body": {}}, "method must be POST"),
-    13: (line("k", prompt="x", n=2), "n must be 1"),
+    13: (line("k", prompt="x", n=2), "Only n=1 is supported"),
 }
 
 
@@ -138,3 +145,104 @@ def test_large_input_is_streamed_not_loaded(tmp_path):
         tracemalloc.stop()
     assert result.num_valid == 40_000 and result.num_errors == 0
     assert peak < size / 4, f"validation peaked at {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB file"
+
+
+# ---------------------------------------------------------------------- poison lines and rows
+
+
+def test_jsonl_poison_lines_name_their_line(tmp_path):
+    def line(cid: str, **body) -> str:
+        return json.dumps({"custom_id": cid, "url": COMPLETIONS, "body": {"prompt": "hi", **body}})
+
+    lines = [
+        line("ok"),
+        line("nan", temperature=float("nan")),  # json.dumps writes NaN, json.loads would take it
+        line("inf", top_p=float("inf")),
+        '{"custom_id": "digits", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": '
+        + "9" * 5001
+        + "}}",
+        line("seed", seed=2**64),
+        line("surrogate", prompt="x\ud800"),
+        json.dumps({"custom_id": "id\udfff", "url": COMPLETIONS, "body": {"prompt": "hi"}}),
+        line("stop", stop=[["x"]]),
+        line("tiny", temperature=1e-40),
+        line("ok2", top_k=-1),
+    ]
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    v = validate(lambda: read_batch_jsonl(path, {}))
+    assert v.num_valid == 2
+    reasons = {e.line: e.reason for e in v.errors}
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert reasons[2].startswith("malformed JSON: NaN is not valid JSON")
+    assert reasons[3].startswith("malformed JSON: Infinity is not valid JSON")
+    assert reasons[4].startswith("malformed JSON:") and "digits" in reasons[4]
+    assert reasons[5].startswith("Invalid value for 'seed'")
+    assert reasons[6].startswith("Invalid value for 'prompt'") and "surrogate" in reasons[6]
+    assert reasons[7].startswith("custom_id holds an unpaired UTF-16 surrogate")
+    assert reasons[8].startswith("Invalid value for 'stop'")
+    assert reasons[9].startswith("Invalid value for 'temperature'")
+
+
+def submit_errors(queue_client, path, **kwargs) -> list[tuple[int, str]]:
+    with pytest.raises(InvalidInputError) as info:
+        queue_client.submit_file(path, **kwargs)
+    return [(e.line, e.reason) for e in info.value.errors]
+
+
+def test_csv_parse_errors_name_their_line(queue_client, tmp_path):
+    path = tmp_path / "docs.csv"
+    path.write_text('text,n\nfirst,1\nsecond,2,extra\n"multi\nline",3\nfourth,4\nfifth,5,6,7\n')
+    errors = submit_errors(queue_client, path, column="text")
+    assert [line for line, _ in errors] == [3, 6]  # Arrow counts a quoted multi-line value as one line
+    assert all("cannot parse CSV row: expected 2 fields" in reason for _, reason in errors)
+    job = queue_client.submit_file(path, column="text", allow_invalid=True)
+    specs = queue_client.store.shard_requests(job.id, 0)
+    assert [s["prompt"] for s in specs] == ["first", "multi\nline", "fourth"]
+    assert [s["custom_id"] for s in specs] == ["row-0", "row-2", "row-3"]  # the bad row keeps its place
+
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"text\nfine\nbad \xff bytes\n")
+    ((line, reason),) = submit_errors(queue_client, broken, column="text")
+    assert line == 3 and reason.startswith("cannot read broken.csv as CSV (line 3 is not UTF-8)")
+
+
+@pytest.mark.parametrize("template", ["{text:d}", "{text!r}", "{0}", "{}", "{text.upper}", "{text"])
+def test_template_format_specs_and_positional_fields_are_refused_up_front(queue_client, tmp_path, template):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n")
+    ((line, reason),) = submit_errors(queue_client, path, template=template)
+    assert line == 0 and reason.startswith(f"bad prompt template {template!r}")
+
+
+def test_non_string_prompt_columns_are_refused_naming_column_and_type(queue_client, tmp_path):
+    for name, column, type_name in [
+        ("ints", pa.array([1, 2], pa.int64()), "int64"),
+        ("lists", pa.array([["a"], ["b"]]), "list<"),
+        ("bytes", pa.array([b"a", b"b"], pa.binary()), "binary"),
+    ]:
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"text": column}), path)
+        ((line, reason),) = submit_errors(queue_client, path, column="text")
+        assert line == 0 and reason.startswith(f"column 'text' in {name}.parquet has type {type_name}")
+        assert reason.endswith("prompt columns must be strings")
+    # an int id column is fine, a dictionary-encoded string column too
+    pq.write_table(
+        pa.table({"id": [7, 8], "text": pa.array(["a", "b"]).dictionary_encode()}), tmp_path / "ok.parquet"
+    )
+    job = queue_client.submit_file(tmp_path / "ok.parquet", column="text", id_column="id")
+    assert [s["custom_id"] for s in queue_client.store.shard_requests(job.id, 0)] == ["7", "8"]
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "topic": "x"}) for t in ["fine", 5, ["a"], "also fine"]))
+    errors = submit_errors(queue_client, path, template="{topic}: {text}")
+    assert errors == [(2, "column 'text' holds int 5, not a string"),
+                      (3, "column 'text' holds list ['a'], not a string")]  # fmt: skip
+
+
+def test_table_prompts_go_through_the_translator(queue_client, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["fine", "x\ud800"]) + "\n")
+    errors = submit_errors(queue_client, path, column="text", chat=True)
+    assert len(errors) == 1 and errors[0][0] == 2
+    assert errors[0][1].startswith("Invalid value for 'messages[0].content'")

@@ -2,6 +2,11 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (behind the API
 key when one is set), GET /health, GET /metrics. Every request through here is online.
+
+Bounded at the edge: a body over `max_body_bytes` is refused with 413 as soon as its
+Content-Length (or, streamed, its byte count) passes the cap, never read whole;
+tokenizing runs in a thread pool, off the event loop; a backend whose online queue is
+full answers 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from harvest.api.auth import BearerAuth
-from harvest.api.backend import Backend, BackendUnavailable
-from harvest.api.errors import APIError, install_error_handlers, model_not_found, unavailable
+from harvest.api.backend import Backend, BackendBusy, BackendUnavailable
+from harvest.api.errors import APIError, install_error_handlers, invalid, model_not_found, unavailable
 from harvest.api.generation import ClientDisconnected, Generation
-from harvest.api.inputs import chat_inputs, completion_inputs
+from harvest.api.inputs import Tokenizing
+from harvest.api.limits import BodySizeLimit, too_large
 from harvest.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -31,18 +37,30 @@ from harvest.api.schemas import (
 )
 from harvest.api.streaming import SSEResponse, chat_events, completion_events
 from harvest.engine import RequestOutput
+from harvest.protocol import InvalidRequest
 from harvest.serving import PROMETHEUS_CONTENT_TYPE
 
+# far above any prompt that fits a context window (a 128k-token prompt is ~0.5 MiB of
+# text), small enough that a stray upload cannot fill the replica's memory
+DEFAULT_MAX_BODY_BYTES = 8 << 20
 
-def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+
+def build_app(
+    backend: Backend, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
     """The app over `backend`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
     app = FastAPI(title="harvest", summary="OpenAI-compatible online serving for harvest.")
     install_error_handlers(app)
+    _install_edge_handlers(app, max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     started = int(time.time())
+    tokenizing = Tokenizing()
 
-    def check_model(model: str) -> None:
+    def check_model(model: str | None) -> None:
+        if model is None:
+            raise invalid("Missing required parameter: 'model'.", "model")
         if model not in backend.model_names():
             raise model_not_found(model)
 
@@ -53,7 +71,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, request: Request) -> Response | CompletionResponse:
         check_model(body.model)
-        inputs = completion_inputs(body, backend.tokenizer, backend.max_model_len)
+        inputs = await tokenizing(body, backend.tokenizer, backend.max_model_len)
         gen = await Generation.start(backend, f"cmpl-{uuid.uuid4().hex}", inputs)
         if body.stream:
             return SSEResponse(completion_events(gen, body.model, _include_usage(body)), gen)
@@ -67,7 +85,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         body: ChatCompletionRequest, request: Request
     ) -> Response | ChatCompletionResponse:
         check_model(body.model)
-        inputs = chat_inputs(body, backend.tokenizer, backend.max_model_len)
+        inputs = await tokenizing(body, backend.tokenizer, backend.max_model_len)
         gen = await Generation.start(backend, f"chatcmpl-{uuid.uuid4().hex}", inputs)
         if body.stream:
             return SSEResponse(chat_events(gen, body.model, _include_usage(body)), gen)
@@ -91,6 +109,23 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         return Response(await backend.metrics_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     return app
+
+
+def _install_edge_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    async def on_invalid(request: Request, exc: InvalidRequest) -> Response:
+        return invalid(exc.message, exc.param, exc.code).response()
+
+    async def on_busy(request: Request, exc: BackendBusy) -> Response:
+        # OpenAI's own shape for a request-rate limit
+        error = APIError(429, str(exc), type="requests", code="rate_limit_exceeded")
+        return error.response({"Retry-After": str(exc.retry_after_s)})
+
+    async def on_too_large(request: Request, exc: Exception) -> Response:  # a streamed body, past the cap
+        return too_large(max_body_bytes).response()
+
+    app.add_exception_handler(InvalidRequest, on_invalid)
+    app.add_exception_handler(BackendBusy, on_busy)
+    app.add_exception_handler(413, on_too_large)
 
 
 async def _collect(gen: Generation, request: Request) -> RequestOutput:

@@ -16,7 +16,16 @@ from harvest.engine import RequestOutput, SamplingParams
 
 
 class BackendUnavailable(Exception):
-    """The backend cannot take the request now (stopped, dead, overloaded): HTTP 503."""
+    """The backend cannot take the request now (stopped, dead): HTTP 503."""
+
+
+class BackendBusy(Exception):
+    """The backend's online queue is full: HTTP 429 with `Retry-After`, so that clients
+    (the OpenAI SDKs retry 429s) back off instead of piling on."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @runtime_checkable
@@ -48,6 +57,7 @@ class Backend(Protocol):
         """Run one online request; yields its step outputs with `delta_text`, the last `finished`.
 
         Raises `BackendUnavailable` (before or during the stream) when it cannot serve it,
+        `BackendBusy` (before the first output) when its queue of online requests is full,
         and `ValueError` for a request the engine refuses (answered as a 400).
         Closing or cancelling the iterator early must abort the request; the app also calls
         `abort` then, so both paths must be harmless when repeated.

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from harvest.api.backend import BackendUnavailable
+from harvest.protocol.errors import from_pydantic
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,6 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, type="server_error", code="service_unavailable")
 
 
-def _param(loc: Sequence[str | int]) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
-    parts = [p for p in loc if p != "body"]
-    param = ""
-    for part in parts:
-        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
-    return param or None
-
-
 def from_validation(errors: Sequence[dict[str, Any]]) -> APIError:
     """The first pydantic/FastAPI error, named the way OpenAI names a bad parameter."""
     if not errors:
@@ -81,13 +73,8 @@ def from_validation(errors: Sequence[dict[str, Any]]) -> APIError:
         if first.get("type") == "missing":
             return invalid("The request body is missing; send a JSON object.")
         return invalid("The request body must be a JSON object.")
-    param = _param(loc)
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'."
-    else:
-        message = f"Invalid value for '{param}': {message}"
-    return invalid(message, param=param)
+    error = from_pydantic(first)  # worded as the offline readers word it
+    return invalid(error.message, param=error.param)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from harvest.api.backend import BackendUnavailable
+from harvest.api.backend import BackendBusy, BackendUnavailable
 from harvest.engine import RequestClass, RequestOutput, SamplingParams
 from harvest.serving import EngineLoop, EngineLoopError, render_engine_metrics
 
@@ -15,8 +15,8 @@ class LocalBackend:
     """Serves online requests from `loop` under `model_name` (tests, a one-process server).
 
     `max_pending` caps unfinished online requests (None: no cap); past it new requests get
-    503 rather than queueing without bound. `max_stall_s` is the health check's limit on
-    a step that does not finish.
+    429 with Retry-After (`BackendBusy`) rather than queueing without bound. `max_stall_s`
+    is the health check's limit on a step that does not finish.
     """
 
     def __init__(
@@ -49,7 +49,7 @@ class LocalBackend:
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         if self.max_pending is not None and self.loop.num_pending(RequestClass.ONLINE) >= self.max_pending:
-            raise BackendUnavailable(f"too many requests in flight (limit {self.max_pending})")
+            raise BackendBusy(f"too many requests in flight (limit {self.max_pending}); retry shortly")
         outputs = self.loop.generate(prompt_token_ids, params, request_id, RequestClass.ONLINE,
                                      stream_text=True)  # fmt: skip
         try:

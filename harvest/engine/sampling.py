@@ -1,41 +1,14 @@
-"""Sampling parameters (OpenAI/vLLM semantics) and the batched sampler."""
+"""The batched sampler; `SamplingParams` (plain data, torch-free) lives in harvest.protocol."""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
 
 import torch
 
+from harvest.protocol.sampling_params import SamplingParams
 
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+__all__ = ["SamplingParams", "request_seed", "sample"]
 
 
 def request_seed(params: SamplingParams) -> int | None:

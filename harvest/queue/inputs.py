@@ -4,6 +4,10 @@ Every reader yields `(line, RequestSpec | InputError)` so that validation can re
 line number and reason of each bad line and the submitter can stream valid ones into
 shards. Accepted: Python lists (prompt strings, chat-message lists, batch dicts), OpenAI
 Batch JSONL, and tables (Parquet, CSV, JSONL) with a prompt column and template.
+
+Each request body goes through the translator the HTTP routes use
+(`harvest.protocol.requests.parse_body`), so a body is refused offline exactly when it
+is refused online, with the same message naming the same field.
 """
 
 from __future__ import annotations
@@ -12,27 +16,21 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from harvest.engine import SamplingParams
+from harvest.protocol.errors import InvalidRequest
+from harvest.protocol.requests import (
+    CHAT,
+    COMPLETIONS,
+    URLS,
+    PromptSpec,
+    check_sampling,
+    check_text,
+    parse_body,
+)
+from harvest.protocol.sampling_params import SamplingParams
 
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
-URLS = (COMPLETIONS, CHAT)
-ROLES = {"system", "user", "assistant", "tool", "developer"}
-# body field -> (SamplingParams field, accepted python types)
-SAMPLING_FIELDS: dict[str, tuple[str, tuple[type, ...]]] = {
-    "max_tokens": ("max_tokens", (int,)),
-    "max_completion_tokens": ("max_tokens", (int,)),
-    "temperature": ("temperature", (int, float)),
-    "top_p": ("top_p", (int, float)),
-    "top_k": ("top_k", (int,)),
-    "seed": ("seed", (int,)),
-    "stop": ("stop", (str, list)),
-    "stop_token_ids": ("stop_token_ids", (list,)),
-    "ignore_eos": ("ignore_eos", (bool,)),
-}
+__all__ = ["CHAT", "COMPLETIONS", "URLS"]  # re-exported: the queue's modules name urls from here
 
 
 @dataclass(frozen=True)
@@ -78,104 +76,80 @@ class RequestSpec:
         return cls(d["custom_id"], d["url"], d.get("params", {}), d.get("prompt"), d.get("messages"))
 
     def sampling_params(self) -> SamplingParams:
-        from harvest.engine.sampling import SamplingParams
-
         return SamplingParams(**self.params)
+
+    def prompt_spec(self) -> PromptSpec:
+        """What the model-dependent stage (`harvest.protocol.prepare`) takes."""
+        return PromptSpec(self.url, self.prompt, self.messages, self.params)
+
+
+def job_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """A job's sampling defaults (SamplingParams field names), checked as a body's fields are."""
+    try:
+        return check_sampling(defaults)
+    except InvalidRequest as exc:
+        raise BadRequest(f"job sampling defaults: {exc}") from None
 
 
 def sampling_from(body: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The request's SamplingParams fields over the job defaults; BadRequest names the bad field."""
-    params = dict(defaults)
-    for name, (target, types) in SAMPLING_FIELDS.items():
-        if name not in body or body[name] is None:
-            continue
-        value = body[name]
-        # bool is an int subclass in Python, but `"max_tokens": true` is a mistake
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise BadRequest(f"{name} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
-        params[target] = value
-    if body.get("n", 1) != 1:
-        raise BadRequest(f"n must be 1, got {body['n']!r}")
-    if body.get("stream"):
-        raise BadRequest("stream is not supported in batch requests")
+    """The body's SamplingParams fields over the job defaults; BadRequest names the bad field."""
     try:
-        key = tuple(params.items())  # a job's requests mostly share one combination: check it once
-        known = key in _VALID_PARAMS
-    except TypeError:  # a list value (stop strings): not hashable, check it every time
-        key, known = None, False
-    if not known:
-        # imported here: the engine package pulls in torch and transformers (seconds), and the
-        # CLI's read-only commands should not pay for that
-        from harvest.engine.sampling import SamplingParams
-
-        try:
-            SamplingParams(**params)
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(str(exc)) from None
-        if key is not None and len(_VALID_PARAMS) < 4096:
-            _VALID_PARAMS.add(key)
+        params = {**check_sampling(defaults), **check_sampling(body, only_sampling=False)}
+        SamplingParams(**params)
+    except (InvalidRequest, ValueError) as exc:
+        raise BadRequest(str(exc)) from None
     return params
 
 
-_VALID_PARAMS: set[tuple] = set()  # SamplingParams field combinations known to be valid
+def parse_json(raw: bytes) -> Any:
+    """One JSON line; BadRequest for anything Python's json would take that JSON does not
+    (NaN, Infinity) or that Python cannot hold (integers of more than 4300 digits)."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and the int-digit limit
+        raise BadRequest(f"malformed JSON: {exc}") from None
 
 
-def check_messages(messages: Any) -> list[dict[str, Any]]:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a known role and string content")
-    return messages
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
-def check_prompt(prompt: Any) -> str | list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # the OpenAI API also takes a one-element list
-    if isinstance(prompt, str):
-        if not prompt:
-            raise BadRequest("prompt is empty")
-        return prompt
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        return prompt
-    raise BadRequest("prompt must be a non-empty string or list of token ids")
+def spec_from_body(custom_id: str, url: str, body: Any, defaults: dict[str, Any]) -> RequestSpec:
+    """A request body through the translator the HTTP routes use, over checked job defaults."""
+    if isinstance(body, dict) and body.get("stream"):
+        raise BadRequest("stream is not supported in batch requests")
+    try:
+        spec = parse_body(url, body)
+        params = {**defaults, **spec.params}
+        SamplingParams(**params)
+    except (InvalidRequest, ValueError) as exc:
+        raise BadRequest(str(exc)) from None
+    return RequestSpec(custom_id, spec.url, params, spec.prompt, spec.messages)
 
 
 def parse_batch_line(obj: Any, defaults: dict[str, Any]) -> RequestSpec:
-    """One OpenAI Batch API request object -> RequestSpec, or BadRequest."""
+    """One OpenAI Batch API request object -> RequestSpec, or BadRequest. `defaults` are
+    checked job defaults (`job_defaults`)."""
     if not isinstance(obj, dict):
         raise BadRequest("expected a JSON object")
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise BadRequest("custom_id must be a non-empty string")
+    check_custom_id(custom_id)
     if obj.get("method", "POST") != "POST":
         raise BadRequest(f"method must be POST, got {obj.get('method')!r}")
     url = obj.get("url")
     if url not in URLS:
         raise BadRequest(f"unknown url {url!r}; expected {' or '.join(URLS)}")
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    params = sampling_from(body, defaults)
-    if url == CHAT:
-        return RequestSpec(custom_id, url, params, messages=check_messages(body.get("messages")))
-    return RequestSpec(custom_id, url, params, prompt=check_prompt(body.get("prompt")))
+    return spec_from_body(custom_id, url, obj.get("body"), defaults)
 
 
 def parse_item(item: Any, index: int, defaults: dict[str, Any]) -> RequestSpec:
     """A Python list item: prompt string, chat-message list, or batch request dict."""
     if isinstance(item, str):
-        return RequestSpec(
-            f"request-{index}", COMPLETIONS, sampling_from({}, defaults), prompt=check_prompt(item)
-        )
+        return spec_from_body(f"request-{index}", COMPLETIONS, {"prompt": item}, defaults)
     if isinstance(item, list):
-        return RequestSpec(
-            f"request-{index}", CHAT, sampling_from({}, defaults), messages=check_messages(item)
-        )
+        return spec_from_body(f"request-{index}", CHAT, {"messages": item}, defaults)
     if isinstance(item, dict) and "custom_id" in item:
         return parse_batch_line(item, defaults)
     raise BadRequest("expected a prompt string, a list of chat messages or a batch request object")
@@ -196,19 +170,38 @@ def read_items(
     items: Iterable[Any], defaults: dict[str, Any]
 ) -> Iterator[tuple[int, RequestSpec | InputError]]:
     """A Python list; item N (1-based) without its own custom_id becomes `request-{N-1}`."""
+    defaults = _checked(defaults)
     numbered = ((i + 1, item) for i, item in enumerate(items))
     return _errors_as_values(numbered, lambda line, item: parse_item(item, line - 1, defaults), "item")
 
 
 def read_batch_jsonl(path: Path, defaults: dict[str, Any]) -> Iterator[tuple[int, RequestSpec | InputError]]:
     """OpenAI Batch JSONL, one line in memory at a time; blank lines are skipped."""
+    defaults = _checked(defaults)
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield line_no, InputError(line_no, f"malformed JSON: {exc}")
+                obj = parse_json(raw)
+            except BadRequest as exc:
+                yield line_no, InputError(line_no, str(exc))
                 continue
             yield from _errors_as_values([(line_no, obj)], lambda _, o: parse_batch_line(o, defaults), "line")
+
+
+def check_custom_id(custom_id: str) -> str:
+    try:
+        return check_text(custom_id, "custom_id")
+    except ValueError as exc:  # results files are UTF-8: an id with a surrogate could not be written
+        raise BadRequest(str(exc)) from None
+
+
+def _checked(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Job defaults checked once per input; bad ones reject the input as a whole."""
+    from harvest.queue.errors import InvalidInputError  # errors.py names InputError from here
+
+    try:
+        return job_defaults(defaults)
+    except BadRequest as exc:
+        raise InvalidInputError([InputError(0, str(exc))]) from None

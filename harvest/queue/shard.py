@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from harvest.queue.inputs import CHAT, RequestSpec
+from harvest.protocol.prepare import engine_inputs
+from harvest.queue.inputs import RequestSpec
 from harvest.queue.models import Lease, Progress, Result
 
 if TYPE_CHECKING:  # the engine pulls in torch: seconds the CLI's read-only commands should not pay
@@ -59,20 +60,17 @@ class ShardRun:
 
     def prepare(self) -> list[Prepared]:
         """Tokenize the pending requests and adopt their checkpoints (slow, touches no shared
-        state): what `commit` adds. Bad requests become error results at once."""
+        state): what `commit` adds. Bad requests become error results at once: the same
+        model-dependent checks as the HTTP routes (`engine_inputs`), with the context the
+        engine can hold."""
         tok, prepared = self.engine.tokenizer, []
+        max_model_len = min(self.engine.max_model_len, self.engine.capacity_tokens)
         for index in sorted(self.pending):
             spec = RequestSpec.from_payload(self.lease.requests[index])
             now, mono = time.time(), time.monotonic()
             try:
-                params = spec.sampling_params()
-                if spec.url == CHAT:
-                    text = tok.apply_chat_template(spec.messages, add_generation_prompt=True, tokenize=False)
-                    prompt_ids = tok.encode(text, add_special_tokens=False)
-                elif isinstance(spec.prompt, str):
-                    prompt_ids = tok.encode(spec.prompt)
-                else:
-                    prompt_ids = list(spec.prompt or [])
+                inputs = engine_inputs(spec.prompt_spec(), tok, max_model_len)
+                params, prompt_ids = inputs.params, inputs.prompt_token_ids
                 progress = self.lease.progress.get(index, Progress())
                 run = _Running(index, spec, params, prompt_ids, list(progress.token_ids), now, mono)
                 run.saved = len(run.resumed)
