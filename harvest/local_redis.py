@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -99,18 +100,70 @@ def stop(port: int = EMBEDDED_REDIS_PORT) -> bool:
     return True
 
 
+class RedisProcess:
+    """A redis-server child process of our own on a free port and data dir (tests and
+    benchmarks never touch a shared one). It can be stopped, SIGKILLed and started again
+    on the same port and data dir, as a supervisor would restart it.
+
+    `appendfsync`: the append-only file's fsync policy, or None for no AOF at all.
+    """
+
+    def __init__(
+        self, data_dir: Path, appendfsync: str | None = "everysec", password: str | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.appendfsync = appendfsync
+        self.password = password
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: run scripts/install-redis.sh")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+                "--save", "", "--appendonly", "no" if self.appendfsync is None else "yes"]  # fmt: skip
+        if self.appendfsync is not None:
+            args += ["--appendfsync", self.appendfsync]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_up(self.url, timeout_s=30)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final write; a restart loads the append-only file."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def memory(self) -> dict[str, int]:
+        """Used memory (bytes) and number of keys."""
+        client = redis.Redis.from_url(self.url)
+        return {"used_memory": int(client.info("memory")["used_memory"]), "keys": int(client.dbsize())}
+
+
 @contextlib.contextmanager
 def private_redis(data_dir: Path) -> Iterator[str]:
-    """A redis-server of our own on a free port (the bench never touches a shared one)."""
-    port = free_port()
-    binary = shutil.which("redis-server") or "redis-server"
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "everysec"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    """A redis-server of our own on a free port, for as long as the context lasts."""
+    server = RedisProcess(data_dir)
+    server.start()
     try:
-        wait_up(url)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()

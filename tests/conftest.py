@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harvest.local_redis import free_port, wait_up
+from harvest.local_redis import RedisProcess, free_port
 from harvest.models.tiny import make_tiny
 
 
@@ -31,38 +29,12 @@ def tiny_model(tiny_models) -> Path:
     return tiny_models["llama"]
 
 
-class RedisServer:
-    """A redis-server of our own on a free port, so tests never share data."""
+class RedisServer(RedisProcess):
+    """A redis-server of our own on a free port, so tests never share data; every write is
+    fsynced before Redis answers (`appendfsync always`), so a restart loses nothing."""
 
     def __init__(self, data_dir: Path, appendonly: bool = True) -> None:
-        self.data_dir = data_dir
-        self.appendonly = appendonly
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server not found: run scripts/install-redis.sh")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-                "--appendfsync", "always"]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_up(self.url)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+        super().__init__(data_dir, appendfsync="always" if appendonly else None)
 
 
 @pytest.fixture
@@ -131,3 +103,12 @@ def ray_cluster():
     ray.metrics_port = port  # where Ray serves the cluster's Prometheus metrics
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def loops():
+    """EngineLoops registered here are stopped after the test, whatever happened."""
+    started = []
+    yield started
+    for loop in started:
+        loop.stop(timeout=30)

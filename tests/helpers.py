@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import uvicorn
 
 from harvest.engine import Engine, RequestOutput
 
@@ -57,3 +63,20 @@ def post_json(client, url: str, body: dict[str, Any]) -> Any:
     """POST `body` as json.dumps writes it: NaN, Infinity and \\ud800 escapes included, as a
     careless client would send them (httpx's own encoder refuses NaN)."""
     return client.post(url, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+@contextmanager
+def uvicorn_server(app) -> Iterator[str]:
+    """A real server in a thread (the ASGI test client runs requests one at a time)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # uvicorn offers no event to wait on
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -12,14 +11,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from harvest.api import Backend, LocalBackend, build_app
 from harvest.engine import Engine, FinishReason, RequestOutput, SamplingParams
 from harvest.engine.detokenizer import Detokenizer
 from harvest.serving import EngineLoop
-from tests.helpers import make_engine
+from tests.helpers import make_engine, uvicorn_server
 
 MODEL = "tiny-llama"
 KEY = "sk-test-key"
@@ -361,18 +359,9 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(tiny_model)
 @pytest.fixture(scope="module")
 def live(tiny_model) -> Iterator[SimpleNamespace]:
     served = serve(tiny_model, api_key=KEY)
-    server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # uvicorn offers no event to wait on
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    served.base_url = f"http://127.0.0.1:{port}"
-    yield served
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_server(served.app) as base_url:
+        served.base_url = base_url
+        yield served
     served.loop.stop()
 
 

@@ -7,37 +7,18 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from harvest.api import LocalBackend
 from harvest.protocol.requests import COMPLETIONS
 from harvest.serving import EngineLoop
-from tests.helpers import make_engine, post_json, serve_app
+from tests.helpers import make_engine, post_json, serve_app, uvicorn_server
 
 MODEL = "tiny-llama"
-
-
-@contextmanager
-def uvicorn_server(app) -> Iterator[str]:
-    """A real server in a thread (the ASGI test client runs requests one at a time)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # uvicorn offers no event to wait on
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def post(client, url: str, body: dict) -> httpx.Response:

@@ -232,14 +232,6 @@ def test_out_of_memory_is_the_engines_fault_without_a_search(engine, faults, mon
 # ---------------------------------------------------------------------- the engine loop
 
 
-@pytest.fixture
-def loops() -> Iterator[list[EngineLoop]]:
-    started: list[EngineLoop] = []
-    yield started
-    for loop in started:
-        loop.stop(timeout=30)
-
-
 class Finished:
     """Sink callbacks remembering each request's final output or loop error."""
 

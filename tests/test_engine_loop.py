@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -54,15 +53,6 @@ class Recorder:
 @pytest.fixture
 def engine(tiny_model) -> Engine:
     return make_engine(tiny_model, max_num_seqs=8)
-
-
-@pytest.fixture
-def loops() -> Iterator[list[EngineLoop]]:
-    """Loops registered here are stopped after the test, whatever happened."""
-    started: list[EngineLoop] = []
-    yield started
-    for loop in started:
-        loop.stop(timeout=30)
 
 
 async def collect(loop: EngineLoop, prompt: str | list[int], params: SamplingParams) -> list[RequestOutput]:

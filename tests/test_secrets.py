@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +11,7 @@ from typer.testing import CliRunner
 from harvest.cli import app
 from harvest.cli.jobs import EXIT_REDIS
 from harvest.client import HarvestClient
-from harvest.local_redis import free_port, wait_up
+from harvest.local_redis import RedisProcess, free_port, wait_up
 from harvest.queue.errors import RedisUnavailableError
 from harvest.redact import redact_url
 
@@ -42,30 +40,12 @@ def test_redact_url_masks_userinfo_and_password_options(url, shown):
 @pytest.fixture
 def password_redis(tmp_path) -> Iterator[str]:
     """A redis-server that wants PASSWORD; yields its URL (with the password)."""
-    port = free_port()
-    args = [
-        shutil.which("redis-server") or "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(tmp_path),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--requirepass",
-        PASSWORD,
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
+    server = RedisProcess(tmp_path, appendfsync=None, password=PASSWORD)
+    server.start()
     try:
-        wait_up(url)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
 
 
 def closed_url() -> str:

@@ -30,9 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harvest.local_redis import RedisProcess
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
 from workloads.bench.load import OnlineLoad, longest_gap
-from workloads.bench.redis_process import RedisProcess
 
 MODEL_NAME = "chaos"
 PHASES = ("baseline", "worker", "redis", "controller", "serve-controller")

@@ -23,9 +23,9 @@ from typing import Any
 
 import psutil
 
+from harvest.local_redis import RedisProcess
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
 from workloads.bench.load import OnlineLoad
-from workloads.bench.redis_process import RedisProcess
 
 MODEL_NAME = "soak"
 TARGET_GROWTH_PCT_PER_HOUR = 5.0
