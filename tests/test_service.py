@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -137,6 +138,46 @@ def test_offline_job_completes_while_online_is_served_by_both_workers(svc, oai):
     assert len(status["workers"]) == 2 and all(s["healthy"] for s in status["workers"].values())
 
 
+def test_a_poison_batch_line_costs_its_own_record_and_health_never_fails(svc, oai):
+    """Lines the submit-time checks cannot judge (a token id past the model's embeddings, known
+    only where the model is) end with their own error record; the good lines of the job
+    complete, and the workers answer /health 200 throughout."""
+    client = HarvestClient(svc["redis"].url)
+    good = [f"Ticket {i}: the bread was late" for i in range(12)]
+    poison = [
+        {"custom_id": "poison-id", "url": "/v1/completions", "body": {"prompt": [5, 10**6], "max_tokens": 4}},
+        {
+            "custom_id": "poison-stop-id",
+            "url": "/v1/completions",
+            "body": {"prompt": "x", "max_tokens": 4, "stop_token_ids": [2**40]},
+        },
+    ]
+    health: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=svc["base"], timeout=10) as http:
+            while not done.is_set():
+                start = time.monotonic()
+                health.append((http.get("/health").status_code, time.monotonic() - start))
+                time.sleep(0.05)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        job = client.submit([*good[:6], *poison, *good[6:]], model=MODEL_NAME, max_tokens=16, shard_size=4)
+        finished = client.wait(job.id, timeout=120, progress=False)
+    finally:
+        done.set()
+        prober.join(timeout=30)
+    rows = {r["custom_id"]: r for r in client.results(job.id).to_pylist()}
+    assert finished.request_counts.completed == 12 and finished.request_counts.failed == 2
+    assert {rows[c]["error_code"] for c in ("poison-id", "poison-stop-id")} == {"invalid_request"}
+    assert all(rows[f"request-{i}"]["error_code"] is None for i in (*range(6), *range(8, 14)))
+    assert health and all(code == 200 for code, _ in health), health
+    assert oai.completions.create(model=MODEL_NAME, prompt="still here", max_tokens=2).usage.completion_tokens
+
+
 def test_metrics_over_http_and_through_ray(svc, oai, ray_cluster):
     oai.completions.create(model=MODEL_NAME, prompt="count me", max_tokens=4, extra_body={"ignore_eos": True})
     text = httpx.get(f"{svc['base']}/metrics").text
@@ -168,8 +209,9 @@ def test_workers_tighten_engine_targets_when_their_clients_see_misses(svc, oai):
         deadline = time.monotonic() + 60
         while True:
             for i in range(4):
-                oai.completions.create(model=MODEL_NAME, prompt=f"slo {i}", max_tokens=4,
-                                       extra_body={"ignore_eos": True})  # fmt: skip
+                oai.completions.create(
+                    model=MODEL_NAME, prompt=f"slo {i}", max_tokens=4, extra_body={"ignore_eos": True}
+                )
             # the engine now plans for a share of the SLO; the status shows which
             engine_slo = {n: s["slo"] for n, s in service.status()["workers"].items()}
             tightened = [n for n, slo in engine_slo.items() if slo["tpot_s"] < 0.0001]
