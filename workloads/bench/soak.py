@@ -144,15 +144,10 @@ def _config(quick: bool, minutes: float | None) -> dict[str, Any]:
 
 
 def _start_service(model: Path, redis_url: str, cfg: dict[str, Any]) -> str:
-    import dataclasses
-
     from harvest import service
     from workloads.bench.e2e import _wait_healthy
 
     port = free_port()
-    options: dict[str, Any] = {}
-    if "job_ttl_s" in {f.name for f in dataclasses.fields(service.ServiceConfig)}:
-        options["job_ttl_s"] = cfg["job_ttl_s"]
     config = service.ServiceConfig(
         model=str(model),
         redis_url=redis_url,
@@ -160,7 +155,7 @@ def _start_service(model: Path, redis_url: str, cfg: dict[str, Any]) -> str:
         num_workers=1,
         port=port,
         engine_options={"block_size": 16, "num_blocks": 512, "max_num_seqs": 32},
-        **options,
+        job_ttl_s=cfg["job_ttl_s"],
     )
     service.start(config)
     base = f"http://127.0.0.1:{port}"
@@ -197,8 +192,10 @@ def plot_memory(samples: list[dict[str, Any]], warmup_s: float, path: Path) -> N
     t = [s["time"] / 60 for s in samples]
     roles = sorted({r for s in samples for r in s["rss_mib"]})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for role in roles:
-        axes[0].plot(t, [s["rss_mib"].get(role, float("nan")) for s in samples], label=role, linewidth=1)
+    colors = plt.get_cmap("tab20").colors
+    for role, color in zip(roles, colors * 2):
+        series = [s["rss_mib"].get(role, float("nan")) for s in samples]
+        axes[0].plot(t, series, label=role, linewidth=1, color=color)
     axes[0].set_ylabel("RSS (MiB)")
     axes[0].set_title("RSS per process role")
     axes[0].legend(fontsize=7, ncol=2)
