@@ -25,8 +25,10 @@ from harvest.engine.checkpoint import HostCheckpointStore
 NAMESPACE = "harvest"
 # a closed key is remembered this long: past it no put for it can still be in flight (a
 # worker ships every 0.25 s, and a stale lease holder learns it lost the lease at its next
-# renewal, a third of the visibility timeout). Remembered forever, the set only grew.
-CLOSED_TTL_S = 600.0
+# renewal, a third of the visibility timeout; a lease lost to expiry had a visibility
+# timeout and an outage grace before that). Remembered forever, the set only grew: at 100
+# offline requests/s (the soak benchmark's tiny jobs) 5 minutes of keys are about 6 MB.
+CLOSED_TTL_S = 300.0
 
 
 class CheckpointKeeper:

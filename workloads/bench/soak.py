@@ -133,7 +133,9 @@ def _config(quick: bool, minutes: float | None) -> dict[str, Any]:
     return {
         "minutes": minutes,
         "sample_s": 2.0 if minutes <= 3 else 5.0,
-        "warmup_s": min(120.0, 0.25 * 60 * minutes),
+        # half the run, at most 10 minutes: the checkpoint keeper's closed-request set fills
+        # for its first 5 minutes (CLOSED_TTL_S) and only then holds steady
+        "warmup_s": min(600.0, 0.5 * 60 * minutes),
         "clients": 2,
         "rate_per_client": 4.0,
         "online_max_tokens": 16,
