@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import string
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from harvest.queue.errors import InvalidInputError, JobNotQueuedError
 from harvest.queue.inputs import BadRequest, InputError, RequestSpec, read_batch_jsonl, sampling_from
 from harvest.queue.models import JobStatus
 from harvest.queue.store import JobStore
-from harvest.queue.tables import read_table, table_format
+from harvest.queue.tables import read_table, table_format, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def check_table(path: Path, column: str | None, template: str | None, id_column:
     """What can be judged of a table as a whole, judged before a job exists: its type, the
     template's syntax and (Parquet, CSV) that the columns exist. InvalidInputError if not."""
     fmt = table_format(path)
-    fields = template_columns(template) if template is not None else []
+    fields = template_fields(template) if template is not None else []
     needed = list(dict.fromkeys(c for c in (column, *fields, id_column) if c))
     try:
         if fmt == "parquet":
@@ -119,28 +118,9 @@ def check_table(path: Path, column: str | None, template: str | None, id_column:
 def _csv_header(path: Path) -> list[str]:
     """The header row alone: a bad row further down is that row's error, named when it is read."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return next(csv.reader(f, delimiter=delimiter), [])
-
-
-def template_columns(template: str) -> list[str]:
-    """The columns a prompt template names; InvalidInputError for anything but plain `{name}` fields."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise InvalidInputError([InputError(0, f"bad prompt template {template!r}: {exc}")]) from None
-    fields = []
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier():  # `{}`, `{0}`, `{a.b}`, `{a[0]}`
-            why = f"template field {{{name}}} must name a column, like {{text}}"
-            raise InvalidInputError([InputError(0, why)])
-        if spec or conversion:  # `{text:d}` fails on strings; `{text!r}` quotes the prompt
-            why = f"template field {{{name}}} takes no format spec or conversion; use {{{name}}}"
-            raise InvalidInputError([InputError(0, why)])
-        fields.append(name)
-    return fields
+    with open(path, "rb") as f:  # bytes: a text file decodes a whole buffer, rows below included
+        header = f.readline().decode("utf-8-sig")
+    return next(csv.reader([header], delimiter=delimiter), [])
 
 
 def submit(store: JobStore, source: Source, options: JobOptions) -> str:

@@ -59,14 +59,14 @@ def template_fields(template: str) -> list[str]:
     except ValueError as exc:
         raise _whole_input_error(f"bad prompt template {template!r}: {exc}") from None
     for name, spec, conversion in parsed:
-        if not name or not name.isidentifier():
+        if not name or not name.isidentifier():  # `{}`, `{0}`, `{a.b}`, `{a[0]}`
             raise _whole_input_error(
-                f"bad prompt template {template!r}: fields must be column names like {{text}}, got {{{name}}}"
+                f"bad prompt template {template!r}: field {{{name}}} must name a column, like {{text}}"
             )
         if spec or conversion:
             raise _whole_input_error(
-                f"bad prompt template {template!r}: {{{name}}} has a format spec or conversion; "
-                "only plain {column} fields are supported"
+                f"bad prompt template {template!r}: field {{{name}}} takes no format spec or conversion; "
+                f"use {{{name}}}"
             )
     return [name for name, _, _ in parsed]
 
