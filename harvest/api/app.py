@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse, Response
 
 from harvest.api.auth import BearerAuth
 from harvest.api.backend import Backend, BackendBusy, BackendUnavailable
-from harvest.api.batches import batches_router
+from harvest.api.batches import install_batch_routes
 from harvest.api.errors import APIError, install_error_handlers, invalid, model_not_found, unavailable
-from harvest.api.files import files_router
+from harvest.api.files import install_file_routes
 from harvest.api.generation import ClientDisconnected, Generation
 from harvest.api.inputs import Tokenizing
 from harvest.api.limits import BodySizeLimit, BodyTooLarge, too_large
@@ -106,8 +106,8 @@ def build_app(
                                       choices=[choice], usage=Usage.of(*gen.usage_tokens()))  # fmt: skip
 
     if batch is not None:
-        app.include_router(files_router(batch))
-        app.include_router(batches_router(batch, lambda: backend.model_names()[0]))
+        install_file_routes(app, batch)
+        install_batch_routes(app, batch, lambda: backend.model_names()[0])
     else:
         _install_batch_stub(app)
 

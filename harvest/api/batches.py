@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import FastAPI, Query
 from pydantic import BaseModel, Field
 
 from harvest.api.errors import APIError, invalid
@@ -32,16 +32,15 @@ def no_such_batch(batch_id: str) -> APIError:
     return APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
 
 
-def batches_router(service: BatchService, model_name: Callable[[], str]) -> APIRouter:
+def install_batch_routes(app: FastAPI, service: BatchService, model_name: Callable[[], str]) -> None:
     """`model_name`: the model the app serves, named in every output line's body."""
-    router = APIRouter()
 
     def found(view: BatchView | None, batch_id: str) -> dict[str, Any]:
         if view is None:
             raise no_such_batch(batch_id)
         return view.to_openai()
 
-    @router.post("/v1/batches")
+    @app.post("/v1/batches")
     async def create(body: BatchCreate) -> dict[str, Any]:
         try:
             window_s = parse_window(body.completion_window)
@@ -60,17 +59,15 @@ def batches_router(service: BatchService, model_name: Callable[[], str]) -> APIR
             raise invalid(str(exc), exc.param) from None
         return view.to_openai()
 
-    @router.get("/v1/batches/{batch_id}")
+    @app.get("/v1/batches/{batch_id}")
     async def retrieve(batch_id: str) -> dict[str, Any]:
         return found(await asyncio.to_thread(service.batches.get, batch_id), batch_id)
 
-    @router.get("/v1/batches")
+    @app.get("/v1/batches")
     async def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict[str, Any]:
         views, has_more = await asyncio.to_thread(service.batches.list, limit, after)
         return list_page([v.to_openai() for v in views], has_more)
 
-    @router.post("/v1/batches/{batch_id}/cancel")
+    @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel(batch_id: str) -> dict[str, Any]:
         return found(await asyncio.to_thread(service.batches.cancel, batch_id), batch_id)
-
-    return router

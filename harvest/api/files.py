@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
 from harvest.api.errors import APIError, invalid
@@ -33,16 +33,16 @@ def no_such_file(file_id: str) -> APIError:
     return APIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
 
 
-def files_router(service: BatchService) -> APIRouter:
-    router = APIRouter()
-
+def install_file_routes(app: FastAPI, service: BatchService) -> None:
+    # routes added to the app itself: an included router holds a lock, and the app must
+    # pickle (Serve ships it to each replica)
     async def record_of(file_id: str) -> FileRecord:
         record = await asyncio.to_thread(service.files.get, file_id)
         if record is None:
             raise no_such_file(file_id)
         return record
 
-    @router.post("/v1/files")
+    @app.post("/v1/files")
     async def upload(request: Request) -> dict[str, Any]:
         try:
             record = await _receive(service, request)
@@ -52,7 +52,7 @@ def files_router(service: BatchService) -> APIRouter:
             raise APIError(413, str(exc), param="file", code="file_too_large") from None
         return record.to_openai()
 
-    @router.get("/v1/files")
+    @app.get("/v1/files")
     async def list_files(
         purpose: str | None = None,
         limit: int = Query(10000, ge=1, le=10000),
@@ -62,11 +62,11 @@ def files_router(service: BatchService) -> APIRouter:
         records, has_more = await asyncio.to_thread(service.files.list, purpose, limit, after, order)
         return list_page([r.to_openai() for r in records], has_more)
 
-    @router.get("/v1/files/{file_id}")
+    @app.get("/v1/files/{file_id}")
     async def retrieve(file_id: str) -> dict[str, Any]:
         return (await record_of(file_id)).to_openai()
 
-    @router.get("/v1/files/{file_id}/content")
+    @app.get("/v1/files/{file_id}/content")
     async def content(file_id: str) -> StreamingResponse:
         record = await record_of(file_id)
         # a sync iterator: Starlette reads it in a thread pool, a chunk at a time
@@ -75,13 +75,11 @@ def files_router(service: BatchService) -> APIRouter:
                    "Content-Disposition": f'attachment; filename="{record.filename}"'}  # fmt: skip
         return StreamingResponse(chunks, media_type="application/jsonl", headers=headers)
 
-    @router.delete("/v1/files/{file_id}")
+    @app.delete("/v1/files/{file_id}")
     async def delete(file_id: str) -> dict[str, Any]:
         if not await asyncio.to_thread(service.files.delete, file_id):
             raise no_such_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
-
-    return router
 
 
 async def _receive(service: BatchService, request: Request) -> FileRecord:
