@@ -239,6 +239,24 @@ def test_cancel_mid_run_keeps_finished_lines(api, redis_server, queue_engine):
     assert [r["custom_id"] for r in rows] == [x["custom_id"] for x in output + errors]
 
 
+def test_expired_batch_gives_every_line_its_record(api, redis_server):
+    f = upload(api.client, [line("a"), line("b")], "éclair.jsonl")
+    batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="0.5s")
+    assert batch.expires_at is not None
+    # no worker runs it: the window passes (a deadline, so poll as a client does)
+    batch = wait_for(lambda: (b := api.client.batches.retrieve(batch.id)).status == "expired" and b)
+    assert batch.expired_at is not None and batch.output_file_id is None
+    errors = read_lines(api.client, batch.error_file_id)
+    assert [(x["custom_id"], x["error"]["code"]) for x in errors] == [
+        ("a", "batch_expired"),
+        ("b", "batch_expired"),
+    ]
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (2, 0, 2)
+    content = api.http.get(f"/v1/files/{f.id}/content")
+    assert content.headers["content-disposition"] == "attachment; filename*=UTF-8''%C3%A9clair.jsonl"
+
+
 def test_list_pages_newest_first(api):
     f = upload(api.client, [line("x")])
     ids = [
@@ -293,6 +311,14 @@ def test_bad_create_parameters_name_the_field(api):
                 **{"input_file_id": f.id, "endpoint": COMPLETIONS, "completion_window": "24h", **params}
             )
         assert exc.value.body["param"] == field
+    with pytest.raises(openai.BadRequestError) as exc:
+        api.client.batches.create(
+            input_file_id=f.id,
+            endpoint=COMPLETIONS,
+            completion_window="24h",
+            metadata={f"k{i}": "v" for i in range(17)},
+        )
+    assert exc.value.body["param"] == "metadata"
     with pytest.raises(openai.BadRequestError) as exc:
         api.client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
     assert exc.value.body["param"] == "purpose"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from harvest.api.errors import APIError, invalid
 from harvest.api.files import list_page
@@ -26,6 +26,17 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str = Field(description="OpenAI's '24h', or a shorter window such as '1h', '30m'")
     metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _openai_metadata_limits(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None and (
+            len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items())
+        ):
+            raise ValueError(
+                "metadata holds at most 16 pairs, keys of up to 64 and values of up to 512 characters"
+            )
+        return metadata
 
 
 def no_such_batch(batch_id: str) -> APIError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any, Literal
+from urllib.parse import quote
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
@@ -71,8 +72,9 @@ def install_file_routes(app: FastAPI, service: BatchService) -> None:
         record = await record_of(file_id)
         # a sync iterator: Starlette reads it in a thread pool, a chunk at a time
         chunks = service.files.store.iter_bytes(record.key)
-        headers = {"Content-Length": str(record.bytes),
-                   "Content-Disposition": f'attachment; filename="{record.filename}"'}  # fmt: skip
+        # RFC 6266's UTF-8 form: header values are latin-1, a filename may be anything
+        disposition = f"attachment; filename*=UTF-8''{quote(record.filename)}"
+        headers = {"Content-Length": str(record.bytes), "Content-Disposition": disposition}
         return StreamingResponse(chunks, media_type="application/jsonl", headers=headers)
 
     @app.delete("/v1/files/{file_id}")
