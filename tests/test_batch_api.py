@@ -21,7 +21,7 @@ from harvest.batch import BatchService, FileStore
 from harvest.client import HarvestClient
 from harvest.queue import JobStore, WorkerConfig, run_local
 from harvest.serving import EngineLoop
-from tests.helpers import make_engine
+from tests.helpers import make_engine, uvicorn_server
 
 MODEL = "tiny-llama"
 COMPLETIONS = "/v1/completions"
@@ -255,6 +255,35 @@ def test_expired_batch_gives_every_line_its_record(api, redis_server):
     assert (counts.total, counts.completed, counts.failed) == (2, 0, 2)
     content = api.http.get(f"/v1/files/{f.id}/content")
     assert content.headers["content-disposition"] == "attachment; filename*=UTF-8''%C3%A9clair.jsonl"
+
+
+def test_creating_a_batch_leaves_the_app_serving(api):
+    """Validation runs in a thread: held there (a seam around the registry's create), the app
+    still answers other requests."""
+    f = upload(api.client, [line("a")])
+    inside, release = threading.Event(), threading.Event()
+    create = api.service.batches.create
+
+    def held_create(*args, **kwargs):
+        inside.set()
+        assert release.wait(30)
+        return create(*args, **kwargs)
+
+    api.service.batches.create = held_create
+    with uvicorn_server(api.http.app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        creating = threading.Thread(
+            target=lambda: client.batches.create(
+                input_file_id=f.id, endpoint=COMPLETIONS, completion_window="24h"
+            )
+        )
+        creating.start()
+        assert inside.wait(30)
+        assert [m.id for m in client.models.list()] == [MODEL]  # answered while create is held
+        assert client.files.retrieve(f.id).id == f.id
+        release.set()
+        creating.join(30)
+    assert len(api.client.batches.list().data) == 1
 
 
 def test_list_pages_newest_first(api):
