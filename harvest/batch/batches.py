@@ -217,4 +217,5 @@ class BatchRegistry:
             "batch_error_file_id": records[False].id if False in records else "",
             "batch_output_completed": counts[True], "batch_output_failed": counts[False], "batch_files": 1,
         })  # fmt: skip
+        self.store.r.delete(f"{key}:batch_writing")  # batch_files now says it is done
         return True

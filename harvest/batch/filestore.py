@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 from harvest.paths import data_dir
 
 READ_CHUNK = 1 << 20
+WRITE_BUFFER = 1 << 20  # output files are written a line at a time
 
 
 def default_files_dir() -> Path:
@@ -61,7 +62,7 @@ class FileStore:
     def writer(self, key: str) -> pafs.NativeFile:
         """An open output stream for `key`, for writers that produce bytes in a loop of their own;
         the caller closes it, or deletes the key when it gives up."""
-        return self.fs.open_output_stream(self._path(key))
+        return self.fs.open_output_stream(self._path(key), buffer_size=WRITE_BUFFER)
 
     def open(self, key: str) -> BinaryIO:
         return self.fs.open_input_stream(self._path(key))
