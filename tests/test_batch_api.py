@@ -426,3 +426,19 @@ def test_file_store_through_a_pyarrow_uri(tmp_path):
     store.delete("f.jsonl")
     store.delete("f.jsonl")
     assert store.size("f.jsonl") is None and list((tmp_path / "bucket").iterdir()) == []
+
+
+def test_batches_over_a_remote_file_store(backend, redis_server, queue_engine):
+    """A store that is not a local directory (pyarrow's in-memory mock filesystem, as S3 would
+    be): the input is validated from a temporary local copy, the output written to the store."""
+    api = make_api(backend, redis_server.url, "mock:///bucket")
+    f = upload(api.client, [line("a"), line("b", url=CHAT)])
+    failed = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="24h")
+    assert [(e.line, e.code) for e in failed.errors.data] == [(2, "mismatched_endpoint")]
+    f = upload(api.client, [line("a"), line("b")])
+    batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="24h")
+    run_worker(redis_server.url, queue_engine)
+    batch = api.client.batches.retrieve(batch.id)
+    assert [x["custom_id"] for x in read_lines(api.client, batch.output_file_id)] == ["a", "b"]
+    store = api.service.files.store
+    assert store.size(f"{batch.output_file_id}.jsonl") > 0
