@@ -34,6 +34,7 @@ from controller.controller import CONTROLLER_NAME, NAMESPACE
 from harvest.api.app import build_app
 from harvest.api.backend import BackendUnavailable
 from harvest.api.local import LocalBackend
+from harvest.batch import BatchService
 from harvest.engine import Engine, RequestOutput, SamplingParams
 from harvest.queue.config import WorkerConfig
 from harvest.queue.store import JobStore
@@ -278,8 +279,13 @@ class HostedBackend:
 
 
 def worker_application(config: dict[str, Any], num_replicas: int, use_gpu: bool):
-    """The Serve app: `num_replicas` workers, each one GPU (or one CPU) and its HTTP front end."""
-    app = build_app(HostedBackend(), config.get("api_key"))
+    """The Serve app: `num_replicas` workers, each one GPU (or one CPU) and its HTTP front end.
+
+    Every front end serves the Files and Batches APIs over the service's Redis; file bytes go
+    to `files_uri` (a pyarrow.fs URI every node reaches) or, by default, the data dir here.
+    """
+    batch = BatchService(config["redis_url"], config.get("files_uri"))
+    app = build_app(HostedBackend(), config.get("api_key"), batch=batch)
     resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
 
     @serve.deployment(

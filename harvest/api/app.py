@@ -2,6 +2,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (behind the API
 key when one is set), GET /health, GET /metrics. Every request through here is online.
+With a `BatchService` (a job store), also OpenAI's Files and Batches APIs (api/files.py,
+api/batches.py), whose batches run offline on harvested capacity; without one, those
+routes answer 501 saying so.
 
 Bounded at the edge: a body over `max_body_bytes` is refused with 413 as soon as its
 Content-Length (or, streamed, its byte count) passes the cap, never read whole;
@@ -19,10 +22,12 @@ from fastapi.responses import JSONResponse, Response
 
 from harvest.api.auth import BearerAuth
 from harvest.api.backend import Backend, BackendBusy, BackendUnavailable
+from harvest.api.batches import install_batch_routes
 from harvest.api.errors import APIError, install_error_handlers, invalid, model_not_found, unavailable
+from harvest.api.files import install_file_routes
 from harvest.api.generation import ClientDisconnected, Generation
 from harvest.api.inputs import Tokenizing
-from harvest.api.limits import BodySizeLimit, too_large
+from harvest.api.limits import BodySizeLimit, BodyTooLarge, too_large
 from harvest.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -36,6 +41,7 @@ from harvest.api.schemas import (
     Usage,
 )
 from harvest.api.streaming import SSEResponse, chat_events, completion_events
+from harvest.batch import BatchService
 from harvest.engine import RequestOutput
 from harvest.protocol import InvalidRequest
 from harvest.serving import PROMETHEUS_CONTENT_TYPE
@@ -46,13 +52,18 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 def build_app(
-    backend: Backend, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    backend: Backend,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    batch: BatchService | None = None,
 ) -> FastAPI:
-    """The app over `backend`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
+    """The app over `backend`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`;
+    with `batch`, the Files and Batches APIs over its job store."""
     app = FastAPI(title="harvest", summary="OpenAI-compatible online serving for harvest.")
     install_error_handlers(app)
     _install_edge_handlers(app, max_body_bytes)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    route_limits = {"/v1/files": batch.max_upload_bytes} if batch is not None else {}
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, route_limits=route_limits)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     started = int(time.time())
@@ -94,6 +105,12 @@ def build_app(
         return ChatCompletionResponse(id=gen.request_id, created=gen.created, model=body.model,
                                       choices=[choice], usage=Usage.of(*gen.usage_tokens()))  # fmt: skip
 
+    if batch is not None:
+        install_file_routes(app, batch)
+        install_batch_routes(app, batch, lambda: backend.model_names()[0])
+    else:
+        _install_batch_stub(app)
+
     @app.get("/health")
     async def health() -> Response:
         try:
@@ -121,11 +138,22 @@ def _install_edge_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return error.response({"Retry-After": str(exc.retry_after_s)})
 
     async def on_too_large(request: Request, exc: Exception) -> Response:  # a streamed body, past the cap
-        return too_large(max_body_bytes).response()
+        return too_large(exc.max_bytes if isinstance(exc, BodyTooLarge) else max_body_bytes).response()
 
     app.add_exception_handler(InvalidRequest, on_invalid)
     app.add_exception_handler(BackendBusy, on_busy)
     app.add_exception_handler(413, on_too_large)
+
+
+def _install_batch_stub(app: FastAPI) -> None:
+    """Files and Batches need a job store: say so rather than answer a bare 404."""
+
+    async def no_store() -> Response:
+        message = "The Files and Batches APIs need a job store: this server was started without one."
+        return APIError(501, message, type="server_error", code="not_implemented").response()
+
+    for path in ("/v1/files", "/v1/files/{rest:path}", "/v1/batches", "/v1/batches/{rest:path}"):
+        app.add_api_route(path, no_store, methods=["GET", "POST", "DELETE"], include_in_schema=False)
 
 
 async def _collect(gen: Generation, request: Request) -> RequestOutput:

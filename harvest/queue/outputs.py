@@ -106,18 +106,16 @@ def batch_output_line(row: ResultRow, model: str) -> dict[str, Any]:
                 "error": {"code": r.error_code, "message": r.error_message}}  # fmt: skip
     usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
              "total_tokens": r.prompt_tokens + r.completion_tokens}  # fmt: skip
+    # the fields the online routes answer with (harvest/api/schemas.py), in their order
     if row.url == CHAT:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": r.text},
-            "finish_reason": r.finish_reason,
-        }
-        body = {"object": "chat.completion", "choices": [choice]}
+        message = {"role": "assistant", "content": r.text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason}
+        body = {"id": f"chatcmpl-{row.custom_id}", "object": "chat.completion"}
     else:
         choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-        body = {"object": "text_completion", "choices": [choice]}
-    body = {"id": f"cmpl-{row.custom_id}", **body, "created": int(r.finished_at or 0), "model": model,
-            "usage": usage}  # fmt: skip
+        body = {"id": f"cmpl-{row.custom_id}", "object": "text_completion"}
+    body = {**body, "created": int(r.finished_at or 0), "model": model, "choices": [choice],
+            "usage": usage, "system_fingerprint": None}  # fmt: skip
     response = {"status_code": 200, "request_id": line_id, "body": body}
     return {"id": line_id, "custom_id": row.custom_id, "response": response, "error": None}
 
@@ -125,6 +123,13 @@ def batch_output_line(row: ResultRow, model: str) -> dict[str, Any]:
 def errors_path_for(path: Path) -> Path:
     """out.jsonl -> out.errors.jsonl"""
     return path.with_name(f"{path.stem}.errors{path.suffix}")
+
+
+def batch_jsonl_lines(rows: Iterable[ResultRow], model: str) -> Iterator[tuple[bool, bytes]]:
+    """(completed?, one encoded line) per row: completed ones belong in the output file, the
+    rest in the error file. One encoder for `harvest export` and the Batch API's files."""
+    for row in rows:
+        yield row.result.ok, json.dumps(batch_output_line(row, model)).encode() + b"\n"
 
 
 def write_batch_jsonl(rows: Iterable[ResultRow], path: Path, model: str) -> tuple[int, int]:
@@ -136,15 +141,14 @@ def write_batch_jsonl(rows: Iterable[ResultRow], path: Path, model: str) -> tupl
     errors_path = errors_path_for(path)
     errors_file = None
     try:
-        with open(path, "w") as out:
-            for row in rows:
-                line = json.dumps(batch_output_line(row, model)) + "\n"
-                if row.result.ok:
+        with open(path, "wb") as out:
+            for ok, line in batch_jsonl_lines(rows, model):
+                if ok:
                     out.write(line)
                     counts[0] += 1
                 else:
                     if errors_file is None:
-                        errors_file = open(errors_path, "w")  # noqa: SIM115  (opened on first error)
+                        errors_file = open(errors_path, "wb")  # noqa: SIM115  (opened on first error)
                     errors_file.write(line)
                     counts[1] += 1
     finally:

@@ -1,0 +1,221 @@
+"""BatchRegistry: OpenAI Batch objects, each one a harvest job.
+
+`create` runs the same submission as `harvest submit` over the stored input file (one
+translator, two passes, nothing half-made), checking besides that each line's `url` is
+the batch's endpoint. The batch's own fields (input file, endpoint, window, output
+files) live in the job's hash under `batch_*` names, so they expire and purge with the
+job; `<prefix>:batches` lists the jobs made here, newest first.
+
+Output and error files are written by the first read (GET, list) that finds the job
+closed (completed, expired, cancelled), not by the worker that closes it: a job also
+closes with no worker at all (a cancel with nothing leased, a sweep that expires it),
+and the queue layer knows nothing of files. A claim key with a TTL makes the write
+happen once across API replicas; until its files exist a closed batch reads as
+`finalizing` (`cancelling` for a cancelled one), as OpenAI's does while it writes them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from harvest.batch.files import FileRecord, FileRegistry, Upload
+from harvest.queue.config import JobOptions
+from harvest.queue.errors import InvalidInputError
+from harvest.queue.inputs import URLS, InputError, RequestSpec
+from harvest.queue.models import Job, JobStatus
+from harvest.queue.outputs import batch_jsonl_lines, iter_results
+from harvest.queue.store import JobStore
+from harvest.queue.submit import Source, file_source, submit
+
+CLOSED = (JobStatus.COMPLETED, JobStatus.EXPIRED, JobStatus.CANCELLED)  # these get output files
+WRITING_STATUS = {JobStatus.COMPLETED: "finalizing", JobStatus.EXPIRED: "finalizing",
+                  JobStatus.CANCELLED: "cancelling"}  # fmt: skip
+WRITE_CLAIM_S = 600  # a writer that died holding the claim is replaced after this long
+MISMATCHED = "does not match the batch's endpoint"
+
+
+class BatchInputError(ValueError):
+    """The batch cannot be created at all (no job is made): names the offending parameter."""
+
+    def __init__(self, message: str, param: str, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.param = param
+        self.not_found = not_found
+
+
+@dataclass
+class BatchView:
+    """A job read as an OpenAI Batch object (`to_openai`)."""
+
+    job: Job
+    fields: dict[str, str]  # the job hash's batch_* fields, prefix stripped
+    files_pending: bool
+
+    def to_openai(self) -> dict[str, Any]:
+        job, f = self.job, self.fields
+        counts = job.request_counts
+        total, completed, failed = counts.total, counts.completed, counts.failed
+        if "output_completed" in f:  # closed: the files' line counts, unfinished requests as failed
+            completed, failed = int(f["output_completed"]), int(f["output_failed"])
+        status = WRITING_STATUS[job.status] if self.files_pending else job.status.value
+        errors = None
+        if job.status is JobStatus.FAILED:
+            errors = {"object": "list", "data": [_batch_error(e) for e in job.errors]}
+        return {
+            "id": job.id, "object": "batch", "endpoint": f["endpoint"], "errors": errors,
+            "input_file_id": f["input_file_id"], "completion_window": f["completion_window"],
+            "status": status, "output_file_id": f.get("output_file_id") or None,
+            "error_file_id": f.get("error_file_id") or None, "created_at": _ts(job.created_at),
+            "in_progress_at": _ts(job.in_progress_at), "expires_at": _ts(job.expires_at),
+            "finalizing_at": _ts(job.finalizing_at), "completed_at": _ts(job.completed_at),
+            "failed_at": _ts(job.failed_at), "expired_at": _ts(job.expired_at),
+            "cancelling_at": _ts(job.cancelling_at), "cancelled_at": _ts(job.cancelled_at),
+            "request_counts": {"total": total, "completed": completed, "failed": failed},
+            "metadata": job.metadata or None, "model": job.model or None,
+        }  # fmt: skip
+
+
+def _ts(seconds: float | None) -> int | None:
+    return int(seconds) if seconds is not None else None
+
+
+def _batch_error(error: dict[str, Any]) -> dict[str, Any]:
+    """A stored validation error (InputError.to_dict) as OpenAI's BatchError."""
+    message = error.get("message", "")
+    if message.startswith("malformed JSON"):
+        code, param = "invalid_json_line", None
+    elif MISMATCHED in message:
+        code, param = "mismatched_endpoint", "url"
+    elif message.startswith("duplicate custom_id") or message.startswith("custom_id"):
+        code, param = "invalid_custom_id", "custom_id"
+    elif error.get("line", 0) == 0:
+        code, param = "invalid_file", "input_file_id"
+    else:
+        code, param = "invalid_request", None
+    return {"code": code, "line": error.get("line") or None, "message": message, "param": param}
+
+
+def for_endpoint(source: Source, endpoint: str) -> Source:
+    """`source` with every request whose url is not `endpoint` turned into that line's error."""
+
+    def items() -> Iterator[tuple[int, RequestSpec | InputError]]:
+        for line, item in source():
+            if isinstance(item, RequestSpec) and item.url != endpoint:
+                why = f"url {item.url!r} {MISMATCHED} {endpoint!r}"
+                item = InputError(line, why, item.custom_id)
+            yield line, item
+
+    return items
+
+
+class BatchRegistry:
+    """The Batches API's verbs over a JobStore and the FileRegistry holding their files."""
+
+    def __init__(self, store: JobStore, files: FileRegistry) -> None:
+        self.store = store
+        self.files = files
+        self.index = f"{store.prefix}:batches"
+
+    def create(self, input_file_id: str, endpoint: str, completion_window: str, window_s: float,
+               metadata: dict[str, str] | None, model: str) -> BatchView:  # fmt: skip
+        """Validate and queue the file's requests as a job (blocking: call it from a thread).
+        A file with bad lines gives a `failed` batch naming them; BatchInputError when there is
+        nothing to make a batch of."""
+        if endpoint not in URLS:
+            raise BatchInputError(f"endpoint must be one of {', '.join(URLS)}, got {endpoint!r}", "endpoint")
+        record = self.files.get(input_file_id)
+        if record is None:
+            raise BatchInputError(f"No such File object: {input_file_id}", "input_file_id", not_found=True)
+        if record.purpose != "batch":
+            raise BatchInputError(f"File {input_file_id} has purpose {record.purpose!r}, not 'batch'",
+                                  "input_file_id")  # fmt: skip
+        options = JobOptions(name=record.filename, model=model, metadata=metadata or {},
+                             completion_window_s=window_s)  # fmt: skip
+        with self.files.store.local_path(record.key) as path:
+            source = for_endpoint(file_source(path, {}), endpoint)
+            try:
+                job_id = submit(self.store, source, options)
+            except InvalidInputError as exc:
+                if exc.job_id is None:
+                    raise BatchInputError(str(exc), "input_file_id") from None
+                job_id = exc.job_id  # failed, with its errors on the record
+        fields = {"batch_input_file_id": input_file_id, "batch_endpoint": endpoint,
+                  "batch_completion_window": completion_window}  # fmt: skip
+        self.store.r.hset(self.store.job_key(job_id), mapping=fields)
+        self.store.r.zadd(self.index, {job_id: time.time()})
+        view = self.get(job_id)
+        assert view is not None
+        return view
+
+    def get(self, batch_id: str, sweep: bool = True) -> BatchView | None:
+        """The batch, its files written if it just closed; None if no batch has this id."""
+        if sweep:  # so that a batch past its window reads as expired with no worker alive
+            self.store.sweep()
+        h = self.store.r.hgetall(self.store.job_key(batch_id))
+        if "batch_endpoint" not in h:
+            return None
+        job = Job.from_hash(h)
+        if job.status in CLOSED and "batch_files" not in h and self._write_files(job):
+            h = self.store.r.hgetall(self.store.job_key(batch_id))
+        fields = {k.removeprefix("batch_"): v for k, v in h.items() if k.startswith("batch_")}
+        return BatchView(job, fields, job.status in CLOSED and "files" not in fields)
+
+    def list(self, limit: int = 20, after: str | None = None) -> tuple[list[BatchView], bool]:
+        """A page of batches, newest first, after the id `after`; and whether more follow."""
+        start = 0
+        if after is not None:
+            rank = self.store.r.zrevrank(self.index, after)
+            if rank is None:
+                return [], False
+            start = rank + 1
+        self.store.sweep()
+        views: list[BatchView] = []
+        for batch_id in self.store.r.zrevrange(self.index, start, -1):
+            view = self.get(batch_id, sweep=False)
+            if view is None:  # its job expired (job TTL) or was purged
+                self.store.r.zrem(self.index, batch_id)
+                continue
+            if len(views) == limit:
+                return views, True
+            views.append(view)
+        return views, False
+
+    def cancel(self, batch_id: str) -> BatchView | None:
+        if self.get(batch_id, sweep=False) is None:
+            return None
+        self.store.cancel(batch_id)
+        return self.get(batch_id)
+
+    def _write_files(self, job: Job) -> bool:
+        """Write the closed job's output and error files once; False if another reader holds the
+        claim (its files are on their way)."""
+        key = self.store.job_key(job.id)
+        claim = uuid.uuid4().hex
+        if not self.store.r.set(f"{key}:batch_writing", claim, nx=True, ex=WRITE_CLAIM_S):
+            return False
+        uploads: dict[bool, Upload] = {}
+        counts = {True: 0, False: 0}
+        try:
+            for ok, line in batch_jsonl_lines(iter_results(self.store, job.id), job.model or "harvest"):
+                if ok not in uploads:
+                    name = f"{job.id}_{'output' if ok else 'error'}.jsonl"
+                    uploads[ok] = self.files.start(name, "batch_output", limited=False)
+                uploads[ok].write(line)
+                counts[ok] += 1
+            records: dict[bool, FileRecord] = {ok: upload.commit() for ok, upload in uploads.items()}
+        except BaseException:
+            for upload in uploads.values():
+                upload.abort()
+            self.store.r.delete(f"{key}:batch_writing")
+            raise
+        self.store.r.hset(key, mapping={
+            "batch_output_file_id": records[True].id if True in records else "",
+            "batch_error_file_id": records[False].id if False in records else "",
+            "batch_output_completed": counts[True], "batch_output_failed": counts[False], "batch_files": 1,
+        })  # fmt: skip
+        self.store.r.delete(f"{key}:batch_writing")  # batch_files now says it is done
+        return True

@@ -1,0 +1,139 @@
+"""FileRegistry: OpenAI File objects, their records in Redis and their bytes in a FileStore.
+
+A file is two things written in order: its bytes under `<id>.jsonl` in the store, then
+its record (`<prefix>:file:<id>`, a hash, and `<prefix>:files`, ids by creation time).
+A record therefore always names bytes that are whole; an upload that fails or runs past
+the size limit deletes what it wrote and records nothing. Deleting goes the other way
+round (record first), so a file is never listed without its bytes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from harvest.batch.filestore import FileStore
+
+DEFAULT_MAX_FILE_BYTES = 200 * 1000 * 1000  # OpenAI's limit for a batch input file
+UPLOAD_PURPOSES = ("batch",)  # what clients upload; harvest itself writes "batch_output"
+PURPOSES = (*UPLOAD_PURPOSES, "batch_output")
+
+
+class FileTooLarge(ValueError):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"The file is larger than the limit of {max_bytes} bytes.")
+        self.max_bytes = max_bytes
+
+
+@dataclass
+class FileRecord:
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+
+    @property
+    def key(self) -> str:
+        """Its name in the FileStore: .jsonl, so the batch readers take it as a batch file."""
+        return f"{self.id}.jsonl"
+
+    def to_openai(self) -> dict[str, Any]:
+        return {**asdict(self), "object": "file", "expires_at": None, "status_details": None}
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> FileRecord:
+        return cls(h["id"], int(h["bytes"]), int(h["created_at"]), h["filename"], h["purpose"], h["status"])
+
+
+class Upload:
+    """One file being written: `write` chunks, then `commit` (recorded) or `abort` (nothing left)."""
+
+    def __init__(self, registry: FileRegistry, filename: str, purpose: str, max_bytes: int | None) -> None:
+        self.registry = registry
+        self.id = f"file-{uuid.uuid4().hex[:24]}"
+        self.filename = filename
+        self.purpose = purpose
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._out = registry.store.writer(f"{self.id}.jsonl")
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            self.abort()
+            raise FileTooLarge(self.max_bytes)
+        self._out.write(data)
+
+    def commit(self, purpose: str | None = None) -> FileRecord:
+        """Close the bytes and record the file (with `purpose`, when it was only known at the end)."""
+        self._out.close()
+        record = FileRecord(self.id, self.size, int(time.time()), self.filename, purpose or self.purpose)
+        self.registry.record(record)
+        return record
+
+    def abort(self) -> None:
+        if not self._out.closed:
+            self._out.close()
+        self.registry.store.delete(f"{self.id}.jsonl")
+
+
+class FileRegistry:
+    """The Files API's state: records in `client` under `prefix`, bytes in `store`."""
+
+    def __init__(self, client: redis.Redis, store: FileStore, prefix: str = "harvest",
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:  # fmt: skip
+        self.r = client
+        self.store = store
+        self.prefix = prefix
+        self.max_file_bytes = max_file_bytes
+
+    def _key(self, file_id: str) -> str:
+        return f"{self.prefix}:file:{file_id}"
+
+    def start(self, filename: str, purpose: str = "batch", limited: bool = True) -> Upload:
+        """A new file to write; `limited`: refuse it past `max_file_bytes` (uploads, not outputs)."""
+        return Upload(self, filename, purpose, self.max_file_bytes if limited else None)
+
+    def record(self, record: FileRecord) -> None:
+        with self.r.pipeline() as pipe:  # MULTI: a file is listed exactly when its record exists
+            pipe.hset(self._key(record.id), mapping=asdict(record))
+            pipe.zadd(f"{self.prefix}:files", {record.id: time.time()})
+            pipe.execute()
+
+    def get(self, file_id: str) -> FileRecord | None:
+        h = self.r.hgetall(self._key(file_id))
+        return FileRecord.from_hash(h) if h else None
+
+    def list(
+        self, purpose: str | None = None, limit: int = 10000, after: str | None = None, order: str = "desc"
+    ) -> tuple[list[FileRecord], bool]:
+        """A page of files (newest first for `desc`) after the id `after`; and whether more follow."""
+        index = f"{self.prefix}:files"
+        ids = self.r.zrevrange(index, 0, -1) if order == "desc" else self.r.zrange(index, 0, -1)
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        records: list[FileRecord] = []
+        for file_id in ids:
+            record = self.get(file_id)
+            if record is None or (purpose is not None and record.purpose != purpose):
+                continue
+            if len(records) == limit:
+                return records, True
+            records.append(record)
+        return records, False
+
+    def delete(self, file_id: str) -> bool:
+        """Forget the file, then drop its bytes; False if there was no such file."""
+        with self.r.pipeline() as pipe:
+            pipe.delete(self._key(file_id))
+            pipe.zrem(f"{self.prefix}:files", file_id)
+            existed, _ = pipe.execute()
+        if existed:
+            self.store.delete(f"{file_id}.jsonl")
+        return bool(existed)
