@@ -191,3 +191,19 @@ def test_the_serve_builder_starts_the_controller_and_returns_the_workers_app(
         assert config["api_key"] == "***" and config["num_workers"] == 1
     finally:
         ray.kill(controller, no_restart=True)
+
+
+def test_every_config_in_the_deploy_guide_is_valid():
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "DEPLOY.md").read_text()
+    configs = []
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        data = yaml.safe_load(block)
+        if "spec" in data:  # a RayService: its serveConfigV2 is Serve's config, as a string
+            data = yaml.safe_load(data["spec"]["serveConfigV2"])
+        apps = data.get("applications")
+        configs += [a["args"] for a in apps if a["import_path"] == "harvest.deploy:app"] if apps else [data]
+    assert len(configs) == 3
+    for args in configs:
+        build_config(args)  # raises ConfigError naming the key
