@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from harvest.config import HarvestConfig
 
 console = Console()
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _flags(**flags: Any) -> dict[str, Any]:
@@ -104,14 +105,20 @@ def up(
     config = _effective_config(config_file, flags)
     try:
         api_key = config.resolved_api_key()
-        names = config.model_names()
-        if config.model is not None:  # a Hub id is fetched here, once, before anything starts
+    except ConfigError as exc:
+        console.print(f"[red]bad configuration[/]: {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if api_key is None and config.host not in LOOPBACK:
+        console.print(f"[bold red]WARNING: listening on {config.host} with no API key[/]: anyone who "
+                      "can reach this port can use the model; set --api-key-file")  # fmt: skip
+    names = config.model_names()
+    if config.model is not None:  # a Hub id is fetched here, once, before anything starts
+        try:
             with console.status(f"finding {config.model}..."):
                 resolve_model(config.model)
-    except (ConfigError, ModelUnavailable) as exc:
-        console.print(f"[red]--model {config.model}[/]: {exc}" if isinstance(exc, ModelUnavailable) else
-                      f"[red]bad configuration[/]: {exc}")  # fmt: skip
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        except ModelUnavailable as exc:
+            console.print(f"[red]--model {config.model}[/]: {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
     redis_url = redis_url_of(config)
     if redis_url is None:
         with console.status("starting the embedded Redis..."):
@@ -141,9 +148,6 @@ def up(
     model_name = names[0]
     console.print(f"[green]harvest is up[/]: {len(snapshot['workers'])} worker(s), model {model_name!r}")
     console.print(f"  endpoint  {base}/v1   (OpenAI-compatible)   redis {redact_url(redis_url)}")
-    if api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[bold red]warning[/]: listening on {config.host} with no API key: anyone who can "
-                      "reach this port can use the model (set --api-key or --api-key-file)")  # fmt: skip
     console.print("next:")
     console.print(
         f"  curl {base}/v1/completions -H 'Content-Type: application/json' "
@@ -195,14 +199,18 @@ def config_show(
 @app.command()
 def down(
     address: str = typer.Option("auto", "--address", help="Ray address of the service."),
-    keep_ray: bool = typer.Option(False, "--keep-ray", help="Leave the local Ray running."),
+    keep_ray: bool = typer.Option(
+        False, "--keep-ray", help="Leave the local Ray running (if `up` started it)."
+    ),
     keep_redis: bool = typer.Option(False, "--keep-redis", help="Leave the embedded Redis running."),
 ) -> None:
     """Stop what `harvest up` started (leased shards go back to the queue)."""
     from harvest import local_redis, service
 
+    running = False
     try:
         service.connect(address)
+        running = True
         service.stop()
         console.print("service stopped")
         import ray
@@ -211,7 +219,10 @@ def down(
     except ConnectionError:
         console.print("no Ray cluster running")
     if not keep_ray:
-        subprocess.run(["ray", "stop"], capture_output=True)
+        if service.stop_local_ray():
+            console.print("the local Ray that `harvest up` started is stopped")
+        elif running:
+            console.print("Ray left running: `harvest up` did not start it (`ray stop` stops it)")
     if not keep_redis and "HARVEST_REDIS_URL" not in os.environ and local_redis.stop():
         console.print("embedded Redis stopped (its data stays in the data dir)")
 
