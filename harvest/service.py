@@ -90,7 +90,7 @@ def use_serve_env(private_ports: bool = False) -> None:
 
 
 def start_local_ray(num_cpus: int | None = None) -> bool:
-    """A local Ray head that outlives this process, every port on loopback; no-op if one runs.
+    """A local Ray head that outlives this process, on the loopback address; no-op if one runs.
 
     True if it was started here: then its session is recorded in the data dir and
     `harvest down` stops it; a Ray that was running already (`ray start`, a cluster) is left."""
@@ -105,7 +105,10 @@ def start_local_ray(num_cpus: int | None = None) -> bool:
         "--port",
         str(LOCAL_RAY_PORT),
         "--node-ip-address",
-        "127.0.0.1",  # a laptop's Ray is not for the network: the dashboard runs arbitrary jobs
+        # the head advertises loopback, and the dashboard (it runs arbitrary jobs) listens only
+        # there. Not enough by itself: in Ray 2.60 the GCS, the raylet and the dashboard agent
+        # still listen on every interface (checked with `ss -ltnp`); a firewall must close them.
+        "127.0.0.1",
         "--disable-usage-stats",
         "--dashboard-host",
         "127.0.0.1",
