@@ -132,6 +132,29 @@ def test_the_config_reaches_the_engine_and_the_service(tmp_path, tiny_model):
     assert build_config({"model": str(tiny_model)}).model_names() == ["harvest"]  # a directory: as before
 
 
+def test_serve_run_string_args_are_coerced_like_the_file():
+    """`serve run harvest.deploy:app workers=2 ...` hands every value over as a string."""
+    config = build_config({"model": "org/name", "workers": "2", "kv_cache_memory": "0.8",
+                           "served_model_name": "chat", "slo_tpot_ms": "40", "port": "8001"})  # fmt: skip
+    assert (config.workers, config.kv_cache_memory, config.served_model_name) == (2, 0.8, ["chat"])
+    assert config.engine_options()["slo"] == {"ttft_s": 1.0, "tpot_s": 0.04}
+
+
+def test_an_engine_built_from_the_config_options_has_what_was_asked(tiny_model):
+    from harvest.engine import Engine
+    from harvest.engine.model_runner import DTYPES, load_shape
+
+    config = build_config({"model": str(tiny_model), "kv_cache_memory": "64KiB", "max_model_len": 96,
+                           "policy": "priority-recompute", "slo_ttft_ms": 300})  # fmt: skip
+    engine = Engine.from_pretrained(
+        config.model, profile_latency=False, block_size=4, **config.engine_options()
+    )
+    block_bytes = load_shape(str(tiny_model)).block_bytes(4, DTYPES["float32"])
+    assert engine.block_manager.num_blocks == 64 * 2**10 // block_bytes
+    assert engine.max_model_len == 96 and engine.config.dtype == "float32"
+    assert engine.policy.value == "priority-recompute" and engine.scheduler.config.slo.ttft_s == 0.3
+
+
 def test_every_served_name_is_accepted(tiny_model):
     served = serve_app(tiny_model, ["first", "second"])
     try:

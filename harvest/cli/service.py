@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # errors quote user input, such as ORG/NAME[@REVISION] or paths
 from rich.table import Table
 
 from harvest.cli.app import app
@@ -34,14 +35,16 @@ def _effective_config(config_file: Path | None, flags: dict[str, Any]) -> Harves
     try:
         return load_config(config_file, flags)
     except ConfigError as exc:
-        console.print(f"[red]bad configuration[/]: {exc}")
+        console.print(f"[red]bad configuration[/]: {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 # the options `up` and `config show` share: every key of harvest/config.py's HarvestConfig
 ConfigFile = typer.Option(None, "--config", help="YAML file of these options (flags override it).")
 ModelOpt = typer.Option(
-    None, "--model", help="Local HF model dir or Hub id ORG/NAME[@REVISION]; default: the tiny demo model."
+    None,
+    "--model",
+    help="Local HF model dir, or Hub id ORG/NAME or ORG/NAME@REVISION; default: the tiny demo model.",
 )
 ServedNames = typer.Option(
     None, "--served-model-name", "--model-name",
@@ -106,7 +109,7 @@ def up(
     try:
         api_key = config.resolved_api_key()
     except ConfigError as exc:
-        console.print(f"[red]bad configuration[/]: {exc}")
+        console.print(f"[red]bad configuration[/]: {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if api_key is None and config.host not in LOOPBACK:
         console.print(f"[bold red]WARNING: listening on {config.host} with no API key[/]: anyone who "
@@ -117,7 +120,7 @@ def up(
             with console.status(f"finding {config.model}..."):
                 resolve_model(config.model)
         except ModelUnavailable as exc:
-            console.print(f"[red]--model {config.model}[/]: {exc}")
+            console.print(f"[red]--model[/] {escape(str(exc))}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
     redis_url = redis_url_of(config)
     if redis_url is None:

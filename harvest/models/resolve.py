@@ -91,11 +91,13 @@ def resolve_model(spec: str | Path) -> Path:
                                  local_files_only=True)  # fmt: skip
     except LocalEntryNotFoundError:
         if hub_offline():
+            download = f"HF_HUB_CACHE={cache} hf download {source.repo_id}" + (
+                f" --revision {source.revision}" if source.revision else ""
+            )
             raise ModelUnavailable(
                 f"{source.repo_id}{at} is not in the Hugging Face cache ({where} is missing or has no "
                 f"snapshot for that revision) and HF_HUB_OFFLINE=1 forbids a download: fetch it where "
-                f"the Hub is reachable (`hf download {source.repo_id}` with HF_HUB_CACHE={cache}) or "
-                f"unset HF_HUB_OFFLINE"
+                f"the Hub is reachable (`{download}`) or unset HF_HUB_OFFLINE"
             ) from None
         try:
             path = snapshot_download(source.repo_id, revision=source.revision, cache_dir=cache,
