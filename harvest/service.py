@@ -90,7 +90,7 @@ def use_serve_env(private_ports: bool = False) -> None:
 
 
 def start_local_ray(num_cpus: int | None = None) -> bool:
-    """A local Ray head that outlives this process, on the loopback address; no-op if one runs.
+    """A local Ray head that outlives this process; no-op if one runs.
 
     True if it was started here: then its session is recorded in the data dir and
     `harvest down` stops it; a Ray that was running already (`ray start`, a cluster) is left."""
@@ -104,15 +104,14 @@ def start_local_ray(num_cpus: int | None = None) -> bool:
         "--head",
         "--port",
         str(LOCAL_RAY_PORT),
-        "--node-ip-address",
-        # the head advertises loopback, and the dashboard (it runs arbitrary jobs) listens only
-        # there. Not enough by itself: in Ray 2.60 the GCS, the raylet and the dashboard agent
-        # still listen on every interface (checked with `ss -ltnp`); a firewall must close them.
-        "127.0.0.1",
         "--disable-usage-stats",
         "--dashboard-host",
-        "127.0.0.1",
+        "127.0.0.1",  # the dashboard runs arbitrary jobs: loopback only
     ]
+    # No `--node-ip-address 127.0.0.1`: Ray 2.60 replaces a loopback node address with the
+    # machine's reachable IP (services.resolve_ip_for_localhost), and with it given, the GCS,
+    # raylet and dashboard agent still listened on every interface (`ss -ltnp`). What guards
+    # those ports is Ray's token authentication, which `ray start` 2.60 turns on by default.
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     use_serve_env()
