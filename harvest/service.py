@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 
 from controller.controller import CONTROLLER_NAME, NAMESPACE, controller_actor
 from harvest.config import HarvestConfig
-from harvest.paths import ray_started_marker
 
 
 @dataclass
@@ -47,8 +43,6 @@ class ServiceConfig:
 
 
 APP_NAME = "harvest"
-LOCAL_RAY_PORT = 6385  # not Ray's default 6379, which a local Redis usually holds
-RAY_TMP = Path("/tmp/ray")  # where `ray start` keeps its sessions
 # Serve's HAProxy front end with direct ingress: HTTP goes HAProxy -> a worker replica's
 # own server, skipping Serve's Python proxy and its RPC hop to the replica (on the 2-core
 # CPU box: 27 -> 17 ms TTFT for a lone request, end-to-end SLO attainment 0.88 -> 0.97).
@@ -87,62 +81,6 @@ def use_serve_env(private_ports: bool = False) -> None:
 
         for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
             os.environ.setdefault(key, str(free_port()))
-
-
-def start_local_ray(num_cpus: int | None = None) -> bool:
-    """A local Ray head that outlives this process; no-op if one runs.
-
-    True if it was started here: then its session is recorded in the data dir and
-    `harvest down` stops it; a Ray that was running already (`ray start`, a cluster) is left."""
-    if shutil.which("ray") is None:
-        raise RuntimeError("the `ray` command is missing: install harvest's dependencies")
-    if subprocess.run(["ray", "status"], capture_output=True).returncode == 0:
-        return False
-    cmd = [
-        "ray",
-        "start",
-        "--head",
-        "--port",
-        str(LOCAL_RAY_PORT),
-        "--disable-usage-stats",
-        "--dashboard-host",
-        "127.0.0.1",  # the dashboard runs arbitrary jobs: loopback only
-    ]
-    # No `--node-ip-address 127.0.0.1`: Ray 2.60 replaces a loopback node address with the
-    # machine's reachable IP (services.resolve_ip_for_localhost), and with it given, the GCS,
-    # raylet and dashboard agent still listened on every interface (`ss -ltnp`). What guards
-    # those ports is Ray's token authentication, which `ray start` 2.60 turns on by default.
-    if num_cpus is not None:
-        cmd += ["--num-cpus", str(num_cpus)]
-    use_serve_env()
-    subprocess.run(cmd, check=True, capture_output=True)
-    marker = ray_started_marker()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(ray_session() or "")
-    return True
-
-
-def ray_session() -> str | None:
-    """The latest Ray session on this machine (its directory under /tmp/ray), None if none."""
-    latest = RAY_TMP / "session_latest"
-    return latest.resolve().name if latest.is_symlink() else None
-
-
-def started_ray_here(session: str | None) -> bool:
-    """Whether `harvest up` started the Ray whose session is `session` (and so `down` stops it).
-    A marker left from an earlier Ray (stopped by hand, another one started since) says no."""
-    marker = ray_started_marker()
-    return marker.is_file() and session is not None and marker.read_text().strip() == session
-
-
-def stop_local_ray() -> bool:
-    """`ray stop` (which stops every Ray on the machine) only if `harvest up` started the Ray
-    running here; True if it did. A stale marker is dropped either way."""
-    started = started_ray_here(ray_session())
-    if started:
-        subprocess.run(["ray", "stop"], capture_output=True)
-    ray_started_marker().unlink(missing_ok=True)
-    return started
 
 
 def service_config(config: HarvestConfig, model: str, redis_url: str) -> ServiceConfig:

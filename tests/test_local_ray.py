@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from harvest import service
+from harvest import local_ray
 from harvest.cli import app
 from harvest.cli.jobs import EXIT_BAD_INPUT
 from harvest.paths import ray_started_marker
@@ -36,23 +36,23 @@ def record_started(session: str) -> None:
 
 def test_down_leaves_a_ray_it_did_not_start_running(ray_cluster, data_dir):
     """The tests' own Ray (ray.init, as a `ray start` cluster would be) has no marker: it stays."""
-    assert service.ray_session() is not None
-    assert service.stop_local_ray() is False
+    assert local_ray.session() is not None
+    assert local_ray.stop() is False
     assert ray_cluster.cluster_resources()["CPU"] >= 1  # still answering
     record_started("session_2020-01-01_00-00-00_000000_1")  # an earlier `up`'s Ray, since stopped
-    assert service.stop_local_ray() is False
+    assert local_ray.stop() is False
     assert not ray_started_marker().exists()  # the stale marker is gone
     assert ray_cluster.cluster_resources()["CPU"] >= 1
 
 
 def test_down_stops_the_ray_that_up_started_and_only_that_session(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setattr(service, "RAY_TMP", fake_ray_sessions(tmp_path / "ray", "session_a"))
-    assert service.ray_session() == "session_a"
-    assert not service.started_ray_here("session_a")  # no marker: not ours
+    monkeypatch.setattr(local_ray, "RAY_TMP", fake_ray_sessions(tmp_path / "ray", "session_a"))
+    assert local_ray.session() == "session_a"
+    assert not local_ray.started_here("session_a")  # no marker: not ours
     record_started("session_a")
-    assert service.started_ray_here(service.ray_session())
+    assert local_ray.started_here(local_ray.session())
     fake_ray_sessions(tmp_path / "ray", "session_b")  # someone started another Ray since
-    assert not service.started_ray_here(service.ray_session())
+    assert not local_ray.started_here(local_ray.session())
 
 
 def test_up_on_a_public_interface_without_an_api_key_warns_before_anything_starts(tmp_path, data_dir):

@@ -94,7 +94,7 @@ def up(
 ) -> None:
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
-    from harvest import local_redis, service
+    from harvest import local_ray, local_redis, service
     from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.config import ConfigError, redis_url_of
     from harvest.models.resolve import ModelUnavailable, resolve_model
@@ -134,7 +134,7 @@ def up(
     if address is None:
         with console.status("starting a local Ray..."):
             try:
-                service.start_local_ray()
+                local_ray.start()
             except subprocess.CalledProcessError as exc:
                 console.print(f"[red]could not start Ray[/]:\n{(exc.stderr or b'').decode()[-2000:]}")
                 raise typer.Exit(1) from None
@@ -208,7 +208,7 @@ def down(
     keep_redis: bool = typer.Option(False, "--keep-redis", help="Leave the embedded Redis running."),
 ) -> None:
     """Stop what `harvest up` started (leased shards go back to the queue)."""
-    from harvest import local_redis, service
+    from harvest import local_ray, local_redis, service
 
     running = False
     try:
@@ -222,7 +222,7 @@ def down(
     except ConnectionError:
         console.print("no Ray cluster running")
     if not keep_ray:
-        if service.stop_local_ray():
+        if local_ray.stop():
             console.print("the local Ray that `harvest up` started is stopped")
         elif running:
             console.print("Ray left running: `harvest up` did not start it (`ray stop` stops it)")
