@@ -214,7 +214,7 @@ class WorkerBackend(LocalBackend):
     def __init__(
         self,
         worker: GPUWorker,
-        model_name: str,
+        model_name: str | list[str],
         max_pending: int | None = None,
         typical_request_tokens: int = 512,
     ) -> None:
@@ -300,7 +300,7 @@ def worker_application(config: dict[str, Any], num_replicas: int, use_gpu: bool)
             replica = serve.get_replica_context().replica_id.unique_id
             self.worker = GPUWorker(f"{WORKER_DEPLOYMENT}-{replica}", config["model"], config["redis_url"],
                                     config.get("engine_options"), config.get("queue_options"))  # fmt: skip
-            _host(WorkerBackend(self.worker, config["model_name"]))
+            _host(WorkerBackend(self.worker, [config["model_name"], *config.get("model_aliases", [])]))
             self.worker.start_heartbeats(config.get("monitor_period_s", 0.25))
 
         def check_health(self) -> None:  # Serve replaces a replica whose check raises

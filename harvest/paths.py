@@ -23,3 +23,9 @@ def ensure_default_model(train_seconds: float = 60.0) -> Path:
 
         make_tiny(path, "llama", hidden=128, layers=4, train_seconds=train_seconds)
     return path
+
+
+def ray_started_marker() -> Path:
+    """Written by `harvest up` when it starts the local Ray head (it holds that Ray's session),
+    so that `harvest down` stops only a Ray that `up` started."""
+    return data_dir() / "ray-started-by-harvest"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import ray
 
 from controller.controller import CONTROLLER_NAME, NAMESPACE, controller_actor
+from harvest.config import HarvestConfig
 
 
 @dataclass
@@ -24,6 +23,7 @@ class ServiceConfig:
     model: str
     redis_url: str = field(repr=False)  # may hold a password: kept out of reprs and logs
     model_name: str = "harvest"
+    model_aliases: list[str] = field(default_factory=list)  # more names clients may pass as `model`
     num_workers: int | None = None  # None: one per GPU, or one CPU worker
     port: int = 8000
     host: str = "127.0.0.1"
@@ -43,7 +43,6 @@ class ServiceConfig:
 
 
 APP_NAME = "harvest"
-LOCAL_RAY_PORT = 6385  # not Ray's default 6379, which a local Redis usually holds
 # Serve's HAProxy front end with direct ingress: HTTP goes HAProxy -> a worker replica's
 # own server, skipping Serve's Python proxy and its RPC hop to the replica (on the 2-core
 # CPU box: 27 -> 17 ms TTFT for a lone request, end-to-end SLO attainment 0.88 -> 0.97).
@@ -84,26 +83,21 @@ def use_serve_env(private_ports: bool = False) -> None:
             os.environ.setdefault(key, str(free_port()))
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """A local Ray head that outlives this process (`harvest down` stops it); no-op if one runs."""
-    if shutil.which("ray") is None:
-        raise RuntimeError("the `ray` command is missing: install harvest's dependencies")
-    if subprocess.run(["ray", "status"], capture_output=True).returncode == 0:
-        return
-    cmd = [
-        "ray",
-        "start",
-        "--head",
-        "--port",
-        str(LOCAL_RAY_PORT),
-        "--disable-usage-stats",
-        "--dashboard-host",
-        "127.0.0.1",
-    ]
-    if num_cpus is not None:
-        cmd += ["--num-cpus", str(num_cpus)]
-    use_serve_env()
-    subprocess.run(cmd, check=True, capture_output=True)
+def service_config(config: HarvestConfig, model: str, redis_url: str) -> ServiceConfig:
+    """The service's settings from the user-facing config (`model`: what the workers load)."""
+    first, *aliases = config.model_names()
+    return ServiceConfig(
+        model=model,
+        redis_url=redis_url,
+        model_name=first,
+        model_aliases=aliases,
+        num_workers=config.workers,
+        port=config.port,
+        host=config.host,
+        api_key=config.resolved_api_key(),
+        engine_options=config.engine_options(),
+        job_ttl_s=config.job_ttl_s,
+    )
 
 
 def connect(address: str | None) -> None:
@@ -111,10 +105,10 @@ def connect(address: str | None) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="error")
 
 
-def start(config: ServiceConfig, ready_timeout_s: float = 300.0) -> dict[str, Any]:
-    """Start (or find running) the controller, then the workers as a Serve app. Ray must be up."""
-    from ray import serve
-
+def application(config: ServiceConfig) -> Any:
+    """The workers' Serve application for `config`, with the controller they report to started
+    (or found running). Ray must be up. `start` runs it; `harvest.deploy:app` hands it to
+    `serve run` / `serve deploy` / a KubeRay RayService."""
     from actors.gpu_worker import worker_application
 
     if config.job_ttl_s is not None:  # kept in Redis, so every process retires jobs alike
@@ -124,15 +118,20 @@ def start(config: ServiceConfig, ready_timeout_s: float = 300.0) -> dict[str, An
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = config.num_workers or max(1, gpus)
     settings = {**asdict(config), "num_workers": workers, "use_gpu": gpus > 0}
-    controller = (
-        controller_actor()
-        .options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
-        .remote(settings)
-    )
+    controller_actor().options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(settings)
+    return worker_application(settings, workers, gpus > 0)
+
+
+def start(config: ServiceConfig, ready_timeout_s: float = 300.0) -> dict[str, Any]:
+    """Start (or find running) the controller, then the workers as a Serve app. Ray must be up."""
+    from ray import serve
+
+    workers_app = application(config)
+    controller = controller_handle()  # named actors are registered when created: no race
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(
-        worker_application(settings, workers, gpus > 0), name=APP_NAME, route_prefix="/", blocking=False
-    )
+    serve.run(workers_app, name=APP_NAME, route_prefix="/", blocking=False)
     deadline = time.monotonic() + ready_timeout_s
     while not ray.get(controller.ready.remote()):
         app = serve.status().applications.get(APP_NAME)

@@ -22,13 +22,14 @@ class LocalBackend:
     def __init__(
         self,
         loop: EngineLoop,
-        model_name: str,
+        model_name: str | list[str],  # several: any of them may be passed as `model`
         *,
         max_pending: int | None = None,
         max_stall_s: float = 30.0,
     ) -> None:
         self.loop = loop
-        self.model_name = model_name
+        self.names = [model_name] if isinstance(model_name, str) else list(model_name)
+        self.model_name = self.names[0]
         self.max_pending = max_pending
         self.max_stall_s = max_stall_s
 
@@ -43,7 +44,7 @@ class LocalBackend:
         return min(engine.max_model_len, engine.capacity_tokens)
 
     def model_names(self) -> list[str]:
-        return [self.model_name]
+        return list(self.names)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str

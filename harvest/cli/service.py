@@ -6,88 +6,149 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # errors quote user input, such as ORG/NAME[@REVISION] or paths
 from rich.table import Table
 
 from harvest.cli.app import app
 
+if TYPE_CHECKING:
+    from harvest.config import HarvestConfig
+
 console = Console()
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _flags(**flags: Any) -> dict[str, Any]:
+    """The flags a person gave (typer hands the rest as None or [])."""
+    return {key: value for key, value in flags.items() if value not in (None, [])}
+
+
+def _effective_config(config_file: Path | None, flags: dict[str, Any]) -> HarvestConfig:
+    """The file's keys with the flags on top, or exit 3 naming the bad key (and the file)."""
+    from harvest.cli.jobs import EXIT_BAD_INPUT
+    from harvest.config import ConfigError, load_config
+
+    try:
+        return load_config(config_file, flags)
+    except ConfigError as exc:
+        console.print(f"[red]bad configuration[/]: {escape(str(exc))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+# the options `up` and `config show` share: every key of harvest/config.py's HarvestConfig
+ConfigFile = typer.Option(None, "--config", help="YAML file of these options (flags override it).")
+ModelOpt = typer.Option(
+    None,
+    "--model",
+    help="Local HF model dir, or Hub id ORG/NAME or ORG/NAME@REVISION; default: the tiny demo model.",
+)
+ServedNames = typer.Option(
+    None, "--served-model-name", "--model-name",
+    help="Name clients pass as `model` (repeat for several); default: the Hub id, else 'harvest'.",
+)  # fmt: skip
+WorkersOpt = typer.Option(
+    None, "--workers", help="Workers (a Serve replica each); default: one per GPU, or 1."
+)
+DtypeOpt = typer.Option(
+    None, "--dtype", help="auto|bfloat16|float16|float32 (auto: the checkpoint's on CUDA)."
+)
+KVOpt = typer.Option(
+    None, "--kv-cache-memory", help="KV per worker: bytes (2GiB) or a fraction (0.8) of free GPU memory."
+)
+MaxLenOpt = typer.Option(None, "--max-model-len", help="Longest prompt + output; default: the model's.")
+PolicyOpt = typer.Option(None, "--policy", help="harvest|priority-recompute|fcfs|online-only.")
+TTFTOpt = typer.Option(None, "--slo-ttft-ms", help="Online time-to-first-token target (default 1000).")
+TPOTOpt = typer.Option(None, "--slo-tpot-ms", help="Online time-per-output-token target (default 100).")
+PortOpt = typer.Option(None, "--port", help="HTTP port of the OpenAI-compatible endpoint (default 8000).")
+HostOpt = typer.Option(None, "--host", help="Interface to listen on (default 127.0.0.1; 0.0.0.0: all).")
+KeyOpt = typer.Option(None, "--api-key", envvar="HARVEST_API_KEY", help="Require this key.")
+KeyFileOpt = typer.Option(None, "--api-key-file", help="Require the key held in this file.")
+AddressOpt = typer.Option(None, "--address", help="Existing Ray cluster (e.g. auto); none: local.")
+TTLOpt = typer.Option(
+    None, "--job-ttl", help="Keep finished jobs and their results this long (e.g. 7d, 12h); default 7d."
+)
 
 
 @app.command()
 def up(
-    address: str | None = typer.Option(
-        None, "--address", help="Existing Ray cluster (e.g. auto); none: local."
-    ),
-    model: Path | None = typer.Option(
-        None, "--model", help="Local HF model dir; default: the tiny demo model."
-    ),
-    workers: int | None = typer.Option(
-        None, "--workers", help="Workers (a Serve replica each); default: one per GPU (or 1)."
-    ),
-    port: int = typer.Option(8000, "--port", help="HTTP port of the OpenAI-compatible endpoint."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 on a cluster)."),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="HARVEST_API_KEY", help="Require this key."),
-    model_name: str = typer.Option("harvest", "--model-name", help="Name clients pass as `model`."),
-    job_ttl: str | None = typer.Option(
-        None, "--job-ttl", help="Keep finished jobs and their results this long (e.g. 7d, 12h); default 7d."
-    ),
+    config_file: Path | None = ConfigFile,
+    address: str | None = AddressOpt,
+    model: str | None = ModelOpt,
+    served_model_name: list[str] | None = ServedNames,
+    workers: int | None = WorkersOpt,
+    dtype: str | None = DtypeOpt,
+    kv_cache_memory: str | None = KVOpt,
+    max_model_len: int | None = MaxLenOpt,
+    policy: str | None = PolicyOpt,
+    slo_ttft_ms: float | None = TTFTOpt,
+    slo_tpot_ms: float | None = TPOTOpt,
+    port: int | None = PortOpt,
+    host: str | None = HostOpt,
+    api_key: str | None = KeyOpt,
+    api_key_file: Path | None = KeyFileOpt,
+    job_ttl: str | None = TTLOpt,
 ) -> None:
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
-    from harvest import local_redis, service
+    from harvest import local_ray, local_redis, service
     from harvest.cli.jobs import EXIT_BAD_INPUT
-    from harvest.client import parse_window
+    from harvest.config import ConfigError, redis_url_of
+    from harvest.models.resolve import ModelUnavailable, resolve_model
     from harvest.paths import ensure_default_model
     from harvest.redact import redact_url
 
+    flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
+                   dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
+                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
+                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+    config = _effective_config(config_file, flags)
     try:
-        job_ttl_s = parse_window(job_ttl)
-    except ValueError:
-        job_ttl_s = 0.0
-    if job_ttl_s is not None and job_ttl_s <= 0:
-        console.print(
-            f"[red]--job-ttl[/] must be a positive time like 7d, 12h or 3600 (seconds), got {job_ttl!r}"
-        )
-        raise typer.Exit(EXIT_BAD_INPUT)
-    if model is not None and not (model / "config.json").is_file():
-        console.print(f"[red]--model {model}[/]: not a Hugging Face model directory (no config.json)")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    redis_url = os.environ.get("HARVEST_REDIS_URL")
+        api_key = config.resolved_api_key()
+    except ConfigError as exc:
+        console.print(f"[red]bad configuration[/]: {escape(str(exc))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if api_key is None and config.host not in LOOPBACK:
+        console.print(f"[bold red]WARNING: listening on {config.host} with no API key[/]: anyone who "
+                      "can reach this port can use the model; set --api-key-file")  # fmt: skip
+    names = config.model_names()
+    if config.model is not None:  # a Hub id is fetched here, once, before anything starts
+        try:
+            with console.status(f"finding {config.model}..."):
+                resolve_model(config.model)
+        except ModelUnavailable as exc:
+            console.print(f"[red]--model[/] {escape(str(exc))}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+    redis_url = redis_url_of(config)
     if redis_url is None:
         with console.status("starting the embedded Redis..."):
             redis_url = local_redis.start()
-    if model is None:
+    model_path = config.model
+    if model_path is None:
         with console.status("building the tiny demo model (once, about a minute)..."):
-            model = ensure_default_model()
+            model_path = str(ensure_default_model())
+    address = config.address
     if address is None:
         with console.status("starting a local Ray..."):
             try:
-                service.start_local_ray()
+                local_ray.start()
             except subprocess.CalledProcessError as exc:
                 console.print(f"[red]could not start Ray[/]:\n{(exc.stderr or b'').decode()[-2000:]}")
                 raise typer.Exit(1) from None
         address = "auto"
-    config = service.ServiceConfig(
-        model=str(model),
-        redis_url=redis_url,
-        model_name=model_name,
-        num_workers=workers,
-        port=port,
-        host=host,
-        api_key=api_key,
-        job_ttl_s=job_ttl_s,
-    )
+    settings = service.service_config(config, model_path, redis_url)
     service.connect(address)
     with console.status("starting the controller and the workers..."):
         try:
-            snapshot = service.start(config)
+            snapshot = service.start(settings)
         except (RuntimeError, TimeoutError) as exc:
             console.print(f"[red]harvest did not come up[/]: {exc}")
             raise typer.Exit(1) from None
-    base = f"http://{host}:{port}"
+    base = f"http://{config.host}:{config.port}"
+    model_name = names[0]
     console.print(f"[green]harvest is up[/]: {len(snapshot['workers'])} worker(s), model {model_name!r}")
     console.print(f"  endpoint  {base}/v1   (OpenAI-compatible)   redis {redact_url(redis_url)}")
     console.print("next:")
@@ -100,17 +161,59 @@ def up(
     console.print("  harvest down")
 
 
+config_app = typer.Typer(help="The effective configuration of `harvest up`.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    config_file: Path | None = ConfigFile,
+    address: str | None = AddressOpt,
+    model: str | None = ModelOpt,
+    served_model_name: list[str] | None = ServedNames,
+    workers: int | None = WorkersOpt,
+    dtype: str | None = DtypeOpt,
+    kv_cache_memory: str | None = KVOpt,
+    max_model_len: int | None = MaxLenOpt,
+    policy: str | None = PolicyOpt,
+    slo_ttft_ms: float | None = TTFTOpt,
+    slo_tpot_ms: float | None = TPOTOpt,
+    port: int | None = PortOpt,
+    host: str | None = HostOpt,
+    api_key: str | None = KeyOpt,
+    api_key_file: Path | None = KeyFileOpt,
+    job_ttl: str | None = TTLOpt,
+) -> None:
+    """Print the config `harvest up` would run with these flags (file, then flags) as YAML,
+    secrets masked; nothing is started and no model is fetched."""
+    import yaml
+
+    flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
+                   dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
+                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
+                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+    config = _effective_config(config_file, flags)
+    from harvest.config import redis_url_of
+
+    shown = config.model_copy(update={"redis_url": redis_url_of(config)}).redacted()
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
+
+
 @app.command()
 def down(
     address: str = typer.Option("auto", "--address", help="Ray address of the service."),
-    keep_ray: bool = typer.Option(False, "--keep-ray", help="Leave the local Ray running."),
+    keep_ray: bool = typer.Option(
+        False, "--keep-ray", help="Leave the local Ray running (if `up` started it)."
+    ),
     keep_redis: bool = typer.Option(False, "--keep-redis", help="Leave the embedded Redis running."),
 ) -> None:
     """Stop what `harvest up` started (leased shards go back to the queue)."""
-    from harvest import local_redis, service
+    from harvest import local_ray, local_redis, service
 
+    running = False
     try:
         service.connect(address)
+        running = True
         service.stop()
         console.print("service stopped")
         import ray
@@ -119,7 +222,10 @@ def down(
     except ConnectionError:
         console.print("no Ray cluster running")
     if not keep_ray:
-        subprocess.run(["ray", "stop"], capture_output=True)
+        if local_ray.stop():
+            console.print("the local Ray that `harvest up` started is stopped")
+        elif running:
+            console.print("Ray left running: `harvest up` did not start it (`ray stop` stops it)")
     if not keep_redis and "HARVEST_REDIS_URL" not in os.environ and local_redis.stop():
         console.print("embedded Redis stopped (its data stays in the data dir)")
 

@@ -11,8 +11,15 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int = 512 * 2**20
+    # on CUDA: this fraction of the device memory free after the weights load, instead of
+    # kv_cache_bytes (`--kv-cache-memory 0.8`)
+    kv_cache_fraction: float | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+        if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -73,14 +80,16 @@ class SchedulerConfig:
 class EngineConfig:
     model: str
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "auto": the checkpoint's dtype on CUDA, float32 on CPU
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     profile_latency: bool = True  # profile step latency at start-up (harvest policy only)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -19,7 +20,7 @@ from harvest.engine.detokenizer import Detokenizer, decode_output
 from harvest.engine.fault import describe, is_engine_fault, isolate_forward, sample_rows
 from harvest.engine.latency_model import LatencyModel, profile
 from harvest.engine.metrics import EngineStats, StepMetrics
-from harvest.engine.model_runner import DTYPES, ModelRunner, load_shape
+from harvest.engine.model_runner import DTYPES, ModelRunner, free_device_memory, load_shape, resolve_dtype
 from harvest.engine.request import (
     FinishReason,
     Request,
@@ -30,8 +31,9 @@ from harvest.engine.request import (
 )
 from harvest.engine.sampling import SamplingParams, sample
 from harvest.engine.scheduler import ScheduledBatch, Scheduler
+from harvest.models.resolve import resolve_model
 
-CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes")
+CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes", "kv_cache_fraction")
 SCHEDULER_KEYS = ("max_num_batched_tokens", "max_num_seqs", "policy", "slo")
 
 log = logging.getLogger(__name__)
@@ -46,17 +48,19 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig, checkpoint_store: CheckpointStore | None = None) -> None:
+        model_path = str(resolve_model(config.model))  # a Hub id: from the cache, or downloaded
+        config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, config.device, model_path))
         self.config = config
-        shape = load_shape(config.model)
+        shape = load_shape(model_path)
         max_len = config.max_model_len or shape.max_position_embeddings
         if shape.sliding_window:
             max_len = min(max_len, shape.sliding_window)  # we attend over full context only
         self.max_model_len = max_len
         cache = config.cache
         block_bytes = shape.block_bytes(cache.block_size, DTYPES[config.dtype])
-        num_blocks = cache.num_blocks or self._blocks_for(cache, block_bytes)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.runner = ModelRunner(config.model, config.device, config.dtype, num_blocks, cache.block_size)
+        num_blocks = cache.num_blocks or self._blocks_for(cache, block_bytes, model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.runner = ModelRunner(model_path, config.device, config.dtype, num_blocks, cache.block_size)
         self.block_manager = BlockManager(num_blocks, cache.block_size)
         self.latency = LatencyModel()
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency)
@@ -76,16 +80,20 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str, checkpoint_store: CheckpointStore | None = None, **kwargs) -> Engine:
-        """`Engine.from_pretrained(path, device=..., num_blocks=..., max_num_seqs=..., policy=...)`."""
+        """`Engine.from_pretrained(path or "ORG/NAME[@REVISION]", device=..., dtype=..., num_blocks=...,
+        max_num_seqs=..., policy=...)`."""
         cache = CacheConfig(**{k: kwargs.pop(k) for k in CACHE_KEYS if k in kwargs})
         if isinstance(kwargs.get("slo"), dict):
             kwargs["slo"] = SLOConfig(**kwargs["slo"])
         sched = SchedulerConfig(**{k: kwargs.pop(k) for k in SCHEDULER_KEYS if k in kwargs})
         return cls(EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs), checkpoint_store)
 
-    def _blocks_for(self, cache: CacheConfig, block_bytes: int) -> int:
+    def _blocks_for(self, cache: CacheConfig, block_bytes: int, model_path: str) -> int:
         enough = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
-        return max(1, min(cache.kv_cache_bytes // block_bytes, enough))
+        kv_bytes = cache.kv_cache_bytes
+        if cache.kv_cache_fraction is not None:
+            kv_bytes = int(cache.kv_cache_fraction * free_device_memory(self.config.device, model_path))
+        return max(1, min(kv_bytes // block_bytes, enough))
 
     def _eos_ids(self) -> set[int]:
         eos = self.runner.model.generation_config.eos_token_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -47,6 +48,27 @@ class ModelShape:
 
 def load_shape(model_path: str) -> ModelShape:
     return ModelShape.from_config(AutoConfig.from_pretrained(model_path))
+
+
+def resolve_dtype(dtype: str, device: str, model_path: str) -> str:
+    """ "auto": the checkpoint's own dtype on CUDA (float32 where it names none we run), and
+    float32 on CPU, where half-precision matmuls are slow or missing."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda"):
+        return "float32"
+    saved = AutoConfig.from_pretrained(model_path).get_text_config().dtype
+    name = str(saved).removeprefix("torch.") if saved is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def free_device_memory(device: str, model_path: str) -> int:
+    """Bytes free on `device` once the weights are in (their files' size, before they load)."""
+    if not device.startswith("cuda"):
+        raise ValueError("a KV cache sized as a fraction of device memory needs CUDA; give bytes on CPU")
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    return max(0, free - weights)
 
 
 class ModelRunner:
