@@ -11,6 +11,7 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int = 512 * 2**20
+    enable_prefix_caching: bool = True  # share full blocks of equal prefixes (block_manager.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
