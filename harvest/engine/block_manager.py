@@ -77,6 +77,7 @@ class BlockManager:
     def _hashes(self, request: Request, n: int) -> list[bytes]:
         """The hashes of the request's first `n` full blocks (memoized: tokens only grow)."""
         hashes, bs = request.block_hashes, self.block_size
+        n = min(n, request.num_tokens // bs)  # a partial block has no name
         while len(hashes) < n:
             i = len(hashes)
             hashes.append(
@@ -193,10 +194,11 @@ class BlockManager:
         holders = [0] * self.num_blocks
         bs = self.block_size
         for req in requests:
+            hashes = self._hashes(req, len(req.block_table))
             for i, block in enumerate(req.block_table):
                 holders[block] += 1
                 if block in self._content:
-                    assert self._hash_of[block] == self._hashes(req, i + 1)[i], (
+                    assert i < len(hashes) and self._hash_of[block] == hashes[i], (
                         f"{req.request_id}: block {block} is cached for another prefix"
                     )
                     assert tuple(req.token_ids[i * bs : (i + 1) * bs]) == self._content[block][1]
