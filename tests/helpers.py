@@ -24,12 +24,13 @@ def make_engine(model: Path, **kwargs) -> Engine:
     return Engine.from_pretrained(str(model), **kwargs)
 
 
-def make_prompts(engine: Engine, lengths: list[int] = PROMPT_LENGTHS) -> list[list[int]]:
-    """Token-id prompts of the given lengths, cut from the bundled corpus at different offsets."""
+def make_prompts(engine: Engine, lengths: list[int] = PROMPT_LENGTHS, start: int = 0) -> list[list[int]]:
+    """Token-id prompts of the given lengths, cut from the bundled corpus at different offsets
+    from `start` (prompts cut at different offsets share no prefix for the prefix cache)."""
     from harvest.models.tiny import corpus_text
 
     ids = engine.tokenizer.encode(corpus_text())
-    return [ids[7 * i : 7 * i + n] for i, n in enumerate(lengths)]
+    return [ids[start + 7 * i : start + 7 * i + n] for i, n in enumerate(lengths)]
 
 
 def run_checked(engine: Engine, max_steps: int = 5000) -> dict[str, RequestOutput]:

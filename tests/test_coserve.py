@@ -44,7 +44,8 @@ def test_online_gets_first_token_within_one_step_when_offline_fills_the_engine(t
         assert engine.block_manager.num_free_blocks * 4 < 30
     else:
         assert len(engine.scheduler.running) == 4
-    rid = engine.add_request(make_prompts(engine, [30])[0], ONLINE, request_class="online")
+    # a prompt sharing no prefix with the offline ones: the prefix cache would serve part of it
+    rid = engine.add_request(make_prompts(engine, [30], start=100)[0], ONLINE, request_class="online")
     outs = step_checked(engine)
     assert rid in {o.request_id for o in outs}
     assert engine.last_step.preemptions >= 1
@@ -69,14 +70,16 @@ def test_online_only_rejects_offline(tiny_model):
 
 
 def preempt_repeatedly(engine, times: int, online_len: int = 60) -> int:
-    """Push online requests that need the whole pool; returns how many preemptions happened."""
+    """Push online requests that need the whole pool; returns how many preemptions happened.
+    Each prompt shares no prefix with the offline ones or the earlier online ones (a cached
+    prefix would need fewer blocks)."""
     preemptions = 0
     for k in range(times):
         for _ in range(2):
             step_checked(engine)
         before = engine.stats.preemptions
-        rid = engine.add_request(make_prompts(engine, [online_len])[0], ONLINE, request_class="online",
-                                 request_id=f"online-{k}")  # fmt: skip
+        prompt = make_prompts(engine, [online_len], start=100 + 7 * k)[0]
+        rid = engine.add_request(prompt, ONLINE, request_class="online", request_id=f"online-{k}")
         while not any(o.request_id == rid and o.finished for o in step_checked(engine)):
             pass
         preemptions += engine.stats.preemptions - before
@@ -292,7 +295,8 @@ def test_generous_slo_lets_offline_share_the_step(profiled):
     engine = profiled
     # far above any step of a tiny model, however loaded the machine
     with slo_targets(engine, ttft_s=60.0, tpot_s=60.0):
-        offline = [engine.add_request(p, GREEDY) for p in make_prompts(engine, [40, 50])]
+        # prompts the shared engine has not seen: its prefix cache holds the earlier tests' ones
+        offline = [engine.add_request(p, GREEDY) for p in make_prompts(engine, [40, 50], start=100)]
         online = engine.add_request([5, 6, 7], ONLINE, request_class="online")
         outs = step_checked(engine)
         assert online in {o.request_id for o in outs}

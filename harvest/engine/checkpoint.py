@@ -139,8 +139,11 @@ class Checkpointer:
             self.store.drop(req.request_id)
         return False
 
-    def restore(self, req: Request) -> bool:
-        """Copy the checkpoint back into the request's (new) first blocks."""
+    def restore(self, req: Request, first_block: int = 0) -> bool:
+        """Copy the checkpoint back into the request's (new) blocks from `first_block` on.
+
+        The blocks before it came from the prefix cache: they hold the same KV and may be
+        shared with other requests, so they are never written."""
         n = req.checkpointed_tokens // self.block_size
         try:
             data = self.store.get(req.request_id)
@@ -149,8 +152,10 @@ class Checkpointer:
             return False
         if data is None or data.shape[2] < n or len(req.block_table) < n:
             return False
-        index = torch.tensor(req.block_table[:n], device=self.blocks_view.device)
-        self.blocks_view.index_copy_(2, index, data[:, :, :n].to(self.blocks_view.device))
+        if first_block >= n:
+            return True
+        index = torch.tensor(req.block_table[first_block:n], device=self.blocks_view.device)
+        self.blocks_view.index_copy_(2, index, data[:, :, first_block:n].to(self.blocks_view.device))
         return True
 
     def drop(self, req: Request) -> None:

@@ -14,6 +14,7 @@ class CacheConfig:
     # on CUDA: this fraction of the device memory free after the weights load, instead of
     # kv_cache_bytes (`--kv-cache-memory 0.8`)
     kv_cache_fraction: float | None = None
+    enable_prefix_caching: bool = True  # share full blocks of equal prefixes (block_manager.py)
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes < 1:

@@ -33,7 +33,7 @@ from harvest.engine.sampling import SamplingParams, sample
 from harvest.engine.scheduler import ScheduledBatch, Scheduler
 from harvest.models.resolve import resolve_model
 
-CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes", "kv_cache_fraction")
+CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes", "kv_cache_fraction", "enable_prefix_caching")
 SCHEDULER_KEYS = ("max_num_batched_tokens", "max_num_seqs", "policy", "slo")
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ class Engine:
         num_blocks = cache.num_blocks or self._blocks_for(cache, block_bytes, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.runner = ModelRunner(model_path, config.device, config.dtype, num_blocks, cache.block_size)
-        self.block_manager = BlockManager(num_blocks, cache.block_size)
+        # the KV of a token depends on the model and its dtype besides the tokens before it
+        salt = f"{model_path}|{config.dtype}"
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching, salt)
         self.latency = LatencyModel()
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency)
         self.policy = config.scheduler.policy
@@ -81,7 +83,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, checkpoint_store: CheckpointStore | None = None, **kwargs) -> Engine:
         """`Engine.from_pretrained(path or "ORG/NAME[@REVISION]", device=..., dtype=..., num_blocks=...,
-        max_num_seqs=..., policy=...)`."""
+        max_num_seqs=..., policy=..., enable_prefix_caching=...)`."""
         cache = CacheConfig(**{k: kwargs.pop(k) for k in CACHE_KEYS if k in kwargs})
         if isinstance(kwargs.get("slo"), dict):
             kwargs["slo"] = SLOConfig(**kwargs["slo"])
@@ -226,12 +228,12 @@ class Engine:
 
     def _restore(self, batch: ScheduledBatch) -> int:
         restored = 0
-        for req in batch.restored:
-            if self.checkpointer.restore(req):
-                restored += req.checkpointed_tokens
-            else:  # the checkpoint is gone (node loss): recompute from the start, still correct
+        for req, first_block in batch.restored:
+            if self.checkpointer.restore(req, first_block):
+                restored += req.checkpointed_tokens - first_block * self.block_manager.block_size
+            else:  # the checkpoint is gone (node loss): recompute after the cached prefix, still correct
                 req.checkpointed_tokens = 0
-                req.num_computed_tokens = 0
+                req.num_computed_tokens = first_block * self.block_manager.block_size
         return restored
 
     def _checkpoint(self) -> int:
@@ -254,6 +256,7 @@ class Engine:
         token_ids, errors = sample_rows(sample, logits, sampling)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
         now = time.monotonic()
         outputs = []
         for req, token in zip(sampling, token_ids):

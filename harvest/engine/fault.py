@@ -81,10 +81,12 @@ def isolate_forward(
 
 
 def _forward_works(execute: Execute, culprit: Request) -> bool:
-    """Does any forward work? One token of a fresh sequence, written into the first block
-    of `culprit` (finished right after, so no block has to be free for the probe)."""
+    """Does any forward work? One token of a fresh sequence, written into the last block
+    of `culprit` (finished right after, so no block has to be free for the probe). The last
+    block holds this step's uncomputed tokens, so it is the culprit's own: earlier ones may
+    be shared through the prefix cache."""
     probe = Request("fault-probe", [0], SamplingParams(max_tokens=1))
-    probe.block_table = culprit.block_table[:1]
+    probe.block_table = culprit.block_table[-1:]
     try:
         execute([probe], [1])
     except Exception:

@@ -31,6 +31,8 @@ class StepMetrics:
     recomputed_tokens: int = 0  # tokens whose KV was lost to preemption and must be recomputed
     restored_tokens: int = 0  # tokens whose KV came back from a checkpoint
     checkpointed_blocks: int = 0
+    prefix_queried_tokens: int = 0  # tokens of the requests admitted this step
+    prefix_hit_tokens: int = 0  # of those, served by the prefix cache instead of computed
     aborted: bool = False  # abandoned at a layer boundary for an arriving online request
 
     def as_dict(self) -> dict:
@@ -64,6 +66,8 @@ class StepMetrics:
             recomputed_tokens=batch.recomputed_tokens,
             restored_tokens=restored,
             checkpointed_blocks=checkpointed,
+            prefix_queried_tokens=batch.prefix_queried_tokens,
+            prefix_hit_tokens=batch.prefix_hit_tokens,
             aborted=aborted,
         )
 
@@ -82,6 +86,13 @@ class EngineStats:
     recomputed_tokens: int = 0
     restored_tokens: int = 0
     checkpointed_blocks: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of admitted requests' tokens the prefix cache served."""
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
     def add(self, step: StepMetrics) -> None:
         self.steps += 1
@@ -92,6 +103,8 @@ class EngineStats:
         self.recomputed_tokens += step.recomputed_tokens
         self.restored_tokens += step.restored_tokens
         self.checkpointed_blocks += step.checkpointed_blocks
+        self.prefix_queried_tokens += step.prefix_queried_tokens
+        self.prefix_hit_tokens += step.prefix_hit_tokens
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "prefix_hit_rate": self.prefix_hit_rate}

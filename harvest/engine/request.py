@@ -58,6 +58,10 @@ class Request:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # prefix cache bookkeeping (block_manager.py): hashes of full blocks of token_ids, and
+        # how many leading blocks of block_table have been offered to the cache
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.seed: int | None = request_seed(params)  # what each sampled token is drawn from

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from harvest.engine.block_manager import BlockManager
@@ -17,11 +18,14 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    restored: list[Request] = field(default_factory=list)  # resume from a checkpoint this step
+    # resume from a checkpoint this step, from the first block after its cached prefix
+    restored: list[tuple[Request, int]] = field(default_factory=list)
     shape: BatchShape = field(default_factory=BatchShape)
     latency_budget_s: float | None = None
     offline_token_budget: int = 0
     recomputed_tokens: int = 0
+    prefix_queried_tokens: int = 0  # tokens of the requests admitted this step
+    prefix_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
@@ -130,33 +134,42 @@ class Scheduler:
         return n
 
     def _admit(self, queue: deque[Request], budget: int, batch: ScheduledBatch, online: bool) -> bool:
+        """Start (or restart) the request at the head of `queue`: its longest cached prefix
+        is taken as computed; a checkpoint that reaches further is restored after it."""
         req = queue[0]
         if len(self.running) >= self.config.max_num_seqs and not (online and self._evict(batch, req)):
             return False
-        restore = req.checkpointed_tokens > 0 and req.num_computed_tokens == 0
+        hit = self.blocks.cached_prefix(req)
+        cached = len(hit) * self.blocks.block_size
+        restore = req.checkpointed_tokens > cached and req.num_computed_tokens == 0
         if restore and batch.latency_budget_s is not None:
             # copying a checkpoint back happens inside the step and outside the latency
             # model (a host-to-pool copy; once from the Ray object store after a worker
             # died): resume once online work is gone
             return False
-        computed = req.checkpointed_tokens if restore else req.num_computed_tokens
+        before = req.num_computed_tokens
+        computed = req.checkpointed_tokens if restore else max(cached, before)
         n = min(req.num_tokens - computed, budget)
         if not online:
             n = self._fit(n, computed, batch)
         req.num_computed_tokens = computed
-        if n == 0 or not self._allocate(req, n, batch, online):
-            req.num_computed_tokens = 0 if restore else computed
+        if n == 0 or not self._allocate(req, n, batch, online, hit):
+            req.num_computed_tokens = before
             return False
         queue.popleft()
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         if restore:
-            batch.restored.append(req)
+            batch.restored.append((req, len(hit)))
+        if self.blocks.enable_prefix_caching:
+            batch.prefix_queried_tokens += req.num_tokens
+            batch.prefix_hit_tokens += cached
         batch.add(req, n)
         return True
 
-    def _allocate(self, req: Request, n: int, batch: ScheduledBatch, online: bool) -> bool:
-        while not self.blocks.allocate(req, req.num_computed_tokens + n):
+    def _allocate(self, req: Request, n: int, batch: ScheduledBatch, online: bool,
+                  cached: Sequence[int] = ()) -> bool:  # fmt: skip
+        while not self.blocks.allocate(req, req.num_computed_tokens + n, cached):
             if not self._evict(batch, req, allow_online=online):
                 if req.status is RequestStatus.RUNNING and not online:
                     return False  # offline: stay paused with the blocks it has
