@@ -82,5 +82,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.simulated:
+            from harvest.engine.sim_profile import profile_for
+
+            profile_for(self.device)  # raises naming the profiles there are
+        elif not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu', 'cuda[:N]' or 'sim[:PROFILE]', got {self.device!r}")
+
+    @property
+    def simulated(self) -> bool:
+        """A simulated device (harvest/engine/sim_runner.py): the forward is a profiled sleep."""
+        return self.device == "sim" or self.device.startswith("sim:")

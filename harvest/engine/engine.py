@@ -30,6 +30,7 @@ from harvest.engine.request import (
 )
 from harvest.engine.sampling import SamplingParams, sample
 from harvest.engine.scheduler import ScheduledBatch, Scheduler
+from harvest.engine.sim_runner import SimulatedRunner
 
 CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes")
 SCHEDULER_KEYS = ("max_num_batched_tokens", "max_num_seqs", "policy", "slo")
@@ -56,7 +57,8 @@ class Engine:
         block_bytes = shape.block_bytes(cache.block_size, DTYPES[config.dtype])
         num_blocks = cache.num_blocks or self._blocks_for(cache, block_bytes)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.runner = ModelRunner(config.model, config.device, config.dtype, num_blocks, cache.block_size)
+        runner = SimulatedRunner if config.simulated else ModelRunner
+        self.runner = runner(config.model, config.device, config.dtype, num_blocks, cache.block_size)
         self.block_manager = BlockManager(num_blocks, cache.block_size)
         self.latency = LatencyModel()
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency)
