@@ -63,6 +63,7 @@ class SimulatedRunner:
         # [layers, 2, slots, kv_heads, head_dim] as the Checkpointer expects: one hash per slot
         self.kv_cache = torch.zeros(1, 2, num_blocks * block_size, 1, 1, dtype=torch.int64)
         self.slot_hashes = self.kv_cache.view(-1)[: num_blocks * block_size]  # layer 0, "keys"
+        self.device_s = 0.0  # simulated device time of the steps run to the end
 
     def _slot(self, req: Request, position: int) -> int:
         return req.block_table[position // self.block_size] * self.block_size + position % self.block_size
@@ -89,6 +90,7 @@ class SimulatedRunner:
             wait = start + seconds * (layer + 1) / layers - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
+        self.device_s += seconds
         if slots:
             self.slot_hashes.index_copy_(0, torch.tensor(slots), torch.tensor(hashes))
         logits = torch.zeros(len(sampled), self.vocab_size)
