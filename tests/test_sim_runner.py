@@ -3,6 +3,7 @@ that take what the profile says; the real scheduler deciding exactly as over the
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -197,3 +198,40 @@ def test_the_scheduler_decides_the_same_over_the_simulated_device(tiny_model):
     cut = [(rid, n, left) for rows, budgeted in sim if budgeted for rid, n, left in rows
            if rid.startswith("off") and n < left]  # fmt: skip
     assert cut
+
+
+def test_simulated_workers_drain_a_job_through_the_real_queue(queue_store, make_job, tiny_model):
+    """Two simulated workers share a job whose first shard a crashed worker left half done:
+    every result is the token stream an uninterrupted simulated run gives."""
+    from harvest.queue import JobStatus, Progress, WorkerConfig, run_local
+    from harvest.queue.outputs import iter_results
+
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = [f"prompt number {i}" for i in range(12)]
+    expected = [o.token_ids for o in make_sim(tiny_model).generate(prompts, params)]
+    job_id = make_job(12, shard_size=4, max_tokens=16, sampling={"ignore_eos": True})
+    (lease,) = queue_store.lease("crashed", visibility_s=0.05)
+    assert (
+        queue_store.save_progress(lease, {0: Progress(expected[0][:5]), 1: Progress(expected[1][:9])}) == "ok"
+    )
+
+    def completed() -> bool:
+        queue_store.sweep()  # hands the crashed worker's expired lease back to the queue
+        return queue_store.get_job(job_id).status is JobStatus.COMPLETED
+
+    config = WorkerConfig(idle_poll_s=0.02)
+    workers: list = []
+    threads = [
+        threading.Thread(target=lambda: workers.append(run_local(queue_store, make_sim(tiny_model), config,
+                                                                 stop=completed)))
+        for _ in range(2)
+    ]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert completed() and len(workers) == 2
+    results = [r.result for r in iter_results(queue_store, job_id)]
+    assert [r.token_ids for r in results] == expected
+    assert [r.resumed_tokens for r in results[:2]] == [5, 9]
+    assert all(w.stats.results_written > 0 for w in workers)  # both took part

@@ -211,6 +211,7 @@ def plot_scale(report: dict[str, Any], path: Path) -> None:
         title="offline throughput vs workers",
     )
     left.set_xticks(workers, [str(n) for n in workers])
+    left.minorticks_off()
     left.legend()
     efficiency = [r / (n * rates[0]) for r, n in zip(rates, workers)]
     right.plot(workers, efficiency, "o-", color="tab:green", label="scaling efficiency")
@@ -230,6 +231,7 @@ def plot_scale(report: dict[str, Any], path: Path) -> None:
     right.set(xlabel="simulated workers", ylim=(0, 1.1), title="efficiency and CPU")
     right.set_xscale("log")
     right.set_xticks(workers, [str(n) for n in workers])
+    right.minorticks_off()
     right.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
