@@ -39,6 +39,19 @@ def test_engine_picks_the_simulated_runner_and_rejects_unknown_profiles(tiny_mod
         make_sim(tiny_model, device="sim:b200")
 
 
+def test_the_simulated_device_needs_no_weights(tiny_model, tmp_path):
+    """Config and tokenizer are all it reads: a model directory without weights (or a
+    generation config) serves, with the eos ids transformers derives from the config."""
+    import shutil
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, tmp_path / name)
+    engine = make_sim(tmp_path)
+    out = engine.generate(["no weights here"], GREEDY)[0]
+    assert out.token_ids == reference(tiny_model, ["no weights here"])[0]
+    assert engine.eos_token_ids == {0}
+
+
 def test_same_prompt_same_tokens_in_any_engine_and_batch(tiny_model):
     engine = make_sim(tiny_model)
     prompts = make_prompts(engine, [5, 17, 40])

@@ -60,7 +60,11 @@ class SimulatedRunner:
         self.shape = ModelShape.from_config(config)
         self.vocab_size = config.get_text_config().vocab_size
         # the engine reads only the generation config (its eos ids) from the model
-        self.model = SimpleNamespace(generation_config=GenerationConfig.from_model_config(config))
+        try:
+            generation = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: what transformers derives from the config
+            generation = GenerationConfig.from_model_config(config)
+        self.model = SimpleNamespace(generation_config=generation)
         # [layers, 2, slots, kv_heads, head_dim] as the Checkpointer expects: one hash per slot
         self.kv_cache = torch.zeros(1, 2, num_blocks * block_size, 1, 1, dtype=torch.int64)
         self.slot_hashes = self.kv_cache.view(-1)[: num_blocks * block_size]  # layer 0, "keys"
