@@ -16,6 +16,7 @@ SUITES = {
     "queue": "workloads.bench.queue",
     "chaos": "workloads.bench.chaos",
     "soak": "workloads.bench.soak",
+    "scale": "workloads.bench.scale",
 }
 
 

@@ -92,5 +92,14 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.simulated:
+            from harvest.engine.sim_profile import profile_for
+
+            profile_for(self.device)  # raises naming the profiles there are
+        elif not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu', 'cuda[:N]' or 'sim[:PROFILE]', got {self.device!r}")
+
+    @property
+    def simulated(self) -> bool:
+        """A simulated device (harvest/engine/sim_runner.py): the forward is a profiled sleep."""
+        return self.device == "sim" or self.device.startswith("sim:")

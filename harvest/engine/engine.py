@@ -31,6 +31,7 @@ from harvest.engine.request import (
 )
 from harvest.engine.sampling import SamplingParams, sample
 from harvest.engine.scheduler import ScheduledBatch, Scheduler
+from harvest.engine.sim_runner import SimulatedRunner
 from harvest.models.resolve import resolve_model
 
 CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes", "kv_cache_fraction", "enable_prefix_caching")
@@ -60,7 +61,8 @@ class Engine:
         block_bytes = shape.block_bytes(cache.block_size, DTYPES[config.dtype])
         num_blocks = cache.num_blocks or self._blocks_for(cache, block_bytes, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.runner = ModelRunner(model_path, config.device, config.dtype, num_blocks, cache.block_size)
+        runner = SimulatedRunner if config.simulated else ModelRunner
+        self.runner = runner(model_path, config.device, config.dtype, num_blocks, cache.block_size)
         # the KV of a token depends on the model and its dtype besides the tokens before it
         salt = f"{model_path}|{config.dtype}"
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching, salt)
