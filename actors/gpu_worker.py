@@ -202,7 +202,7 @@ class GPUWorker:
         self.offline.leasing = False
         self.loop.stop()
         # a loop that died in a step is a crash, not a graceful stop: its requests are charged
-        self.offline.release_all(crashed=getattr(self.loop, "error", None) is not None)
+        self.offline.release_all(crashed=self.loop.error is not None)
         with contextlib.suppress(ValueError):  # no controller: nobody to tell
             ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE).leave.remote(self.worker_id)
 
@@ -221,8 +221,8 @@ class WorkerBackend(LocalBackend):
         if max_pending is None:
             # as many online requests as the KV pool holds at a typical size (prompt + output),
             # and never fewer than one full batch: a request past that would only wait for
-            # others to finish, so it gets a 429 with Retry-After (the client backs off or the
-            # router tries another replica) instead of an unbounded queue in this process
+            # others to finish, so it gets a 429 with Retry-After (the client backs off) instead
+            # of an unbounded queue in this process
             engine = worker.engine
             by_kv = engine.capacity_tokens // typical_request_tokens
             max_pending = max(engine.config.scheduler.max_num_seqs, by_kv)
