@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from harvest.local_redis import RedisProcess
-from workloads.bench.common import console, free_port, local_ray, print_table, write_result
+from workloads.bench.common import console, local_ray, print_table, write_result
 from workloads.bench.load import OnlineLoad, longest_gap
 
 MODEL_NAME = "chaos"
@@ -53,16 +53,13 @@ def _config(quick: bool) -> dict[str, Any]:
 
 
 def _start_service(model: Path, redis_url: str, cfg: dict[str, Any]) -> str:
-    from harvest import service
-    from workloads.bench.e2e import _wait_healthy
+    from workloads.bench.e2e import start_service
 
-    port = free_port()
-    config = service.ServiceConfig(
-        model=str(model),
-        redis_url=redis_url,
+    return start_service(
+        model,
+        redis_url,
         model_name=MODEL_NAME,
         num_workers=2,
-        port=port,
         engine_options={"block_size": 16, "num_blocks": 512, "max_num_seqs": 16, "profile_latency": False},
         queue_options={
             "visibility_timeout_s": cfg["visibility_timeout_s"],
@@ -71,10 +68,6 @@ def _start_service(model: Path, redis_url: str, cfg: dict[str, Any]) -> str:
             "idle_poll_s": 0.05,
         },
     )
-    service.start(config)
-    base = f"http://127.0.0.1:{port}"
-    _wait_healthy(base)
-    return base
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.1) -> None:
@@ -262,8 +255,7 @@ def run(quick: bool, out: Path) -> dict:
         load: OnlineLoad | None = None
         try:
             with local_ray(num_cpus=max(4, os.cpu_count() or 1)):
-                with console.status("starting the service (2 workers)..."):
-                    base = _start_service(model, redis.url, cfg)
+                base = _start_service(model, redis.url, cfg)
                 load = OnlineLoad(base, MODEL_NAME, cfg["clients"], cfg["online_max_tokens"])
                 t0 = time.monotonic()
                 thread = load.run()

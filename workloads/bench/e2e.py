@@ -130,21 +130,21 @@ def bench_config(quick: bool) -> dict:
     }
 
 
-def start_service(model: Path, redis_url: str) -> str:
-    """One worker serving HTTP on a free port (Ray must be up); returns the base URL."""
+def start_service(model: Path, redis_url: str, **config) -> str:
+    """A service serving HTTP on a free port (Ray must be up); returns the base URL. By
+    default one worker named "bench"; `config` overrides any `ServiceConfig` field."""
     from harvest import service
 
     port = free_port()
-    config = service.ServiceConfig(
-        model=str(model),
-        redis_url=redis_url,
-        model_name="bench",
-        num_workers=1,
-        port=port,
-        engine_options={"block_size": 16, "num_blocks": 512, "max_num_seqs": 32},
-    )
+    config = {
+        "model_name": "bench",
+        "num_workers": 1,
+        "engine_options": {"block_size": 16, "num_blocks": 512, "max_num_seqs": 32},
+        **config,
+    }
+    settings = service.ServiceConfig(model=str(model), redis_url=redis_url, port=port, **config)
     with console.status("starting the service..."):
-        service.start(config)
+        service.start(settings)
         _wait_healthy(f"http://127.0.0.1:{port}")
     return f"http://127.0.0.1:{port}"
 
@@ -171,8 +171,14 @@ def _measure(model: Path, redis_url: str, ray, cfg: dict) -> tuple[dict, list[di
         ray.get(service.controller_handle().set_slo.remote(slo["ttft_s"], slo["tpot_s"]))
         client = HarvestClient(redis_url)
         before = generated_tokens(service)
-        job = client.submit(backlog_prompts(cfg["backlog"]), model="bench", max_tokens=cfg["offline_output"],
-                            temperature=0, defaults={"ignore_eos": True}, shard_size=16)  # fmt: skip
+        job = client.submit(
+            backlog_prompts(cfg["backlog"]),
+            model="bench",
+            max_tokens=cfg["offline_output"],
+            temperature=0,
+            defaults={"ignore_eos": True},
+            shard_size=16,
+        )
         start = time.monotonic()
         with console.status("online with an offline backlog in Redis..."):
             loaded = asyncio.run(_replay_http(base, "bench", arrivals, 0))

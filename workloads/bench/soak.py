@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from harvest.local_redis import RedisProcess
-from workloads.bench.common import console, free_port, local_ray, print_table, write_result
+from workloads.bench.common import console, local_ray, print_table, write_result
 from workloads.bench.load import OnlineLoad
 
 MODEL_NAME = "soak"
@@ -146,23 +146,9 @@ def _config(quick: bool, minutes: float | None) -> dict[str, Any]:
 
 
 def _start_service(model: Path, redis_url: str, cfg: dict[str, Any]) -> str:
-    from harvest import service
-    from workloads.bench.e2e import _wait_healthy
+    from workloads.bench.e2e import start_service
 
-    port = free_port()
-    config = service.ServiceConfig(
-        model=str(model),
-        redis_url=redis_url,
-        model_name=MODEL_NAME,
-        num_workers=1,
-        port=port,
-        engine_options={"block_size": 16, "num_blocks": 512, "max_num_seqs": 32},
-        job_ttl_s=cfg["job_ttl_s"],
-    )
-    service.start(config)
-    base = f"http://127.0.0.1:{port}"
-    _wait_healthy(base)
-    return base
+    return start_service(model, redis_url, model_name=MODEL_NAME, job_ttl_s=cfg["job_ttl_s"])
 
 
 def _growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[str, float]]:
@@ -235,8 +221,7 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
         redis.start()
         try:
             with local_ray(num_cpus=max(4, os.cpu_count() or 1)):
-                with console.status("starting the service..."):
-                    base = _start_service(model, redis.url, cfg)
+                base = _start_service(model, redis.url, cfg)
                 load = OnlineLoad(
                     base,
                     MODEL_NAME,
