@@ -29,7 +29,8 @@ COUNTERS = [
     ("harvest_engine_steps", "Engine steps run.", "steps"),
     ("harvest_engine_aborted_steps", "Offline-only steps abandoned for an arriving online request.",
      "aborted_steps"),
-    ("harvest_engine_preemptions", "Requests preempted (offline ones evicted for online work).", "preemptions"),
+    ("harvest_engine_preemptions", "Requests preempted (offline ones evicted for online work).",
+     "preemptions"),
     ("harvest_engine_recomputed_tokens", "Tokens recomputed after preemption.", "recomputed_tokens"),
     ("harvest_engine_restored_tokens", "Tokens restored from KV checkpoints.", "restored_tokens"),
     ("harvest_engine_checkpointed_blocks", "KV blocks checkpointed.", "checkpointed_blocks"),
@@ -106,8 +107,9 @@ class _StatsCollector:
                 for cls in CLASSES:
                     family.add_metric([worker, cls], value(stats, cls))
             yield family
-        finished = CounterMetricFamily("harvest_engine_requests_finished", "Requests finished, by reason.",
-                                       labels=["worker", "reason"])  # fmt: skip
+        finished = CounterMetricFamily(
+            "harvest_engine_requests_finished", "Requests finished, by reason.", labels=["worker", "reason"]
+        )
         for worker, stats in self.workers:
             for reason in sorted({*FINISH_REASONS, *stats["finished"]}):
                 finished.add_metric([worker, reason], stats["finished"].get(reason, 0))
@@ -134,12 +136,12 @@ class _StatsCollector:
     def _controller_series(self, controller: Stats) -> Iterator[Metric]:
         pending = controller.get("offline_requests_pending")
         if pending is not None:
-            yield GaugeMetricFamily("harvest_offline_requests_pending", "Offline requests not yet finished, "
-                                    "over all jobs (the controller's count).", value=pending)  # fmt: skip
+            doc = "Offline requests not yet finished, over all jobs (the controller's count)."
+            yield GaugeMetricFamily("harvest_offline_requests_pending", doc, value=pending)
         # the jobs the controller lists (the newest 20): a job leaves the scrape when it leaves
         # the list, so the series count stays bounded however many jobs the queue has seen
-        jobs = GaugeMetricFamily("harvest_job_requests", "Requests of a listed batch job, by state "
-                                 "(total, completed, failed).", labels=["job", "state"])  # fmt: skip
+        doc = "Requests of a listed batch job (`batch`: its id), by state (total, completed, failed)."
+        jobs = GaugeMetricFamily("harvest_job_requests", doc, labels=["batch", "state"])
         for job in controller.get("jobs", []):
             for state in ("total", "completed", "failed"):
                 jobs.add_metric([job["id"], state], job["request_counts"][state])
