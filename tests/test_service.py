@@ -15,7 +15,8 @@ import ray
 from harvest import service
 from harvest.client import HarvestClient
 from harvest.engine import Engine, SamplingParams
-from tests.conftest import RedisServer, free_port
+from harvest.local_redis import free_port
+from tests.conftest import RedisServer
 
 MODEL_NAME = "tiny"
 

@@ -27,8 +27,9 @@ LATENCIES = ("ttft_s", "tpot_s", "queue_s", "e2e_s")
 class RequestLatency:
     """A finished request's latencies, from the engine's own timestamps (`RequestOutput.metrics`).
 
-    The one place TTFT and TPOT are computed: the /metrics histograms and the SLO feedback
-    both read them from here. A field is None when the request never got that far (no
+    The one place TTFT and TPOT are computed: the engine's histograms (/metrics) use it, and
+    any caller holding a request's last output (the worker's SLO feedback) can, so both
+    measure the same thing. A field is None when the request never got that far (no
     token, or only one for TPOT; never scheduled for the queue time).
     """
 
@@ -73,11 +74,8 @@ class LatencyHistograms:
                 value = getattr(latency, name)
                 if value is None:
                     continue
-                hist = self._data[name].get(request_class)
-                if hist is None:
-                    hist = self._data[name][request_class] = {
-                        "counts": [0] * (len(LATENCY_BUCKETS_S) + 1), "sum": 0.0,
-                    }  # fmt: skip
+                empty = {"counts": [0] * (len(LATENCY_BUCKETS_S) + 1), "sum": 0.0}
+                hist = self._data[name].setdefault(request_class, empty)
                 hist["counts"][bisect_left(LATENCY_BUCKETS_S, value)] += 1
                 hist["sum"] += value
 
