@@ -29,7 +29,6 @@ from typing import Any
 import ray
 from ray import serve
 
-from actors.worker_metrics import WorkerMetrics
 from controller.controller import CONTROLLER_NAME, NAMESPACE
 from harvest.api.app import build_app
 from harvest.api.backend import BackendUnavailable
@@ -89,9 +88,7 @@ class GPUWorker:
         self.offline = OfflineWorker(
             self.store, self.engine, WorkerConfig(**(queue_options or {})), worker_id
         )
-        self.metrics = WorkerMetrics(worker_id)
         self.frozen_objects = freeze_heap()  # the model is loaded: no full GC walks it again
-        self._steps_seen = 0
         self.started = time.time()
         self.loop = EngineLoop(
             self.engine,
@@ -110,9 +107,6 @@ class GPUWorker:
 
     def _on_step(self, outputs: list[RequestOutput]) -> None:
         """Runs on the loop thread after every step (and every idle tick)."""
-        if self.engine.stats.steps != self._steps_seen:
-            self._steps_seen = self.engine.stats.steps
-            self.metrics.record_step(self.engine.last_step, outputs)
         self.offline.sync(outputs)
 
     # ------------------------------------------------------------------ the controller's levers
@@ -245,13 +239,15 @@ class WorkerBackend(LocalBackend):
             await stream.aclose()  # left early: the engine request is aborted now, not at GC
 
     async def metrics_text(self) -> str:
-        """Every worker's engine figures (from the controller), else this one's."""
+        """Every worker's engine figures and the offline queue (from the controller), else this
+        worker's figures alone."""
         try:
             controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-            workers = (await controller.status.remote())["workers"]
+            status = await controller.status.remote()
         except (ray.exceptions.RayError, ValueError):
-            workers = {}
-        return render_engine_metrics(workers or {self.worker.worker_id: self.worker.stats()})
+            status = None
+        workers = (status or {}).get("workers") or {self.worker.worker_id: self.worker.stats()}
+        return render_engine_metrics(workers, status)
 
 
 _hosted: WorkerBackend | None = None  # the backend of the worker this replica process hosts

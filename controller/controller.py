@@ -61,7 +61,8 @@ class HarvestController:
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
         self.deaths: list[dict[str, Any]] = []
         self.redis_error: str | None = None  # why the monitor's last round failed (it retries)
-        self._last_jobs = 0.0  # monotonic time of the last job-gauge refresh
+        self._last_jobs = 0.0  # monotonic time of the last job sweep
+        self.offline_requests_pending: int | None = None  # over all jobs, as of the last sweep
         self.started = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -119,15 +120,10 @@ class HarvestController:
             self.actors.pop(name, None)
 
     def _run(self) -> None:
-        from ray.util.metrics import Gauge
-
-        # one series for all jobs: a label per job would add a series for every job ever
-        # submitted, kept by Ray's exporter for as long as the controller lives
-        depth = Gauge("harvest_job_requests_pending", "Offline requests not yet finished, over all jobs.")
         while not self._stop.wait(self.period_s):
-            self.monitor_round(depth)
+            self.monitor_round()
 
-    def monitor_round(self, depth: Any) -> None:
+    def monitor_round(self) -> None:
         """One round of the monitor thread. A Redis error ends the round, never the thread: it
         is logged when it starts or changes, and the next round (one period later) retries."""
         try:
@@ -139,7 +135,7 @@ class HarvestController:
                 for job in self.store.list_jobs(limit=100):
                     c = job.request_counts
                     pending += c.total - c.completed - c.failed
-                depth.set(pending)
+                self.offline_requests_pending = pending  # the workers' /metrics export it
                 self._last_jobs = time.monotonic()
             self._check_silent()
         except redis.RedisError as exc:
@@ -185,6 +181,7 @@ class HarvestController:
             "deaths": list(self.deaths),
             "jobs": jobs,
             "redis_error": self.redis_error,
+            "offline_requests_pending": self.offline_requests_pending,
             "uptime_s": time.time() - self.started,
         }
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harvest.local_redis import RedisProcess, free_port
+from harvest.local_redis import RedisProcess
 from harvest.models.tiny import make_tiny
 
 
@@ -97,10 +97,7 @@ def ray_cluster():
     from harvest.service import use_serve_env
 
     use_serve_env(private_ports=True)  # the same Serve front end as `harvest up`
-    port = free_port()
-    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=port)  # fmt: skip
-    ray.metrics_port = port  # where Ray serves the cluster's Prometheus metrics
+    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -219,10 +219,10 @@ def test_models_health_and_metrics(api):
     assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in r.text.splitlines() if line and not line.startswith("#")}  # fmt: skip
-    assert samples[f'harvest_engine_steps_total{{replica="{MODEL}"}}'] >= 3
-    assert samples[f'harvest_engine_generated_tokens_total{{class="online",replica="{MODEL}"}}'] >= 3
-    assert samples[f'harvest_engine_requests_finished_total{{reason="length",replica="{MODEL}"}}'] >= 1
-    assert samples[f'harvest_engine_healthy{{replica="{MODEL}"}}'] == 1
+    assert samples[f'harvest_engine_steps_total{{worker="{MODEL}"}}'] >= 3
+    assert samples[f'harvest_engine_generated_tokens_total{{class="online",worker="{MODEL}"}}'] >= 3
+    assert samples[f'harvest_engine_requests_finished_total{{reason="length",worker="{MODEL}"}}'] >= 1
+    assert samples[f'harvest_engine_healthy{{worker="{MODEL}"}}'] == 1
 
 
 # ---------------------------------------------------------------------- errors

@@ -15,7 +15,8 @@ import ray
 from harvest import service
 from harvest.client import HarvestClient
 from harvest.engine import Engine, SamplingParams
-from tests.conftest import RedisServer, free_port
+from harvest.local_redis import free_port
+from tests.conftest import RedisServer
 
 MODEL_NAME = "tiny"
 
@@ -178,22 +179,30 @@ def test_a_poison_batch_line_costs_its_own_record_and_health_never_fails(svc, oa
     assert oai.completions.create(model=MODEL_NAME, prompt="still here", max_tokens=2).usage.completion_tokens
 
 
-def test_metrics_over_http_and_through_ray(svc, oai, ray_cluster):
-    oai.completions.create(model=MODEL_NAME, prompt="count me", max_tokens=4, extra_body={"ignore_eos": True})
-    text = httpx.get(f"{svc['base']}/metrics").text
-    assert "harvest_engine_steps_total" in text
-    deadline, names = time.monotonic() + 60, set()
-    while time.monotonic() < deadline:  # Ray exports its metrics API series every few seconds
-        scrape = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=5).text
-        names = {line.split("{")[0] for line in scrape.splitlines() if line.startswith("ray_harvest")}
-        if {
-            "ray_harvest_ttft_seconds_count",
-            "ray_harvest_tokens_total",
-            "ray_harvest_job_requests_pending",
-        } <= names:
-            return
-        time.sleep(1)
-    raise AssertionError(f"Ray metrics missing, saw {sorted(names)}")
+def test_one_scrape_sees_every_worker_and_the_offline_queue(svc, oai):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> tuple[dict, list]:
+        text = httpx.get(f"{svc['base']}/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        samples = families["harvest_request_ttft_seconds"].samples
+        return families, [s for s in samples if s.name.endswith("_count") and s.labels["class"] == "online"]
+
+    before = sum(s.value for s in scrape()[1])
+    exact = {"ignore_eos": True}
+    for _ in range(3):
+        oai.completions.create(model=MODEL_NAME, prompt="count", max_tokens=4, extra_body=exact)
+    deadline = time.monotonic() + 30
+    while True:  # the controller's view catches up with the next heartbeat (4 a second)
+        families, ttft = scrape()
+        if sum(s.value for s in ttft) >= before + 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    # `before` may miss the previous test's last request (a heartbeat behind): hence >=
+    assert sum(s.value for s in ttft) >= before + 3
+    assert {s.labels["worker"] for s in ttft} == set(service.status()["workers"])  # every worker, one scrape
+    assert families["harvest_offline_requests_pending"].samples[0].value >= 0
+    assert "harvest_job_requests" in families
 
 
 def test_workers_keep_their_start_up_heap_out_of_full_collections(svc):

@@ -351,9 +351,11 @@ class Engine:
                 keep = keep[:-1]
             text = decode_output(self.tokenizer, req.prompt_token_ids, keep)
         metrics = {"arrival_time": req.arrival_time, "finish_time": time.monotonic()}
+        if req.first_scheduled_time is not None:
+            metrics["first_scheduled_time"] = req.first_scheduled_time
         if req.first_token_time is not None:
             metrics["first_token_time"] = req.first_token_time
-        return RequestOutput(
+        output = RequestOutput(
             req.request_id,
             new_token_ids or [],
             output_ids,
@@ -367,6 +369,8 @@ class Engine:
             metrics=metrics,
             error=error,
         )
+        self.stats.observe_finished(req.request_class.value, output)
+        return output
 
     # ------------------------------------------------------------------ convenience
 

@@ -1,14 +1,92 @@
-"""Per-step metrics and running totals, for the worker, the controller and the benchmarks."""
+"""Per-step metrics, per-request latencies and running totals, for the worker, the controller,
+/metrics and the benchmarks."""
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from harvest.engine.request import Request
+    from harvest.engine.request import Request, RequestOutput
     from harvest.engine.scheduler import ScheduledBatch
+
+# Upper bounds (seconds) of the latency histograms' buckets, shared by every worker so that
+# Prometheus can sum their buckets. Dense below a second where SLO targets sit (a target
+# is read off exactly when it is a bound), sparse up to the minutes an offline request takes.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75,
+    1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+LATENCIES = ("ttft_s", "tpot_s", "queue_s", "e2e_s")
+
+
+@dataclass(frozen=True)
+class RequestLatency:
+    """A finished request's latencies, from the engine's own timestamps (`RequestOutput.metrics`).
+
+    The one place TTFT and TPOT are computed: the engine's histograms (/metrics) use it, and
+    any caller holding a request's last output (the worker's SLO feedback) can, so both
+    measure the same thing. A field is None when the request never got that far (no
+    token, or only one for TPOT; never scheduled for the queue time).
+    """
+
+    e2e_s: float  # arrival -> finish
+    queue_s: float | None  # arrival -> first scheduled
+    ttft_s: float | None  # arrival -> first token
+    tpot_s: float | None  # first token -> finish, per further output token
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> RequestLatency | None:
+        """None for an output that is not a request's last, or one without timestamps."""
+        m = out.metrics
+        if not out.finished or "arrival_time" not in m or "finish_time" not in m:
+            return None
+        arrival, first_token = m["arrival_time"], m.get("first_token_time")
+        scheduled = m.get("first_scheduled_time")
+        tpot = None
+        if first_token is not None and out.num_output_tokens > 1:
+            tpot = (m["finish_time"] - first_token) / (out.num_output_tokens - 1)
+        return cls(
+            e2e_s=m["finish_time"] - arrival,
+            queue_s=None if scheduled is None else scheduled - arrival,
+            ttft_s=None if first_token is None else first_token - arrival,
+            tpot_s=tpot,
+        )
+
+
+class LatencyHistograms:
+    """Bucket counts of `RequestLatency` by latency and request class, kept as plain data.
+
+    The engine observes on its own thread and `as_dict()` is read from others (the heartbeat,
+    /metrics), hence the lock. Counts are per bucket (not cumulative); the last one is +Inf.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in LATENCIES}
+
+    def observe(self, request_class: str, latency: RequestLatency) -> None:
+        with self._lock:
+            for name in LATENCIES:
+                value = getattr(latency, name)
+                if value is None:
+                    continue
+                empty = {"counts": [0] * (len(LATENCY_BUCKETS_S) + 1), "sum": 0.0}
+                hist = self._data[name].setdefault(request_class, empty)
+                hist["counts"][bisect_left(LATENCY_BUCKETS_S, value)] += 1
+                hist["sum"] += value
+
+    def as_dict(self) -> dict[str, Any]:
+        """{"bounds": [...], "ttft_s": {class: {"counts": [...], "sum": s}}, "tpot_s": ...}."""
+        with self._lock:
+            data = {
+                name: {cls: {"counts": list(h["counts"]), "sum": h["sum"]} for cls, h in by_class.items()}
+                for name, by_class in self._data.items()
+            }
+        return {"bounds": list(LATENCY_BUCKETS_S), **data}
 
 
 @dataclass
@@ -88,6 +166,7 @@ class EngineStats:
     checkpointed_blocks: int = 0
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
+    latency: LatencyHistograms = field(default_factory=LatencyHistograms, compare=False, repr=False)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -106,5 +185,11 @@ class EngineStats:
         self.prefix_queried_tokens += step.prefix_queried_tokens
         self.prefix_hit_tokens += step.prefix_hit_tokens
 
+    def observe_finished(self, request_class: str, out: RequestOutput) -> None:
+        """A request's last output: its latencies go into the histograms."""
+        if (latency := RequestLatency.of(out)) is not None:
+            self.latency.observe(request_class, latency)
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "prefix_hit_rate": self.prefix_hit_rate}
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latency"}
+        return {**counts, "prefix_hit_rate": self.prefix_hit_rate, "latency": self.latency.as_dict()}

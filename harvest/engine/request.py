@@ -65,6 +65,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.seed: int | None = request_seed(params)  # what each sampled token is drawn from
+        self.first_scheduled_time: float | None = None  # the queue time's end (engine/metrics.py)
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store

@@ -158,6 +158,8 @@ class Scheduler:
             return False
         queue.popleft()
         req.status = RequestStatus.RUNNING
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
         self.running.append(req)
         if restore:
             batch.restored.append((req, len(hit)))
