@@ -45,13 +45,14 @@ def local_ray(num_cpus: int | None = None):
     """Ray for a benchmark: a local instance, unless this process is already connected."""
     import ray
 
-    from harvest.service import use_serve_env
+    from harvest.names import NAMESPACE
+    from harvest.serve_env import use_serve_env
 
     owned = not ray.is_initialized()
     if owned:
         use_serve_env(private_ports=True)
         ray.init(
-            namespace="harvest",
+            namespace=NAMESPACE,
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,
