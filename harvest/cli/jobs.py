@@ -17,6 +17,16 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from harvest.cli.app import app
+from harvest.cli.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES,
+    EXIT_ERROR,
+    EXIT_NOT_COMPLETED,
+    EXIT_NOT_FOUND,
+    EXIT_REDIS,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+)
 from harvest.queue.config import default_redis_url
 from harvest.queue.errors import (
     InvalidInputError,
@@ -28,13 +38,6 @@ from harvest.queue.errors import (
 from harvest.queue.models import Job, JobStatus
 from harvest.redact import redact_url
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
-EXIT_REDIS, EXIT_NOT_COMPLETED, EXIT_TIMEOUT = 5, 6, 7
-EXIT_CODES = (
-    "Exit codes: 0 ok (with --wait: job completed); 2 bad usage; 3 invalid input (each bad line is "
-    "named on stderr); 4 unknown job; 5 Redis unreachable; 6 the job ended failed, expired or "
-    "cancelled (submit: it was cancelled while being submitted); 7 --timeout passed first."
-)
 err = Console(stderr=True)
 out = Console()
 RedisUrl = typer.Option(
@@ -275,7 +278,7 @@ def purge(
             keys = _client(redis_url).purge(job_id, force)
         except ValueError as exc:
             err.print(f"[red]refused:[/] {exc}")
-            raise typer.Exit(2) from None  # bad usage: a running job needs --force
+            raise typer.Exit(EXIT_USAGE) from None  # a running job needs --force
     err.print(f"{job_id} purged ({keys} keys)")
 
 

@@ -14,6 +14,7 @@ from rich.markup import escape  # errors quote user input, such as ORG/NAME[@REV
 from rich.table import Table
 
 from harvest.cli.app import app
+from harvest.cli.exits import EXIT_BAD_INPUT
 
 if TYPE_CHECKING:
     from harvest.config import HarvestConfig
@@ -29,7 +30,6 @@ def _flags(**flags: Any) -> dict[str, Any]:
 
 def _effective_config(config_file: Path | None, flags: dict[str, Any]) -> HarvestConfig:
     """The file's keys with the flags on top, or exit 3 naming the bad key (and the file)."""
-    from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.config import ConfigError, load_config
 
     try:
@@ -95,7 +95,6 @@ def up(
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
     from harvest import local_ray, local_redis, service
-    from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.config import ConfigError, redis_url_of
     from harvest.models.resolve import ModelUnavailable, resolve_model
     from harvest.paths import ensure_default_model
@@ -262,7 +261,7 @@ def show_service_status(address: str, as_json: bool) -> None:
             f"{step.get('online_running', 0)}/{step.get('online_waiting', 0)}",
             f"{step.get('offline_running', 0)}/{step.get('offline_waiting', 0)}",
             "[red]paused[/]" if s.get("offline_paused") else "on" if s.get("offline_enabled") else "off",
-            f"{s.get('slo_scale', 1.0):.2f}",  # of the SLO the engine plans for (controller/feedback.py)
+            f"{s.get('slo_scale', 1.0):.2f}",  # of the SLO the engine plans for (harvest/serving/feedback.py)
             f"{s.get('kv_blocks_used', 0)}/{s.get('kv_blocks_total', 0)}",
             f"{1e3 * step.get('measured_latency_s', 0):.1f}",
             str(len(s.get("shards", []))),
