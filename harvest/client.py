@@ -1,6 +1,6 @@
 """HarvestClient: submit offline jobs, watch them, fetch and export their results.
 
-    client = HarvestClient()                       # $HARVEST_REDIS_URL, else redis://127.0.0.1:6379/0
+    client = HarvestClient()                       # $HARVEST_REDIS_URL, else redis://127.0.0.1:6390/0
     job = client.submit(["Summarise: ...", [{"role": "user", "content": "Hi"}]], max_tokens=64)
     client.wait(job.id)
     client.export(job.id, "out.parquet")
