@@ -30,7 +30,7 @@ async def replay_http(
     import httpx
 
     # this client shares its process with a Ray driver and torch: a full GC pass over that
-    # heap stalls every stream in flight (measured: 300-520 ms, the P99 of a whole run)
+    # heap stalls every stream in flight (its cost: docs/BENCHMARKS.md, peers)
     freeze_heap()
     rng = random.Random(seed)
     words = ["the", "miller", "river", "bread", "city", "library", "weather", "question", "answer", "review"]

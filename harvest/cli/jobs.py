@@ -121,18 +121,39 @@ def submit(
         try:
             if workload is not None:
                 job = _submit_workload(
-                    _client(redis_url), workload, file, option, column=column, template=template, chat=chat,
-                    model=model, name=name or workload, max_tokens=max_tokens, temperature=temperature,
-                    completion_window=window, shard_size=shard_size, max_attempts=max_attempts,
-                )  # fmt: skip
+                    _client(redis_url),
+                    workload,
+                    file,
+                    option,
+                    column=column,
+                    template=template,
+                    chat=chat,
+                    model=model,
+                    name=name or workload,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    completion_window=window,
+                    shard_size=shard_size,
+                    max_attempts=max_attempts,
+                )
             elif file is None:
                 raise ValueError("give FILE, or --workload KIND (synthetic needs no FILE)")
             else:
                 job = _client(redis_url).submit_file(
-                    file, column=column, template=template, id_column=id_column, chat=chat, model=model,
-                    name=name, max_tokens=max_tokens, temperature=temperature, completion_window=window,
-                    shard_size=shard_size, max_attempts=max_attempts, allow_invalid=allow_invalid,
-                )  # fmt: skip
+                    file,
+                    column=column,
+                    template=template,
+                    id_column=id_column,
+                    chat=chat,
+                    model=model,
+                    name=name,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    completion_window=window,
+                    shard_size=shard_size,
+                    max_attempts=max_attempts,
+                    allow_invalid=allow_invalid,
+                )
         except ValueError as exc:
             if isinstance(exc, InvalidInputError):
                 raise
@@ -177,8 +198,16 @@ def _submit_workload(
     pairs = dict(o.split("=", 1) for o in options if "=" in o)
     if len(pairs) != len(options):
         raise ValueError(f"--option takes key=value, got {[o for o in options if '=' not in o]}")
-    requests = build_requests(kind, file, model=model or "harvest", column=column, max_tokens=max_tokens,
-                              template=template, chat=chat, **pairs)  # fmt: skip
+    requests = build_requests(
+        kind,
+        file,
+        model=model or "harvest",
+        column=column,
+        max_tokens=max_tokens,
+        template=template,
+        chat=chat,
+        **pairs,
+    )
     return client.submit(list(requests), model=model, **submit_options)
 
 
@@ -199,8 +228,15 @@ def list_jobs(
     table.columns.insert(0, Column("id", no_wrap=True, min_width=26))  # ids get copied: never cut them
     for job in jobs:
         c = job.request_counts
-        table.add_row(job.id, job.name, job.status.value, str(c.completed), str(c.failed), str(c.total),
-                      f"{job.shards_finished}/{job.num_shards}")  # fmt: skip
+        table.add_row(
+            job.id,
+            job.name,
+            job.status.value,
+            str(c.completed),
+            str(c.failed),
+            str(c.total),
+            f"{job.shards_finished}/{job.num_shards}",
+        )
     out.print(table)
 
 

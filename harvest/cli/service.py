@@ -47,9 +47,11 @@ ModelOpt = typer.Option(
     help="Local HF model dir, or Hub id ORG/NAME or ORG/NAME@REVISION; default: the tiny demo model.",
 )
 ServedNames = typer.Option(
-    None, "--served-model-name", "--model-name",
+    None,
+    "--served-model-name",
+    "--model-name",
     help="Name clients pass as `model` (repeat for several); default: the Hub id, else 'harvest'.",
-)  # fmt: skip
+)
 WorkersOpt = typer.Option(
     None, "--workers", help="Workers (a Serve replica each); default: one per GPU, or 1."
 )
@@ -100,10 +102,23 @@ def up(
     from harvest.paths import ensure_default_model
     from harvest.redact import redact_url
 
-    flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
-                   dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
-                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
-                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+    flags = _flags(
+        address=address,
+        model=model,
+        served_model_name=served_model_name,
+        workers=workers,
+        dtype=dtype,
+        kv_cache_memory=kv_cache_memory,
+        max_model_len=max_model_len,
+        policy=policy,
+        slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms,
+        port=port,
+        host=host,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        job_ttl=job_ttl,
+    )
     config = _effective_config(config_file, flags)
     try:
         api_key = config.resolved_api_key()
@@ -111,8 +126,10 @@ def up(
         console.print(f"[red]bad configuration[/]: {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if api_key is None and config.host not in LOOPBACK:
-        console.print(f"[bold red]WARNING: listening on {config.host} with no API key[/]: anyone who "
-                      "can reach this port can use the model; set --api-key-file")  # fmt: skip
+        console.print(
+            f"[bold red]WARNING: listening on {config.host} with no API key[/]: anyone who "
+            "can reach this port can use the model; set --api-key-file"
+        )
     names = config.model_names()
     if config.model is not None:  # a Hub id is fetched here, once, before anything starts
         try:
@@ -187,10 +204,23 @@ def config_show(
     secrets masked; nothing is started and no model is fetched."""
     import yaml
 
-    flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
-                   dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
-                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
-                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+    flags = _flags(
+        address=address,
+        model=model,
+        served_model_name=served_model_name,
+        workers=workers,
+        dtype=dtype,
+        kv_cache_memory=kv_cache_memory,
+        max_model_len=max_model_len,
+        policy=policy,
+        slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms,
+        port=port,
+        host=host,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        job_ttl=job_ttl,
+    )
     config = _effective_config(config_file, flags)
     from harvest.config import redis_url_of
 

@@ -133,7 +133,7 @@ def _median(rounds: list[dict]) -> dict:
 def run(quick: bool, out: Path, repeat: int = 1) -> dict:
     """`repeat` rounds, each the peer then harvest on the same trace, so that a slow spell of
     the machine hits both; the verdict is on the median round (single-run P99s of the same
-    server move by up to 1.7x on the 2-core box)."""
+    server move a lot between runs on a shared machine: docs/BENCHMARKS.md, peers)."""
     import transformers
 
     from harvest.models.tiny import make_tiny
