@@ -9,8 +9,6 @@ from typing import Any
 
 import redis
 
-from harvest.queue.store import connect
-
 CONFIG_KEY = "harvest:service"
 SECRET_SETTINGS = ("api_key", "redis_url")
 
@@ -26,10 +24,6 @@ class ConfigStore:
     def __init__(self, client: redis.Redis, key: str = CONFIG_KEY) -> None:
         self.client = client
         self.key = key
-
-    @classmethod
-    def from_url(cls, url: str) -> ConfigStore:
-        return cls(connect(url))
 
     def get(self) -> dict[str, Any]:
         """The stored config ({} when none is), secrets dropped should an old one hold any."""

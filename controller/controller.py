@@ -22,7 +22,7 @@ import redis
 
 from controller.config_store import ConfigStore, public_settings
 from harvest.names import CONTROLLER_NAME, NAMESPACE  # noqa: F401  (actors/gpu_worker.py imports them here)
-from harvest.queue.store import JobStore
+from harvest.queue.store import JobStore, connect
 from harvest.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ def shown_config(config: dict[str, Any]) -> dict[str, Any]:
 
 class HarvestController:
     def __init__(self, config: dict[str, Any]) -> None:
-        self.store = JobStore.from_url(config["redis_url"])
-        self.config_store = ConfigStore.from_url(config["redis_url"])
+        client = connect(config["redis_url"])  # one connection pool for both stores
+        self.store = JobStore(client)
+        self.config_store = ConfigStore(client)
         # a restarted controller gets its config back from Redis (with later changes such as a
         # new SLO); the secrets, never stored there, from its arguments
         self.config = {**config, **self.config_store.get()}

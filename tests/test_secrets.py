@@ -132,3 +132,19 @@ def test_controller_keeps_the_api_key_and_redis_password_out_of_redis_and_status
         assert PASSWORD not in restarted.config_store.client.get(CONFIG_KEY)
     finally:
         restarted.shutdown()
+
+
+def test_the_config_store_keeps_no_secret_and_forgets_on_clear(redis_server):
+    from controller.config_store import CONFIG_KEY, ConfigStore
+    from harvest.queue.store import connect
+
+    client = connect(redis_server.url)
+    store = ConfigStore(client)
+    assert store.get() == {}
+    store.put({"model": "m", "api_key": "sk-" + PASSWORD, "redis_url": redis_server.url, "port": 8000})
+    assert store.get() == {"model": "m", "port": 8000}
+    assert PASSWORD not in client.get(CONFIG_KEY) and "redis_url" not in client.get(CONFIG_KEY)
+    client.set(CONFIG_KEY, '{"model": "m", "api_key": "old"}')  # written by an older version
+    assert store.get() == {"model": "m"}
+    store.clear()
+    assert store.get() == {} and client.get(CONFIG_KEY) is None
