@@ -21,8 +21,8 @@ import ray
 import torch
 
 from harvest.engine.checkpoint import HostCheckpointStore
+from harvest.names import NAMESPACE
 
-NAMESPACE = "harvest"
 # a closed key is remembered this long: past it no put for it can still be in flight (a
 # worker ships every 0.25 s, and a stale lease holder learns it lost the lease at its next
 # renewal, a third of the visibility timeout; a lease lost to expiry had a visibility

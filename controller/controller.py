@@ -12,7 +12,6 @@ restart loses nothing: the view fills again with the next reports.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -21,26 +20,17 @@ from typing import Any
 import ray
 import redis
 
-from harvest.queue.store import JobStore
+from controller.config_store import ConfigStore, public_settings
+from harvest.names import CONTROLLER_NAME, NAMESPACE  # noqa: F401  (actors/gpu_worker.py imports them here)
+from harvest.queue.store import JobStore, connect
 from harvest.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_NAME = "harvest-controller"
-NAMESPACE = "harvest"
-CONFIG_KEY = "harvest:service"
-# never written to Redis: a restarted controller gets them from its own creation arguments
-SECRET_SETTINGS = ("api_key", "redis_url")
-
-
-def stored_config(config: dict[str, Any]) -> str:
-    """The service config as kept in Redis (CONFIG_KEY): everything but the secrets."""
-    return json.dumps({k: v for k, v in config.items() if k not in SECRET_SETTINGS})
-
 
 def shown_config(config: dict[str, Any]) -> dict[str, Any]:
     """The service config as `status()` shows it: the Redis password and the API key masked."""
-    shown = {k: v for k, v in config.items() if k not in SECRET_SETTINGS}
+    shown = public_settings(config)
     if "redis_url" in config:
         shown["redis_url"] = redact_url(config["redis_url"])
     shown["api_key"] = "***" if config.get("api_key") else None
@@ -49,13 +39,13 @@ def shown_config(config: dict[str, Any]) -> dict[str, Any]:
 
 class HarvestController:
     def __init__(self, config: dict[str, Any]) -> None:
-        self.store = JobStore.from_url(config["redis_url"])
-        stored = self.store.r.get(CONFIG_KEY)
+        client = connect(config["redis_url"])  # one connection pool for both stores
+        self.store = JobStore(client)
+        self.config_store = ConfigStore(client)
         # a restarted controller gets its config back from Redis (with later changes such as a
         # new SLO); the secrets, never stored there, from its arguments
-        restored = {k: v for k, v in json.loads(stored or "{}").items() if k not in SECRET_SETTINGS}
-        self.config = {**config, **restored}
-        self.store.r.set(CONFIG_KEY, stored_config(self.config))
+        self.config = {**config, **self.config_store.get()}
+        self.config_store.put(self.config)
         self.period_s = self.config.get("monitor_period_s", 0.25)
         self.view: dict[str, dict[str, Any]] = {}  # worker -> its last report, and when it came
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
@@ -154,7 +144,7 @@ class HarvestController:
         """New online SLO targets for every worker (kept for restarts); True once every
         worker reported them, which takes one heartbeat."""
         self.config.setdefault("engine_options", {})["slo"] = {"ttft_s": ttft_s, "tpot_s": tpot_s}
-        self.store.r.set(CONFIG_KEY, stored_config(self.config))
+        self.config_store.put(self.config)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -193,7 +183,7 @@ class HarvestController:
     def shutdown(self) -> None:
         """Stop supervising and forget the stored config (Serve stops the workers)."""
         self._stop.set()
-        self.store.r.delete(CONFIG_KEY)
+        self.config_store.clear()
 
 
 def controller_actor():

@@ -1,6 +1,6 @@
 """HarvestClient: submit offline jobs, watch them, fetch and export their results.
 
-    client = HarvestClient()                       # $HARVEST_REDIS_URL, else redis://127.0.0.1:6379/0
+    client = HarvestClient()                       # $HARVEST_REDIS_URL, else redis://127.0.0.1:6390/0
     job = client.submit(["Summarise: ...", [{"role": "user", "content": "Hi"}]], max_tokens=64)
     client.wait(job.id)
     client.export(job.id, "out.parquet")
@@ -59,9 +59,16 @@ class HarvestClient:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RedisUnavailableError(self.redis_url, exc) from exc
 
-    def _options(self, model: str, name: str, max_tokens: int | None, temperature: float | None,
-                 defaults: dict[str, Any] | None, completion_window: str | float | None,
-                 **kwargs: Any) -> JobOptions:  # fmt: skip
+    def _options(
+        self,
+        model: str,
+        name: str,
+        max_tokens: int | None,
+        temperature: float | None,
+        defaults: dict[str, Any] | None,
+        completion_window: str | float | None,
+        **kwargs: Any,
+    ) -> JobOptions:
         merged = dict(defaults or {})
         if max_tokens is not None:
             merged["max_tokens"] = max_tokens
@@ -192,9 +199,13 @@ class _ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), transient=False,
-        )  # fmt: skip
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
         self.task = self.progress.add_task(job_id, total=None, status="")
         self.progress.start()
 

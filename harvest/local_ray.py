@@ -42,7 +42,7 @@ def start(num_cpus: int | None = None) -> bool:
     # those ports is Ray's token authentication, which `ray start` 2.60 turns on by default.
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
-    from harvest.service import use_serve_env
+    from harvest.serve_env import use_serve_env
 
     use_serve_env()
     subprocess.run(cmd, check=True, capture_output=True)

@@ -2,20 +2,24 @@
 
 Same code path on a laptop (a local Ray head started here) and on a cluster (`address`
 of an existing Ray cluster, e.g. "auto" after `ray up cluster.yaml`).
+
+The wiring of the roles: with the CLI and the Serve app builder (harvest/deploy.py) that
+call it, this is the only place in `harvest` that imports actors/ and controller/. The
+library packages never import it or them (tests/test_layers.py holds them to that).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 
-from controller.controller import CONTROLLER_NAME, NAMESPACE, controller_actor
+from controller.controller import controller_actor
 from harvest.config import HarvestConfig
+from harvest.names import CONTROLLER_NAME, NAMESPACE
 
 
 @dataclass
@@ -43,44 +47,6 @@ class ServiceConfig:
 
 
 APP_NAME = "harvest"
-# Serve's HAProxy front end with direct ingress: HTTP goes HAProxy -> a worker replica's
-# own server, skipping Serve's Python proxy and its RPC hop to the replica (on the 2-core
-# CPU box: 27 -> 17 ms TTFT for a lone request, end-to-end SLO attainment 0.88 -> 0.97).
-# HAProxy balances by least connections: an online request is one open connection, so the
-# worker with the fewest online requests in flight gets the next one.
-# Ray starts its worker processes (our engines and their HTTP servers) at nice 15, below its own
-# daemons and the driver; on a busy node the serving path then waits for them. At nice 0
-# the peers suite's harvest-alone P99 went from 131/20.2 to 99/15.4 ms (TTFT/TPOT).
-# RAY_SERVE_THROUGHPUT_OPTIMIZED is Ray's own low-overhead Serve profile; what it changes
-# here: the OpenAI app runs on the replica's main event loop, not a second loop in
-# another thread, so each request and each streamed token skips a hop between threads.
-# Ray reads these when it starts; a value already in the environment wins.
-SERVE_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # no load balancer to deregister from
-    "RAY_worker_niceness": "0",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # A request whose worker dies before answering (the connection closes with no response)
-    # or answers 503 (its engine loop is gone) is retried on another worker: the client sees
-    # no error. A request that already streamed tokens cannot be retried, and is not.
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response 503",
-}
-
-
-def use_serve_env(private_ports: bool = False) -> None:
-    """Put SERVE_ENV into this process's environment, for a Ray started from here.
-
-    `private_ports` (tests, benchmarks): HAProxy's metrics and stats listeners on free ports
-    instead of Serve's fixed 9101 and 8404, so that a second service on the machine (a
-    `harvest up`, another test run) does not stop this one's HAProxy from starting."""
-    for key, value in SERVE_ENV.items():
-        os.environ.setdefault(key, value)
-    if private_ports:
-        from harvest.local_redis import free_port
-
-        for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
-            os.environ.setdefault(key, str(free_port()))
 
 
 def service_config(config: HarvestConfig, model: str, redis_url: str) -> ServiceConfig:

@@ -94,10 +94,11 @@ def ray_cluster():
     """One local Ray for the whole test session (starting Ray costs seconds)."""
     import ray
 
-    from harvest.service import use_serve_env
+    from harvest.names import NAMESPACE
+    from harvest.serve_env import use_serve_env
 
     use_serve_env(private_ports=True)  # the same Serve front end as `harvest up`
-    ray.init(num_cpus=4, namespace="harvest", include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

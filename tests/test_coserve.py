@@ -64,7 +64,7 @@ def test_online_only_rejects_offline(tiny_model):
     engine = make_engine(tiny_model, policy="online-only")
     with pytest.raises(ValueError, match="online-only"):
         engine.add_request([1, 2, 3], GREEDY)
-    assert engine.generate  # online requests still run:
+    assert not engine.has_unfinished()  # the rejected request left nothing behind
     rid = engine.add_request([5, 6, 7], ONLINE, request_class="online")
     assert rid in run_checked(engine)
 

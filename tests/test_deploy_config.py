@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from harvest.cli import app
-from harvest.cli.jobs import EXIT_BAD_INPUT
+from harvest.cli.exits import EXIT_BAD_INPUT
 from harvest.config import ConfigError, build_config, load_config, parse_kv_cache_memory
 from harvest.service import service_config
 from tests.helpers import serve_app
@@ -196,8 +196,8 @@ def test_the_serve_builder_starts_the_controller_and_returns_the_workers_app(
     import ray
     from ray.serve import Application
 
-    from controller.controller import CONTROLLER_NAME, NAMESPACE
     from harvest.deploy import app as build
+    from harvest.names import CONTROLLER_NAME, NAMESPACE
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

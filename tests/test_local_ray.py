@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from harvest import local_ray
 from harvest.cli import app
-from harvest.cli.jobs import EXIT_BAD_INPUT
+from harvest.cli.exits import EXIT_BAD_INPUT
 from harvest.paths import ray_started_marker
 
 

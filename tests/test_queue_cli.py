@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from harvest.cli import app
-from harvest.cli.jobs import EXIT_BAD_INPUT, EXIT_NOT_COMPLETED, EXIT_NOT_FOUND, EXIT_REDIS, EXIT_TIMEOUT
+from harvest.cli.exits import EXIT_BAD_INPUT, EXIT_NOT_COMPLETED, EXIT_NOT_FOUND, EXIT_REDIS, EXIT_TIMEOUT
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from harvest.cli import app
-from harvest.cli.jobs import EXIT_REDIS
+from harvest.cli.exits import EXIT_REDIS
 from harvest.client import HarvestClient
 from harvest.local_redis import RedisProcess, free_port, wait_up
 from harvest.queue.errors import RedisUnavailableError
@@ -109,25 +109,42 @@ def test_service_config_repr_hides_secrets():
 
 def test_controller_keeps_the_api_key_and_redis_password_out_of_redis_and_status(password_redis):
     """The controller class itself (Ray plays no part in what it stores or shows)."""
-    from controller.controller import CONFIG_KEY, HarvestController
+    from controller.config_store import CONFIG_KEY
+    from controller.controller import HarvestController
 
     api_key = "sk-" + PASSWORD
     args = {"redis_url": password_redis, "api_key": api_key, "num_workers": 1, "monitor_period_s": 0.05}
     controller = HarvestController(dict(args))
     try:
         assert controller.set_slo(0.5, 0.05)  # no worker to wait for; a change that must survive a restart
-        stored = controller.store.r.get(CONFIG_KEY)
+        stored = controller.config_store.client.get(CONFIG_KEY)
         assert PASSWORD not in stored and "api_key" not in stored and "redis_url" not in stored
         shown = controller.status()["config"]
         assert PASSWORD not in str(shown)
         assert shown["api_key"] == "***" and shown["redis_url"].startswith("redis://:***@127.0.0.1")
     finally:
         controller.shutdown()
-    controller.store.r.set(CONFIG_KEY, stored)  # as a crashed controller would have left it
+    controller.config_store.client.set(CONFIG_KEY, stored)  # as a crashed controller would have left it
     restarted = HarvestController(dict(args))
     try:
         assert restarted.config["engine_options"]["slo"] == {"ttft_s": 0.5, "tpot_s": 0.05}
         assert restarted.config["api_key"] == api_key  # from its arguments, for its own use
-        assert PASSWORD not in restarted.store.r.get(CONFIG_KEY)
+        assert PASSWORD not in restarted.config_store.client.get(CONFIG_KEY)
     finally:
         restarted.shutdown()
+
+
+def test_the_config_store_keeps_no_secret_and_forgets_on_clear(redis_server):
+    from controller.config_store import CONFIG_KEY, ConfigStore
+    from harvest.queue.store import connect
+
+    client = connect(redis_server.url)
+    store = ConfigStore(client)
+    assert store.get() == {}
+    store.put({"model": "m", "api_key": "sk-" + PASSWORD, "redis_url": redis_server.url, "port": 8000})
+    assert store.get() == {"model": "m", "port": 8000}
+    assert PASSWORD not in client.get(CONFIG_KEY) and "redis_url" not in client.get(CONFIG_KEY)
+    client.set(CONFIG_KEY, '{"model": "m", "api_key": "old"}')  # written by an older version
+    assert store.get() == {"model": "m"}
+    store.clear()
+    assert store.get() == {} and client.get(CONFIG_KEY) is None

@@ -17,7 +17,7 @@ import redis
 from typer.testing import CliRunner
 
 from harvest.cli import app
-from harvest.cli.jobs import EXIT_BAD_INPUT, EXIT_NOT_COMPLETED
+from harvest.cli.exits import EXIT_BAD_INPUT, EXIT_NOT_COMPLETED
 from harvest.queue import InvalidInputError, JobNotQueuedError, JobOptions, JobStatus, JobStore
 from harvest.queue.inputs import read_items
 from harvest.queue.submit import submit

@@ -88,8 +88,13 @@ def build_app(
             return SSEResponse(completion_events(gen, body.model, _include_usage(body)), gen)
         final = await _collect(gen, request)
         choice = CompletionChoice(text=final.text, finish_reason=_finish_reason(final))
-        return CompletionResponse(id=gen.request_id, created=gen.created, model=body.model,
-                                  choices=[choice], usage=Usage.of(*gen.usage_tokens()))  # fmt: skip
+        return CompletionResponse(
+            id=gen.request_id,
+            created=gen.created,
+            model=body.model,
+            choices=[choice],
+            usage=Usage.of(*gen.usage_tokens()),
+        )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(
@@ -102,8 +107,13 @@ def build_app(
             return SSEResponse(chat_events(gen, body.model, _include_usage(body)), gen)
         final = await _collect(gen, request)
         choice = ChatChoice(message=AssistantMessage(content=final.text), finish_reason=_finish_reason(final))
-        return ChatCompletionResponse(id=gen.request_id, created=gen.created, model=body.model,
-                                      choices=[choice], usage=Usage.of(*gen.usage_tokens()))  # fmt: skip
+        return ChatCompletionResponse(
+            id=gen.request_id,
+            created=gen.created,
+            model=body.model,
+            choices=[choice],
+            usage=Usage.of(*gen.usage_tokens()),
+        )
 
     if batch is not None:
         install_file_routes(app, batch)

@@ -61,9 +61,14 @@ def install_batch_routes(app: FastAPI, service: BatchService, model_name: Callab
             raise invalid("completion_window must be a positive duration such as 24h", "completion_window")
         try:
             view = await asyncio.to_thread(
-                service.batches.create, body.input_file_id, body.endpoint, body.completion_window,
-                window_s, body.metadata, model_name(),
-            )  # fmt: skip
+                service.batches.create,
+                body.input_file_id,
+                body.endpoint,
+                body.completion_window,
+                window_s,
+                body.metadata,
+                model_name(),
+            )
         except BatchInputError as exc:
             if exc.not_found:
                 raise APIError(404, str(exc), param=exc.param, code="file_not_found") from None

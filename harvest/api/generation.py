@@ -28,8 +28,14 @@ class ClientDisconnected(Exception):
 class Generation:
     """A started request: its outputs, its usage counts and the way to end it."""
 
-    def __init__(self, backend: Backend, request_id: str, prompt_tokens: int,
-                 outputs: AsyncIterator[RequestOutput], first: RequestOutput) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backend: Backend,
+        request_id: str,
+        prompt_tokens: int,
+        outputs: AsyncIterator[RequestOutput],
+        first: RequestOutput,
+    ) -> None:
         self.backend = backend
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens

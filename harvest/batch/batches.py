@@ -32,8 +32,11 @@ from harvest.queue.store import JobStore
 from harvest.queue.submit import Source, file_source, submit
 
 CLOSED = (JobStatus.COMPLETED, JobStatus.EXPIRED, JobStatus.CANCELLED)  # these get output files
-WRITING_STATUS = {JobStatus.COMPLETED: "finalizing", JobStatus.EXPIRED: "finalizing",
-                  JobStatus.CANCELLED: "cancelling"}  # fmt: skip
+WRITING_STATUS = {
+    JobStatus.COMPLETED: "finalizing",
+    JobStatus.EXPIRED: "finalizing",
+    JobStatus.CANCELLED: "cancelling",
+}
 WRITE_CLAIM_S = 600  # a writer that died holding the claim is replaced after this long
 MISMATCHED = "does not match the batch's endpoint"
 
@@ -66,17 +69,28 @@ class BatchView:
         if job.status is JobStatus.FAILED:
             errors = {"object": "list", "data": [_batch_error(e) for e in job.errors]}
         return {
-            "id": job.id, "object": "batch", "endpoint": f["endpoint"], "errors": errors,
-            "input_file_id": f["input_file_id"], "completion_window": f["completion_window"],
-            "status": status, "output_file_id": f.get("output_file_id") or None,
-            "error_file_id": f.get("error_file_id") or None, "created_at": _ts(job.created_at),
-            "in_progress_at": _ts(job.in_progress_at), "expires_at": _ts(job.expires_at),
-            "finalizing_at": _ts(job.finalizing_at), "completed_at": _ts(job.completed_at),
-            "failed_at": _ts(job.failed_at), "expired_at": _ts(job.expired_at),
-            "cancelling_at": _ts(job.cancelling_at), "cancelled_at": _ts(job.cancelled_at),
+            "id": job.id,
+            "object": "batch",
+            "endpoint": f["endpoint"],
+            "errors": errors,
+            "input_file_id": f["input_file_id"],
+            "completion_window": f["completion_window"],
+            "status": status,
+            "output_file_id": f.get("output_file_id") or None,
+            "error_file_id": f.get("error_file_id") or None,
+            "created_at": _ts(job.created_at),
+            "in_progress_at": _ts(job.in_progress_at),
+            "expires_at": _ts(job.expires_at),
+            "finalizing_at": _ts(job.finalizing_at),
+            "completed_at": _ts(job.completed_at),
+            "failed_at": _ts(job.failed_at),
+            "expired_at": _ts(job.expired_at),
+            "cancelling_at": _ts(job.cancelling_at),
+            "cancelled_at": _ts(job.cancelled_at),
             "request_counts": {"total": total, "completed": completed, "failed": failed},
-            "metadata": job.metadata or None, "model": job.model or None,
-        }  # fmt: skip
+            "metadata": job.metadata or None,
+            "model": job.model or None,
+        }
 
 
 def _ts(seconds: float | None) -> int | None:
@@ -120,8 +134,15 @@ class BatchRegistry:
         self.files = files
         self.index = f"{store.prefix}:batches"
 
-    def create(self, input_file_id: str, endpoint: str, completion_window: str, window_s: float,
-               metadata: dict[str, str] | None, model: str) -> BatchView:  # fmt: skip
+    def create(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        window_s: float,
+        metadata: dict[str, str] | None,
+        model: str,
+    ) -> BatchView:
         """Validate and queue the file's requests as a job (blocking: call it from a thread).
         A file with bad lines gives a `failed` batch naming them; BatchInputError when there is
         nothing to make a batch of."""
@@ -131,10 +152,12 @@ class BatchRegistry:
         if record is None:
             raise BatchInputError(f"No such File object: {input_file_id}", "input_file_id", not_found=True)
         if record.purpose != "batch":
-            raise BatchInputError(f"File {input_file_id} has purpose {record.purpose!r}, not 'batch'",
-                                  "input_file_id")  # fmt: skip
-        options = JobOptions(name=record.filename, model=model, metadata=metadata or {},
-                             completion_window_s=window_s)  # fmt: skip
+            raise BatchInputError(
+                f"File {input_file_id} has purpose {record.purpose!r}, not 'batch'", "input_file_id"
+            )
+        options = JobOptions(
+            name=record.filename, model=model, metadata=metadata or {}, completion_window_s=window_s
+        )
         with self.files.store.local_path(record.key) as path:
             source = for_endpoint(file_source(path, {}), endpoint)
             try:
@@ -143,8 +166,11 @@ class BatchRegistry:
                 if exc.job_id is None:
                     raise BatchInputError(str(exc), "input_file_id") from None
                 job_id = exc.job_id  # failed, with its errors on the record
-        fields = {"batch_input_file_id": input_file_id, "batch_endpoint": endpoint,
-                  "batch_completion_window": completion_window}  # fmt: skip
+        fields = {
+            "batch_input_file_id": input_file_id,
+            "batch_endpoint": endpoint,
+            "batch_completion_window": completion_window,
+        }
         self.store.r.hset(self.store.job_key(job_id), mapping=fields)
         self.store.r.zadd(self.index, {job_id: time.time()})
         view = self.get(job_id)
@@ -212,10 +238,15 @@ class BatchRegistry:
                 upload.abort()
             self.store.r.delete(f"{key}:batch_writing")
             raise
-        self.store.r.hset(key, mapping={
-            "batch_output_file_id": records[True].id if True in records else "",
-            "batch_error_file_id": records[False].id if False in records else "",
-            "batch_output_completed": counts[True], "batch_output_failed": counts[False], "batch_files": 1,
-        })  # fmt: skip
+        self.store.r.hset(
+            key,
+            mapping={
+                "batch_output_file_id": records[True].id if True in records else "",
+                "batch_error_file_id": records[False].id if False in records else "",
+                "batch_output_completed": counts[True],
+                "batch_output_failed": counts[False],
+                "batch_files": 1,
+            },
+        )
         self.store.r.delete(f"{key}:batch_writing")  # batch_files now says it is done
         return True

@@ -86,8 +86,13 @@ class Upload:
 class FileRegistry:
     """The Files API's state: records in `client` under `prefix`, bytes in `store`."""
 
-    def __init__(self, client: redis.Redis, store: FileStore, prefix: str = "harvest",
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: redis.Redis,
+        store: FileStore,
+        prefix: str = "harvest",
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
         self.r = client
         self.store = store
         self.prefix = prefix

@@ -22,8 +22,13 @@ class BatchService:
     """The job store at `redis_url` and the file store at `files` (a directory or a pyarrow.fs
     URI; default: the harvest data dir's `files/`)."""
 
-    def __init__(self, redis_url: str, files: str | Path | None = None, prefix: str = "harvest",
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        redis_url: str,
+        files: str | Path | None = None,
+        prefix: str = "harvest",
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
         if max_file_bytes < 1:
             raise ValueError(f"max_file_bytes must be >= 1, got {max_file_bytes}")
         self.redis_url = redis_url

@@ -28,13 +28,13 @@ console = Console()
 
 def _online_traffic(base: str, model: str, seconds: float, rate: float, results: list[dict]) -> None:
     """A bursty (CV 2) trace of short streamed completions, replayed over HTTP."""
-    from workloads.bench.e2e import _replay_http
+    from workloads.http_replay import replay_http
     from workloads.traces import gamma_arrivals
 
     arrivals = gamma_arrivals(
         rate, 2.0, duration_s=seconds, prompt_len="uniform:4:24", output_len="uniform:8:32"
     )
-    asyncio.run(_replay_http(base, model, arrivals, 0, results=results))
+    asyncio.run(replay_http(base, model, arrivals, 0, results=results))
 
 
 @app.command()
@@ -49,8 +49,10 @@ def demo(
 
     from harvest import local_redis, service
     from harvest.client import HarvestClient
+    from harvest.names import NAMESPACE
     from harvest.paths import ensure_default_model
     from harvest.redact import redact_url
+    from harvest.serve_env import use_serve_env
     from workloads.registry import build_requests, sample_dataset
 
     transformers.utils.logging.disable_progress_bar()
@@ -61,8 +63,8 @@ def demo(
     with console.status("building the tiny demo model (once, about a minute)..."):
         model = ensure_default_model()
     with console.status("starting Ray, the controller, a worker and the HTTP endpoint..."):
-        service.use_serve_env(private_ports=True)  # the same HAProxy front end as `harvest up`
-        ray.init(namespace="harvest", include_dashboard=False, log_to_driver=False, logging_level="error")
+        use_serve_env(private_ports=True)  # the same HAProxy front end as `harvest up`
+        ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level="error")
         config = service.ServiceConfig(
             model=str(model),
             redis_url=redis_url,
@@ -122,7 +124,7 @@ def _view(client, jobs, online, elapsed: float) -> Table:
 
 
 def _report(online, snapshot, elapsed: float) -> None:
-    from workloads.bench.e2e import latency_summary
+    from workloads.http_replay import latency_summary
 
     table = Table("metric", "value", title="co-serving summary")
     if any(r["ttft_s"] is not None for r in online):

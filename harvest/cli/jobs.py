@@ -17,6 +17,16 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from harvest.cli.app import app
+from harvest.cli.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES,
+    EXIT_ERROR,
+    EXIT_NOT_COMPLETED,
+    EXIT_NOT_FOUND,
+    EXIT_REDIS,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+)
 from harvest.queue.config import default_redis_url
 from harvest.queue.errors import (
     InvalidInputError,
@@ -28,13 +38,6 @@ from harvest.queue.errors import (
 from harvest.queue.models import Job, JobStatus
 from harvest.redact import redact_url
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
-EXIT_REDIS, EXIT_NOT_COMPLETED, EXIT_TIMEOUT = 5, 6, 7
-EXIT_CODES = (
-    "Exit codes: 0 ok (with --wait: job completed); 2 bad usage; 3 invalid input (each bad line is "
-    "named on stderr); 4 unknown job; 5 Redis unreachable; 6 the job ended failed, expired or "
-    "cancelled (submit: it was cancelled while being submitted); 7 --timeout passed first."
-)
 err = Console(stderr=True)
 out = Console()
 RedisUrl = typer.Option(
@@ -118,18 +121,39 @@ def submit(
         try:
             if workload is not None:
                 job = _submit_workload(
-                    _client(redis_url), workload, file, option, column=column, template=template, chat=chat,
-                    model=model, name=name or workload, max_tokens=max_tokens, temperature=temperature,
-                    completion_window=window, shard_size=shard_size, max_attempts=max_attempts,
-                )  # fmt: skip
+                    _client(redis_url),
+                    workload,
+                    file,
+                    option,
+                    column=column,
+                    template=template,
+                    chat=chat,
+                    model=model,
+                    name=name or workload,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    completion_window=window,
+                    shard_size=shard_size,
+                    max_attempts=max_attempts,
+                )
             elif file is None:
                 raise ValueError("give FILE, or --workload KIND (synthetic needs no FILE)")
             else:
                 job = _client(redis_url).submit_file(
-                    file, column=column, template=template, id_column=id_column, chat=chat, model=model,
-                    name=name, max_tokens=max_tokens, temperature=temperature, completion_window=window,
-                    shard_size=shard_size, max_attempts=max_attempts, allow_invalid=allow_invalid,
-                )  # fmt: skip
+                    file,
+                    column=column,
+                    template=template,
+                    id_column=id_column,
+                    chat=chat,
+                    model=model,
+                    name=name,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    completion_window=window,
+                    shard_size=shard_size,
+                    max_attempts=max_attempts,
+                    allow_invalid=allow_invalid,
+                )
         except ValueError as exc:
             if isinstance(exc, InvalidInputError):
                 raise
@@ -174,8 +198,16 @@ def _submit_workload(
     pairs = dict(o.split("=", 1) for o in options if "=" in o)
     if len(pairs) != len(options):
         raise ValueError(f"--option takes key=value, got {[o for o in options if '=' not in o]}")
-    requests = build_requests(kind, file, model=model or "harvest", column=column, max_tokens=max_tokens,
-                              template=template, chat=chat, **pairs)  # fmt: skip
+    requests = build_requests(
+        kind,
+        file,
+        model=model or "harvest",
+        column=column,
+        max_tokens=max_tokens,
+        template=template,
+        chat=chat,
+        **pairs,
+    )
     return client.submit(list(requests), model=model, **submit_options)
 
 
@@ -196,8 +228,15 @@ def list_jobs(
     table.columns.insert(0, Column("id", no_wrap=True, min_width=26))  # ids get copied: never cut them
     for job in jobs:
         c = job.request_counts
-        table.add_row(job.id, job.name, job.status.value, str(c.completed), str(c.failed), str(c.total),
-                      f"{job.shards_finished}/{job.num_shards}")  # fmt: skip
+        table.add_row(
+            job.id,
+            job.name,
+            job.status.value,
+            str(c.completed),
+            str(c.failed),
+            str(c.total),
+            f"{job.shards_finished}/{job.num_shards}",
+        )
     out.print(table)
 
 
@@ -275,7 +314,7 @@ def purge(
             keys = _client(redis_url).purge(job_id, force)
         except ValueError as exc:
             err.print(f"[red]refused:[/] {exc}")
-            raise typer.Exit(2) from None  # bad usage: a running job needs --force
+            raise typer.Exit(EXIT_USAGE) from None  # a running job needs --force
     err.print(f"{job_id} purged ({keys} keys)")
 
 

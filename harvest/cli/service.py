@@ -14,6 +14,7 @@ from rich.markup import escape  # errors quote user input, such as ORG/NAME[@REV
 from rich.table import Table
 
 from harvest.cli.app import app
+from harvest.cli.exits import EXIT_BAD_INPUT
 
 if TYPE_CHECKING:
     from harvest.config import HarvestConfig
@@ -29,7 +30,6 @@ def _flags(**flags: Any) -> dict[str, Any]:
 
 def _effective_config(config_file: Path | None, flags: dict[str, Any]) -> HarvestConfig:
     """The file's keys with the flags on top, or exit 3 naming the bad key (and the file)."""
-    from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.config import ConfigError, load_config
 
     try:
@@ -47,9 +47,11 @@ ModelOpt = typer.Option(
     help="Local HF model dir, or Hub id ORG/NAME or ORG/NAME@REVISION; default: the tiny demo model.",
 )
 ServedNames = typer.Option(
-    None, "--served-model-name", "--model-name",
+    None,
+    "--served-model-name",
+    "--model-name",
     help="Name clients pass as `model` (repeat for several); default: the Hub id, else 'harvest'.",
-)  # fmt: skip
+)
 WorkersOpt = typer.Option(
     None, "--workers", help="Workers (a Serve replica each); default: one per GPU, or 1."
 )
@@ -95,16 +97,28 @@ def up(
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
     from harvest import local_ray, local_redis, service
-    from harvest.cli.jobs import EXIT_BAD_INPUT
     from harvest.config import ConfigError, redis_url_of
     from harvest.models.resolve import ModelUnavailable, resolve_model
     from harvest.paths import ensure_default_model
     from harvest.redact import redact_url
 
-    flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
-                   dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
-                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
-                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+    flags = _flags(
+        address=address,
+        model=model,
+        served_model_name=served_model_name,
+        workers=workers,
+        dtype=dtype,
+        kv_cache_memory=kv_cache_memory,
+        max_model_len=max_model_len,
+        policy=policy,
+        slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms,
+        port=port,
+        host=host,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        job_ttl=job_ttl,
+    )
     config = _effective_config(config_file, flags)
     try:
         api_key = config.resolved_api_key()
@@ -112,8 +126,10 @@ def up(
         console.print(f"[red]bad configuration[/]: {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if api_key is None and config.host not in LOOPBACK:
-        console.print(f"[bold red]WARNING: listening on {config.host} with no API key[/]: anyone who "
-                      "can reach this port can use the model; set --api-key-file")  # fmt: skip
+        console.print(
+            f"[bold red]WARNING: listening on {config.host} with no API key[/]: anyone who "
+            "can reach this port can use the model; set --api-key-file"
+        )
     names = config.model_names()
     if config.model is not None:  # a Hub id is fetched here, once, before anything starts
         try:
@@ -188,10 +204,23 @@ def config_show(
     secrets masked; nothing is started and no model is fetched."""
     import yaml
 
-    flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
-                   dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
-                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
-                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+    flags = _flags(
+        address=address,
+        model=model,
+        served_model_name=served_model_name,
+        workers=workers,
+        dtype=dtype,
+        kv_cache_memory=kv_cache_memory,
+        max_model_len=max_model_len,
+        policy=policy,
+        slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms,
+        port=port,
+        host=host,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        job_ttl=job_ttl,
+    )
     config = _effective_config(config_file, flags)
     from harvest.config import redis_url_of
 
@@ -262,7 +291,7 @@ def show_service_status(address: str, as_json: bool) -> None:
             f"{step.get('online_running', 0)}/{step.get('online_waiting', 0)}",
             f"{step.get('offline_running', 0)}/{step.get('offline_waiting', 0)}",
             "[red]paused[/]" if s.get("offline_paused") else "on" if s.get("offline_enabled") else "off",
-            f"{s.get('slo_scale', 1.0):.2f}",  # of the SLO the engine plans for (controller/feedback.py)
+            f"{s.get('slo_scale', 1.0):.2f}",  # of the SLO the engine plans for (harvest/serving/feedback.py)
             f"{s.get('kv_blocks_used', 0)}/{s.get('kv_blocks_total', 0)}",
             f"{1e3 * step.get('measured_latency_s', 0):.1f}",
             str(len(s.get("shards", []))),

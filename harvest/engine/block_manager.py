@@ -65,13 +65,6 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._by_hash)
 
-    def blocks_needed(self, request: Request, num_tokens: int) -> int:
-        """Extra blocks `request` needs so its block table covers `num_tokens` slots."""
-        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_table))
-
-    def can_allocate(self, request: Request, num_tokens: int) -> bool:
-        return self.blocks_needed(request, num_tokens) <= self.num_free_blocks
-
     # ------------------------------------------------------------------ prefix cache
 
     def _hashes(self, request: Request, n: int) -> list[bytes]:

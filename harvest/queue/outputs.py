@@ -20,15 +20,28 @@ from harvest.queue.inputs import CHAT
 from harvest.queue.models import JobStatus, Result
 from harvest.queue.store import JobStore
 
-SCHEMA = pa.schema([
-    ("custom_id", pa.string()), ("url", pa.string()), ("prompt", pa.string()), ("output", pa.string()),
-    ("status", pa.string()), ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("resumed_tokens", pa.int32()),
-    ("output_token_ids", pa.list_(pa.int32())),
-    ("started_at", pa.float64()), ("finished_at", pa.float64()), ("ttft_s", pa.float64()),
-    ("latency_s", pa.float64()), ("worker", pa.string()), ("attempt", pa.int32()),
-    ("error_code", pa.string()), ("error_message", pa.string()),
-])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("url", pa.string()),
+        ("prompt", pa.string()),
+        ("output", pa.string()),
+        ("status", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("resumed_tokens", pa.int32()),
+        ("output_token_ids", pa.list_(pa.int32())),
+        ("started_at", pa.float64()),
+        ("finished_at", pa.float64()),
+        ("ttft_s", pa.float64()),
+        ("latency_s", pa.float64()),
+        ("worker", pa.string()),
+        ("attempt", pa.int32()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
 CLOSED_ERRORS = {JobStatus.CANCELLED: "batch_cancelled", JobStatus.EXPIRED: "batch_expired"}
 
 
@@ -42,13 +55,25 @@ class ResultRow:
     def to_record(self) -> dict[str, Any]:
         r = self.result
         return {
-            "custom_id": self.custom_id, "url": self.url, "prompt": self.prompt, "output": r.text,
-            "status": r.status, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens, "resumed_tokens": r.resumed_tokens,
-            "output_token_ids": r.token_ids, "started_at": r.started_at, "finished_at": r.finished_at,
-            "ttft_s": r.ttft_s, "latency_s": r.latency_s, "worker": r.worker, "attempt": r.attempt,
-            "error_code": r.error_code, "error_message": r.error_message,
-        }  # fmt: skip
+            "custom_id": self.custom_id,
+            "url": self.url,
+            "prompt": self.prompt,
+            "output": r.text,
+            "status": r.status,
+            "finish_reason": r.finish_reason,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "resumed_tokens": r.resumed_tokens,
+            "output_token_ids": r.token_ids,
+            "started_at": r.started_at,
+            "finished_at": r.finished_at,
+            "ttft_s": r.ttft_s,
+            "latency_s": r.latency_s,
+            "worker": r.worker,
+            "attempt": r.attempt,
+            "error_code": r.error_code,
+            "error_message": r.error_message,
+        }
 
 
 def _prompt_text(payload: dict[str, Any]) -> str:
@@ -102,10 +127,17 @@ def batch_output_line(row: ResultRow, model: str) -> dict[str, Any]:
     r = row.result
     line_id = f"batch_req_{row.custom_id}"
     if not r.ok:
-        return {"id": line_id, "custom_id": row.custom_id, "response": None,
-                "error": {"code": r.error_code, "message": r.error_message}}  # fmt: skip
-    usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-             "total_tokens": r.prompt_tokens + r.completion_tokens}  # fmt: skip
+        return {
+            "id": line_id,
+            "custom_id": row.custom_id,
+            "response": None,
+            "error": {"code": r.error_code, "message": r.error_message},
+        }
+    usage = {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
     # the fields the online routes answer with (harvest/api/schemas.py), in their order
     if row.url == CHAT:
         message = {"role": "assistant", "content": r.text, "refusal": None}
@@ -114,8 +146,14 @@ def batch_output_line(row: ResultRow, model: str) -> dict[str, Any]:
     else:
         choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
         body = {"id": f"cmpl-{row.custom_id}", "object": "text_completion"}
-    body = {**body, "created": int(r.finished_at or 0), "model": model, "choices": [choice],
-            "usage": usage, "system_fingerprint": None}  # fmt: skip
+    body = {
+        **body,
+        "created": int(r.finished_at or 0),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+        "system_fingerprint": None,
+    }
     response = {"status_code": 200, "request_id": line_id, "body": body}
     return {"id": line_id, "custom_id": row.custom_id, "response": response, "error": None}
 

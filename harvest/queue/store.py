@@ -38,6 +38,29 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
+# the Lua scripts of harvest/queue/lua.py this store runs, each loaded once per client
+SCRIPT_NAMES = (
+    "ACTIVATE",
+    "LEASE",
+    "RENEW",
+    "WRITE_RESULTS",
+    "SAVE_PROGRESS",
+    "ACK",
+    "FAIL",
+    "RELEASE",
+    "SWEEP",
+    "FINALIZE",
+    "CANCEL",
+    "REJECT",
+    "EXPIRE_WORKER",
+    "VALIDATING",
+    "ADMIT",
+    "PURGE",
+    "ADD_SHARDS",
+    "CREATE",
+)
+
+
 class JobStore:
     """Jobs, shards, leases, progress and results in one Redis, under `prefix`."""
 
@@ -49,11 +72,8 @@ class JobStore:
         # a job left in validating this long without its submitter's heartbeat fails at a sweep
         self.submitter_timeout_ms = int(submitter_timeout_s * 1000)
         self._scripts = {
-            name: client.register_script(lua.PRELUDE + getattr(lua, name))
-            for name in ("ACTIVATE", "LEASE", "RENEW", "WRITE_RESULTS", "SAVE_PROGRESS", "ACK", "FAIL",
-                         "RELEASE", "SWEEP", "FINALIZE", "CANCEL", "REJECT", "EXPIRE_WORKER", "VALIDATING",
-                         "ADMIT", "PURGE", "ADD_SHARDS", "CREATE")
-        }  # fmt: skip
+            name: client.register_script(lua.PRELUDE + getattr(lua, name)) for name in SCRIPT_NAMES
+        }
         self.load_scripts()
 
     @classmethod
@@ -84,13 +104,22 @@ class JobStore:
         """Write a job record in `validating`; no shard of it can be leased yet."""
         job_id = f"batch_{uuid.uuid4().hex[:20]}"
         record = {
-            "id": job_id, "name": options.name,
-            "model": options.model, "owner": options.owner,
-            "defaults": json.dumps(options.defaults), "metadata": json.dumps(options.metadata),
-            "shard_size": options.shard_size, "max_attempts": options.max_attempts,
+            "id": job_id,
+            "name": options.name,
+            "model": options.model,
+            "owner": options.owner,
+            "defaults": json.dumps(options.defaults),
+            "metadata": json.dumps(options.metadata),
+            "shard_size": options.shard_size,
+            "max_attempts": options.max_attempts,
             "completion_window_ms": int((options.completion_window_s or 0) * 1000),
-            "total": 0, "completed": 0, "failed": 0, "num_shards": 0, "shards_finished": 0, "leased": 0,
-        }  # fmt: skip
+            "total": 0,
+            "completed": 0,
+            "failed": 0,
+            "num_shards": 0,
+            "shards_finished": 0,
+            "leased": 0,
+        }
         self._run("CREATE", job_id, self.submitter_timeout_ms, *[x for pair in record.items() for x in pair])
         return job_id
 

@@ -54,8 +54,11 @@ def template_fields(template: str) -> list[str]:
     fail or `repr()` a row, a positional field (`{0}`, `{}`) names no column. Submitters
     call it before reading any row."""
     try:
-        parsed = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
-                  if name is not None]  # fmt: skip
+        parsed = [
+            (name, spec, conv)
+            for _, name, spec, conv in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError as exc:
         raise _whole_input_error(f"bad prompt template {template!r}: {exc}") from None
     for name, spec, conversion in parsed:
@@ -126,8 +129,13 @@ def _csv_rows(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
     bad: list[tuple[int | None, str]] = []
 
     def on_invalid_row(row: Any) -> str:
-        bad.append((row.number, f"cannot parse CSV row: expected {row.expected_columns} fields, "
-                                f"got {row.actual_columns}: {row.text[:80]!r}"))  # fmt: skip
+        bad.append(
+            (
+                row.number,
+                f"cannot parse CSV row: expected {row.expected_columns} fields, "
+                f"got {row.actual_columns}: {row.text[:80]!r}",
+            )
+        )
         return "skip"
 
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","

@@ -45,13 +45,14 @@ def local_ray(num_cpus: int | None = None):
     """Ray for a benchmark: a local instance, unless this process is already connected."""
     import ray
 
-    from harvest.service import use_serve_env
+    from harvest.names import NAMESPACE
+    from harvest.serve_env import use_serve_env
 
     owned = not ray.is_initialized()
     if owned:
         use_serve_env(private_ports=True)
         ray.init(
-            namespace="harvest",
+            namespace=NAMESPACE,
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,
@@ -66,8 +67,13 @@ def local_ray(num_cpus: int | None = None):
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -75,8 +81,13 @@ def git_commit() -> str | None:
 
 def write_result(out: Path, suite: str, result: dict[str, Any]) -> Path:
     """Write OUT/SUITE.json with machine info, commit and time stamped in."""
-    result = {"suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "git_commit": git_commit(), "machine": machine_info(), **result}  # fmt: skip
+    result = {
+        "suite": suite,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(),
+        "machine": machine_info(),
+        **result,
+    }
     path = Path(out) / f"{suite}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     console.print(f"wrote {path}")

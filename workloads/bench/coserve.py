@@ -22,6 +22,7 @@ from harvest.engine import Engine
 from workloads.bench.common import console, print_table, write_result
 from workloads.bench.plots import plot_coserve
 from workloads.replay import ReplayRun, random_prompt, replay
+from workloads.stats import percentile
 from workloads.traces import gamma_arrivals
 
 POLICIES = ("online-only", "fcfs", "priority-recompute", "harvest")
@@ -58,13 +59,6 @@ class CoserveConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     seed: int = 0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, engine: Engine) -> dict:

@@ -11,99 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
 
 from harvest.local_redis import private_redis
-from harvest.serving import freeze_heap
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
-from workloads.bench.coserve import percentile
 from workloads.bench.plots import plot_latency_cdfs
-from workloads.traces import Arrival, gamma_arrivals
-
-
-async def _replay_http(
-    base: str,
-    model: str,
-    arrivals: list[Arrival],
-    seed: int,
-    ignore_eos: bool = True,
-    results: list[dict] | None = None,
-) -> list[dict]:
-    """Stream each arrival's completion at its trace time; one dict per request (ttft_s,
-    tpot_s, tokens, ok), appended to `results` as each finishes (a live view can watch it)."""
-    import httpx
-
-    # this client shares its process with a Ray driver and torch: a full GC pass over that
-    # heap stalls every stream in flight (measured: 300-520 ms, the P99 of a whole run)
-    freeze_heap()
-    rng = random.Random(seed)
-    words = ["the", "miller", "river", "bread", "city", "library", "weather", "question", "answer", "review"]
-    results = [] if results is None else results
-
-    async def one(client: httpx.AsyncClient, a: Arrival, start: float) -> None:
-        await asyncio.sleep(max(0.0, start + a.time_s - time.monotonic()))
-        prompt = " ".join(rng.choice(words) for _ in range(a.prompt_tokens))
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": a.output_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if ignore_eos:  # a vLLM-style extension; servers without it reject the field
-            body["ignore_eos"] = True
-        t0 = time.monotonic()
-        first, chunks, tokens = None, 0, None
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event.get("usage"):  # servers that send text in uneven chunks still count tokens here
-                    tokens = event["usage"]["completion_tokens"]
-                if any(c.get("text") for c in event.get("choices", [])):
-                    first = first or time.monotonic()
-                    chunks += 1
-        if first is None:  # an error, or a peer without ignore_eos that sampled EOS first: no latency
-            results.append({"ttft_s": None, "tpot_s": None, "ok": r.status_code == 200, "tokens": 0})
-            return
-        tokens = tokens or chunks
-        tpot = (time.monotonic() - first) / (tokens - 1) if tokens > 1 else None
-        results.append({"ttft_s": first - t0, "tpot_s": tpot, "ok": r.status_code == 200, "tokens": tokens})
-
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
-        start = time.monotonic() + 0.05
-        await asyncio.gather(*(one(client, a, start) for a in arrivals))
-    return results
-
-
-def latency_samples(results: list[dict]) -> dict[str, list[float]]:
-    """The TTFTs and TPOTs the replayed requests measured (a request with no token has none)."""
-    return {
-        "ttft_s": [r["ttft_s"] for r in results if r["ttft_s"] is not None],
-        "tpot_s": [r["tpot_s"] for r in results if r["tpot_s"] is not None],
-    }
-
-
-LATENCY_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
-
-
-def latency_summary(results: list[dict]) -> dict:
-    samples = latency_samples(results)
-    ttft, tpot = samples["ttft_s"], samples["tpot_s"]
-    return {
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
-        "tpot_p50_s": percentile(tpot, 50),
-        "tpot_p99_s": percentile(tpot, 99),
-        "failed": sum(not r["ok"] for r in results),
-        "empty": sum(r["ok"] and r["ttft_s"] is None for r in results),  # 200 without a token
-    }
+from workloads.http_replay import LATENCY_KEYS, latency_samples, latency_summary, replay_http
+from workloads.traces import gamma_arrivals
 
 
 def generated_tokens(service_mod) -> tuple[int, int]:
@@ -145,7 +61,7 @@ def start_service(model: Path, redis_url: str, **config) -> str:
     settings = service.ServiceConfig(model=str(model), redis_url=redis_url, port=port, **config)
     with console.status("starting the service..."):
         service.start(settings)
-        _wait_healthy(f"http://127.0.0.1:{port}")
+        wait_healthy(f"http://127.0.0.1:{port}")
     return f"http://127.0.0.1:{port}"
 
 
@@ -163,9 +79,9 @@ def _measure(model: Path, redis_url: str, ray, cfg: dict) -> tuple[dict, list[di
     arrivals = gamma_arrivals(cfg["rate"], cfg["cv"], num_requests=num_online, seed=1, **lengths)
     try:
         base = start_service(model, redis_url)
-        asyncio.run(_replay_http(base, "bench", arrivals[:3], 1))  # warm-up, as in peers
+        asyncio.run(replay_http(base, "bench", arrivals[:3], 1))  # warm-up, as in peers
         with console.status(f"online alone: {num_online} requests over HTTP..."):
-            alone = asyncio.run(_replay_http(base, "bench", arrivals, 0))
+            alone = asyncio.run(replay_http(base, "bench", arrivals, 0))
         base_lat = latency_summary(alone)
         slo = {"ttft_s": 1.2 * base_lat["ttft_p99_s"], "tpot_s": 2.0 * base_lat["tpot_p50_s"]}
         ray.get(service.controller_handle().set_slo.remote(slo["ttft_s"], slo["tpot_s"]))
@@ -181,7 +97,7 @@ def _measure(model: Path, redis_url: str, ray, cfg: dict) -> tuple[dict, list[di
         )
         start = time.monotonic()
         with console.status("online with an offline backlog in Redis..."):
-            loaded = asyncio.run(_replay_http(base, "bench", arrivals, 0))
+            loaded = asyncio.run(replay_http(base, "bench", arrivals, 0))
         elapsed = time.monotonic() - start
         after = generated_tokens(service)
         completed = client.get(job.id).request_counts.completed
@@ -248,7 +164,7 @@ def run(quick: bool, out: Path) -> dict:
     return result
 
 
-def _wait_healthy(base: str, timeout: float = 120) -> None:
+def wait_healthy(base: str, timeout: float = 120) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout

@@ -19,18 +19,9 @@ import time
 from pathlib import Path
 
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
-from workloads.bench.e2e import (
-    LATENCY_KEYS,
-    _replay_http,
-    _wait_healthy,
-    backlog_prompts,
-    bench_config,
-    generated_tokens,
-    latency_samples,
-    latency_summary,
-    start_service,
-)
+from workloads.bench.e2e import backlog_prompts, bench_config, generated_tokens, start_service, wait_healthy
 from workloads.bench.plots import plot_latency_cdfs
+from workloads.http_replay import LATENCY_KEYS, latency_samples, latency_summary, replay_http
 from workloads.traces import gamma_arrivals
 
 
@@ -46,13 +37,13 @@ def _transformers_serve(model: Path, arrivals, port: int) -> tuple[list[dict], f
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}")
+        wait_healthy(f"http://127.0.0.1:{port}")
         base = f"http://127.0.0.1:{port}"
         asyncio.run(
-            _replay_http(base, str(model), arrivals[:3], 1, ignore_eos=False)
+            replay_http(base, str(model), arrivals[:3], 1, ignore_eos=False)
         )  # warm-up: loads the model
         start = time.monotonic()
-        results = asyncio.run(_replay_http(base, str(model), arrivals, 0, ignore_eos=False))
+        results = asyncio.run(replay_http(base, str(model), arrivals, 0, ignore_eos=False))
         return results, time.monotonic() - start
     finally:
         proc.terminate()
@@ -75,9 +66,9 @@ def _harvest(
     with private_redis(redis_dir) as redis_url, local_ray():
         try:
             base = start_service(model, redis_url)
-            asyncio.run(_replay_http(base, "bench", arrivals[:3], 1))  # warm-up, as for the peer
+            asyncio.run(replay_http(base, "bench", arrivals[:3], 1))  # warm-up, as for the peer
             start = time.monotonic()
-            alone = asyncio.run(_replay_http(base, "bench", arrivals, 0))
+            alone = asyncio.run(replay_http(base, "bench", arrivals, 0))
             alone_s = time.monotonic() - start
             ray.get(service.controller_handle().set_slo.remote(slo["ttft_s"], slo["tpot_s"]))
             client = HarvestClient(redis_url)
@@ -92,7 +83,7 @@ def _harvest(
             )
             before = generated_tokens(service)[1]
             start = time.monotonic()
-            results = asyncio.run(_replay_http(base, "bench", arrivals, 0))
+            results = asyncio.run(replay_http(base, "bench", arrivals, 0))
             duration = time.monotonic() - start
             after = generated_tokens(service)[1]
             completed = client.get(job.id).request_counts.completed
@@ -142,7 +133,7 @@ def _median(rounds: list[dict]) -> dict:
 def run(quick: bool, out: Path, repeat: int = 1) -> dict:
     """`repeat` rounds, each the peer then harvest on the same trace, so that a slow spell of
     the machine hits both; the verdict is on the median round (single-run P99s of the same
-    server move by up to 1.7x on the 2-core box)."""
+    server move a lot between runs on a shared machine: docs/BENCHMARKS.md, peers)."""
     import transformers
 
     from harvest.models.tiny import make_tiny

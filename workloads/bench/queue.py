@@ -224,8 +224,14 @@ def run(quick: bool, out: Path) -> dict:
             bench = redis_benchmark(url, quick)
         with console.status("tiny model through the local worker..."):
             engine = measure_engine(url, quick, Path(tmp))
-    report = {"suite": "queue", "quick": quick, "machine": machine_info(), "queue": queue,
-              "redis_benchmark": bench, "engine": engine}  # fmt: skip
+    report = {
+        "suite": "queue",
+        "quick": quick,
+        "machine": machine_info(),
+        "queue": queue,
+        "redis_benchmark": bench,
+        "engine": engine,
+    }
     (out / "queue.json").write_text(json.dumps(report, indent=2))
     plot_queue(report, out / "queue.png")
     print_table(console, report)

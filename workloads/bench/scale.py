@@ -258,12 +258,28 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     write_result(out, "scale", report)
     one = scaling["rounds"][0]["requests_per_s"]
     rows = [
-        [r["workers"], r["requests_per_s"], r["tokens_per_s"], r["requests_per_s"] / (r["workers"] * one),
-         r["device_busy_fraction"], r["step_overrun"], r["worker_cpu_fraction"], r["redis_cpu_fraction"]]
+        [
+            r["workers"],
+            r["requests_per_s"],
+            r["tokens_per_s"],
+            r["requests_per_s"] / (r["workers"] * one),
+            r["device_busy_fraction"],
+            r["step_overrun"],
+            r["worker_cpu_fraction"],
+            r["redis_cpu_fraction"],
+        ]
         for r in scaling["rounds"]
-    ]  # fmt: skip
-    columns = ["workers", "requests/s", "tokens/s", "efficiency", "GPU busy", "step overrun", "CPU/worker",
-               "Redis CPU"]  # fmt: skip
+    ]
+    columns = [
+        "workers",
+        "requests/s",
+        "tokens/s",
+        "efficiency",
+        "GPU busy",
+        "step overrun",
+        "CPU/worker",
+        "Redis CPU",
+    ]
     print_table("offline throughput, simulated H100 workers (best of the repeats)", columns, rows)
     print_table(
         "one Redis, null engine",

@@ -1,0 +1,298 @@
+"""The scheduler and block manager on their own: made-up requests, a fake runner, no model.
+
+The fake runner does what the engine's update does to a scheduled batch (computed tokens
+advance, one token is sampled when they catch up, a request ends at max_tokens) and, under
+`harvest`, checkpoints every full block of a running offline request, as a checkpoint
+store that keeps up would. The block manager's `check_integrity` runs after every step.
+The latency model is a fake with known weights: `MS_PER_TOKEN` per token, nothing else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from harvest.engine import SamplingParams
+from harvest.engine.block_manager import BlockManager
+from harvest.engine.config import SchedulerConfig, SLOConfig
+from harvest.engine.latency_model import LatencyModel
+from harvest.engine.request import Request, RequestClass, RequestStatus
+from harvest.engine.scheduler import ScheduledBatch, Scheduler
+
+BLOCK = 4
+MS_PER_TOKEN = 1.0
+SLO = SLOConfig(ttft_s=1.0, tpot_s=0.1, headroom=0.8)  # a step may take 80 ms: 80 tokens
+_token_ids = itertools.count(10)  # every prompt its own tokens: no request shares a prefix
+
+
+def fake_latency(ms_per_token: float | None = MS_PER_TOKEN) -> LatencyModel:
+    """A latency model that predicts `ms_per_token` per token (None: not fitted, no limit)."""
+    model = LatencyModel()
+    if ms_per_token is not None:
+        model.weights = [0.0, ms_per_token / 1e3, 0.0, 0.0, 0.0, 0.0]
+    return model
+
+
+def make_scheduler(
+    policy: str = "harvest",
+    num_blocks: int = 64,
+    max_num_seqs: int = 8,
+    max_num_batched_tokens: int = 256,
+    ms_per_token: float | None = MS_PER_TOKEN,
+) -> Scheduler:
+    config = SchedulerConfig(
+        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, policy=policy, slo=SLO
+    )
+    blocks = BlockManager(num_blocks, BLOCK, enable_prefix_caching=False)
+    return Scheduler(config, blocks, fake_latency(ms_per_token))
+
+
+def make_request(prompt_len: int, max_tokens: int = 4, online: bool = False, rid: str = "") -> Request:
+    prompt = [next(_token_ids) for _ in range(prompt_len)]
+    request_class = RequestClass.ONLINE if online else RequestClass.OFFLINE
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return Request(rid or f"r{prompt[0]}", prompt, params, request_class)
+
+
+def make_requests(n: int, prompt_len: int, **kwargs) -> list[Request]:
+    return [make_request(prompt_len, **kwargs) for _ in range(n)]
+
+
+def step(sched: Scheduler) -> ScheduledBatch:
+    """One step: schedule, then what the engine's update would do; integrity checked."""
+    batch = sched.schedule()
+    for req, n in zip(batch.requests, batch.num_new_tokens):
+        assert n > 0 and req.num_computed_tokens + n <= req.num_tokens
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens:
+            req.token_ids.append(next(_token_ids))
+            req.first_token_time = req.first_token_time or time.monotonic()
+            if req.num_output_tokens >= req.params.max_tokens:
+                sched.finish(req)
+                req.status = RequestStatus.FINISHED
+    if sched.config.checkpoints:
+        for req in sched.running:
+            if not req.is_online:
+                req.checkpointed_tokens = req.num_computed_tokens // BLOCK * BLOCK
+    sched.blocks.check_integrity(sched.running)  # the running requests hold every used block
+    assert len(sched.running) <= sched.config.max_num_seqs
+    assert batch.num_tokens <= sched.config.max_num_batched_tokens
+    return batch
+
+
+def run(sched: Scheduler, max_steps: int = 500) -> list[ScheduledBatch]:
+    batches = []
+    while sched.has_unfinished():
+        batches.append(step(sched))
+        assert len(batches) < max_steps, "no progress"
+    assert sched.blocks.num_used_blocks == 0
+    return batches
+
+
+def ids(requests) -> list[str]:
+    return [r.request_id for r in requests]
+
+
+# ---------------------------------------------------------------- policies
+
+
+def test_fcfs_has_one_queue_online_waits_behind_offline_for_a_seat():
+    sched = make_scheduler("fcfs", max_num_seqs=2)
+    offline = make_requests(2, 8, max_tokens=6)
+    online = make_request(8, online=True)
+    for r in [*offline, online]:
+        sched.add(r)
+    assert ids(step(sched).requests) == ids(offline)
+    for _ in range(20):
+        if online in step(sched).requests:
+            break
+    assert online.status is RequestStatus.RUNNING
+    assert any(r.is_finished for r in offline), "online got a seat only once an offline request ended"
+    assert not any(b.preempted for b in run(sched))
+
+
+def test_online_only_never_schedules_offline():
+    sched = make_scheduler("online-only")
+    offline = make_request(8)
+    online = make_requests(3, 8, online=True)
+    for r in [offline, *online]:
+        sched.add(r)
+    batches = []
+    while not all(r.is_finished for r in online):
+        batches.append(step(sched))
+        assert offline not in batches[-1].requests and batches[-1].offline_token_budget == 0
+    assert offline.status is RequestStatus.WAITING and offline.num_computed_tokens == 0
+
+
+@pytest.mark.parametrize("policy", ["harvest", "priority-recompute"])
+def test_online_goes_first_in_the_token_budget(policy):
+    sched = make_scheduler(policy, max_num_batched_tokens=32, ms_per_token=None)
+    offline = make_request(40)
+    online = make_request(20, online=True)
+    sched.add(offline)
+    sched.add(online)  # arrived later, scheduled first
+    batch = step(sched)
+    assert ids(batch.requests) == ids([online, offline])
+    assert batch.num_new_tokens == [20, 12]  # offline gets what is left of 32
+
+
+def test_every_request_finishes_under_each_policy_with_a_tiny_pool():
+    for policy in ["fcfs", "priority-recompute", "harvest"]:
+        sched = make_scheduler(policy, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=16)
+        requests = [make_request(6 + i % 5, max_tokens=3 + i % 4, online=i % 3 == 0) for i in range(12)]
+        for r in requests:
+            sched.add(r)
+        batches = run(sched)
+        assert all(r.is_finished and r.num_output_tokens == r.params.max_tokens for r in requests), policy
+        assert sum(len(b.preempted) for b in batches) > 0, f"{policy}: the pool never ran short"
+
+
+# ---------------------------------------------------------------- preemption
+
+
+def test_online_evicts_the_latest_offline_first_and_never_online():
+    # 6 blocks: three offline requests of 2 blocks each fill the pool (7 prompt tokens and
+    # the first sampled one: their next step needs no new block)
+    sched = make_scheduler("priority-recompute", num_blocks=6, ms_per_token=None)
+    first, second, third = offline = make_requests(3, 7, max_tokens=3)
+    for r in offline:
+        sched.add(r)
+    step(sched)
+    assert sched.blocks.num_free_blocks == 0
+    online = make_request(8, online=True)
+    sched.add(online)
+    batch = step(sched)
+    assert online in batch.requests
+    assert ids(batch.preempted) == ids([third])  # the latest arrival gives way
+    assert first.status is second.status is RequestStatus.RUNNING
+
+
+def test_an_offline_request_only_displaces_later_offline_ones():
+    # two offline requests decode into a pool with no spare block: the later one is evicted
+    # for the earlier, never the other way round, so the oldest work always progresses
+    sched = make_scheduler("priority-recompute", num_blocks=4, ms_per_token=None)
+    early, late = make_request(8, max_tokens=4), make_request(8, max_tokens=4)
+    sched.add(early)
+    sched.add(late)
+    preempted = [r for b in run(sched) for r in b.preempted]
+    assert preempted and all(r is late for r in preempted)
+    assert early.num_preemptions == 0
+
+
+def test_online_requests_claim_seats_from_offline():
+    sched = make_scheduler("harvest", max_num_seqs=2, ms_per_token=None)
+    offline = make_requests(2, 4, max_tokens=8)
+    for r in offline:
+        sched.add(r)
+    step(sched)
+    online = make_request(4, online=True)
+    sched.add(online)
+    batch = step(sched)
+    assert online in batch.requests and ids(batch.preempted) == ids(offline[1:])
+
+
+def test_harvest_resumes_a_preempted_offline_request_from_its_checkpoint_once_online_is_gone():
+    sched = make_scheduler("harvest", num_blocks=4, ms_per_token=None)
+    offline = make_request(8, max_tokens=4)
+    sched.add(offline)
+    step(sched)  # its prompt computed and checkpointed (2 full blocks)
+    assert offline.checkpointed_tokens == 8
+    online = make_request(12, max_tokens=2, online=True)
+    sched.add(online)
+    batch = step(sched)
+    assert ids(batch.preempted) == ids([offline]) and batch.recomputed_tokens == 0
+    while not online.is_finished:
+        assert offline not in step(sched).requests  # no restore while online work runs
+    uncheckpointed = offline.num_tokens - 8
+    batch = step(sched)
+    assert [(r.request_id, first) for r, first in batch.restored] == [(offline.request_id, 0)]
+    assert batch.num_new_tokens == [uncheckpointed]  # only what the checkpoint lacks
+    run(sched)
+    assert offline.is_finished
+
+
+def test_a_checkpoint_restore_waits_while_online_work_runs():
+    """Restoring copies blocks outside the latency model: not in a step with online work."""
+    sched = make_scheduler("harvest", num_blocks=64)
+    resumed = make_request(12, max_tokens=4)
+    resumed.checkpointed_tokens = 8  # as a shard resumed from the queue brings it
+    fresh = make_request(12, max_tokens=4)
+    online = make_request(4, max_tokens=2, online=True)
+    for r in [online, resumed, fresh]:
+        sched.add(r)
+    batch = step(sched)
+    assert online in batch.requests and resumed not in batch.requests and not batch.restored
+    assert fresh not in batch.requests  # the queue is ordered: fresh waits behind resumed
+    while not online.is_finished:
+        step(sched)
+    batch = step(sched)
+    assert batch.restored == [(resumed, 0)] and batch.num_new_tokens[0] == 4
+
+
+def test_priority_recompute_recomputes_a_preempted_offline_request():
+    sched = make_scheduler("priority-recompute", num_blocks=4, ms_per_token=None)
+    offline = make_request(8, max_tokens=4)
+    sched.add(offline)
+    step(sched)
+    sched.add(make_request(12, max_tokens=2, online=True))
+    batch = step(sched)
+    assert ids(batch.preempted) == ids([offline]) and batch.recomputed_tokens == 8  # its prompt
+    assert offline.checkpointed_tokens == 0
+    run(sched)
+    assert offline.is_finished
+
+
+# ---------------------------------------------------------------- latency budget
+
+
+def test_harvest_sizes_offline_work_to_the_latency_budget():
+    sched = make_scheduler("harvest", max_num_batched_tokens=256)
+    online = make_request(8, online=True)
+    offline = make_requests(3, 100)
+    for r in [online, *offline]:
+        sched.add(r)
+    batch = step(sched)
+    assert batch.latency_budget_s == pytest.approx(SLO.tpot_s * SLO.headroom)  # 80 ms
+    assert batch.num_new_tokens[0] == 8 and batch.num_tokens == 80  # online 8, offline 72 at 1 ms each
+    assert sched.latency.predict(batch.shape) <= batch.latency_budget_s
+    assert sched.latency.predict(batch.shape.with_added(1, 0)) > batch.latency_budget_s
+
+
+def test_harvest_runs_the_best_batch_without_online_work():
+    sched = make_scheduler("harvest", max_num_batched_tokens=256)
+    for r in make_requests(3, 100):
+        sched.add(r)
+    batch = step(sched)
+    assert batch.latency_budget_s is None and batch.num_tokens == 256
+
+
+def test_priority_recompute_has_no_latency_budget():
+    sched = make_scheduler("priority-recompute", max_num_batched_tokens=256)
+    for r in [make_request(8, online=True), *make_requests(3, 100)]:
+        sched.add(r)
+    batch = step(sched)
+    assert batch.latency_budget_s is None and batch.num_tokens == 256
+
+
+def test_an_online_request_past_its_deadline_gets_steps_without_offline_work():
+    sched = make_scheduler("harvest")
+    late = make_request(8, online=True)
+    late.arrival_time -= SLO.ttft_s  # its first token is already due
+    sched.add(late)
+    for r in make_requests(2, 40):
+        sched.add(r)
+    batch = step(sched)
+    assert batch.latency_budget_s == 0.0
+    assert ids(batch.requests) == ids([late]) and batch.offline_token_budget == 0
+
+
+def test_the_budget_shrinks_by_the_models_overrun_margin():
+    sched = make_scheduler("harvest")
+    sched.latency._margin = 2.0  # steps lately took twice their prediction
+    for r in [make_request(8, online=True), *make_requests(2, 100)]:
+        sched.add(r)
+    batch = step(sched)
+    assert batch.latency_budget_s == pytest.approx(SLO.tpot_s * SLO.headroom / 2)
+    assert batch.num_tokens == 40
