@@ -1,0 +1,166 @@
+"""The queue refuses a Redis that would lose or never run jobs, and warns of lesser risks."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from harvest.local_redis import free_port, wait_up
+from harvest.queue import redis_checks
+from harvest.queue.redis_checks import RedisConfigError, ServerFacts, check_server, problems
+from harvest.queue.store import JobStore, connect
+
+PASSWORD = "hunter2-s3cret"
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    """Every test sees its server checked, not a verdict cached by an earlier one."""
+    monkeypatch.setattr(redis_checks, "_passed", set())
+    monkeypatch.delenv(redis_checks.ALLOW_NO_AOF_ENV, raising=False)
+
+
+def queue_warnings(caplog) -> list[str]:
+    records = [r for r in caplog.records if r.name == "harvest.queue"]
+    return [r.getMessage() for r in records if r.levelno == logging.WARNING]
+
+
+class FakeInfo:
+    """A client whose INFO answers what a test says (a server version we cannot start here)."""
+
+    def __init__(self, info: dict) -> None:
+        self._info = info
+
+    def info(self) -> dict:
+        return self._info
+
+
+def info(version: str = "7.2.4", aof: int = 1, policy: str = "noeviction", maxmemory: int = 0) -> dict:
+    return {"redis_version": version, "aof_enabled": aof, "maxmemory_policy": policy, "maxmemory": maxmemory}
+
+
+def test_an_old_server_is_refused_naming_the_version_and_the_fix():
+    url = f"redis://:{PASSWORD}@old-host:6379/0"
+    with pytest.raises(RedisConfigError) as refused:
+        check_server(FakeInfo(info(version="6.0.16")), url)
+    message = str(refused.value)
+    assert "6.0.16 < 6.2" in message and "LMOVE" in message and "install-redis.sh" in message
+    assert PASSWORD not in message and "old-host" in message
+
+
+@pytest.mark.parametrize(("version", "ok"), [("6.2.0", True), ("6.2.14", True), ("7.0.0-rc1", True),
+                                             ("6.0.20", False), ("5.0.7", False)])  # fmt: skip
+def test_version_boundary(version, ok):
+    fatal, _ = problems(ServerFacts(version, aof_enabled=True, maxmemory_policy="noeviction", maxmemory=0))
+    assert (not fatal) is ok
+
+
+def test_the_test_server_passes_silently(redis_server, caplog):
+    caplog.set_level(logging.WARNING)
+    store = JobStore.from_url(redis_server.url)
+    assert store.r.ping()
+    assert queue_warnings(caplog) == []
+
+
+def test_aof_off_warns_once_and_the_flag_silences_it(redis_server, caplog, monkeypatch):
+    caplog.set_level(logging.WARNING)
+    redis.Redis.from_url(redis_server.url).config_set("appendonly", "no")
+    connect(redis_server.url)
+    connect(redis_server.url)  # checked once per process and server
+    warned = queue_warnings(caplog)
+    assert len(warned) == 1 and "appendonly yes" in warned[0] and "CONFIG SET" in warned[0]
+    caplog.clear()
+    monkeypatch.setattr(redis_checks, "_passed", set())
+    monkeypatch.setenv(redis_checks.ALLOW_NO_AOF_ENV, "1")
+    connect(redis_server.url)
+    assert queue_warnings(caplog) == []
+
+
+def test_an_evicting_cache_redis_is_refused(redis_server):
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    admin.config_set("maxmemory", "100mb")
+    with pytest.raises(RedisConfigError) as refused:
+        connect(redis_server.url)
+    assert "maxmemory-policy is allkeys-lru" in str(refused.value)
+    assert "CONFIG SET maxmemory-policy noeviction" in str(refused.value)
+    admin.config_set("maxmemory-policy", "noeviction")
+    assert connect(redis_server.url).ping()  # a refusal is not cached: fixed, it connects
+
+
+def test_an_evicting_policy_without_a_limit_only_warns(redis_server, caplog):
+    caplog.set_level(logging.WARNING)
+    redis.Redis.from_url(redis_server.url).config_set("maxmemory-policy", "volatile-lru")
+    connect(redis_server.url)
+    assert any("volatile-lru" in w for w in queue_warnings(caplog))
+
+
+def test_an_acl_user_without_info_or_config_is_checked_through_hello(redis_server, caplog):
+    caplog.set_level(logging.WARNING)
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser("app", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-@dangerous"])  # fmt: skip
+    url = f"redis://app:{PASSWORD}@127.0.0.1:{redis_server.port}/0"
+    with pytest.raises(redis.ResponseError):
+        redis.Redis.from_url(url).info()  # the premise: this user may not read INFO
+    store = JobStore.from_url(url)
+    store.set_job_ttl(60)  # the queue's own commands are allowed to an ACL user
+    warned = queue_warnings(caplog)
+    assert len(warned) == 1 and "could not read the eviction policy" in warned[0]
+    assert PASSWORD not in caplog.text
+
+
+# ---------------------------------------------------------------------- TLS (rediss://)
+
+
+def tls_files(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (server cert and its own CA) and its key."""
+    cert, key = folder / "redis.crt", folder / "redis.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_redis(tmp_path) -> Iterator[tuple[int, Path]]:
+    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
+        pytest.skip("openssl and redis-server are needed for a TLS Redis")
+    cert, key = tls_files(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(tmp_path),
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+         "--tls-auth-clients", "no", "--requirepass", PASSWORD, "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        try:
+            wait_up(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={cert}", timeout_s=10)
+        except TimeoutError:
+            proc.kill()
+            pytest.skip(f"this redis-server has no TLS: {proc.communicate()[1].decode()[-300:]}")
+        yield port, cert
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rediss_url_with_password_reaches_a_tls_redis(tls_redis):
+    port, cert = tls_redis
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    store = JobStore.from_url(url)
+    store.set_job_ttl(120)
+    assert store.r.connection_pool.connection_class is redis.SSLConnection
+    assert store.r.ping()
+    with pytest.raises(redis.ConnectionError):  # plain text to a TLS port is not answered
+        redis.Redis.from_url(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", socket_timeout=2).ping()
