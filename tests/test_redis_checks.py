@@ -164,3 +164,70 @@ def test_rediss_url_with_password_reaches_a_tls_redis(tls_redis):
     assert store.r.ping()
     with pytest.raises(redis.ConnectionError):  # plain text to a TLS port is not answered
         redis.Redis.from_url(f"redis://:{PASSWORD}@127.0.0.1:{port}/0", socket_timeout=2).ping()
+
+
+# ---------------------------------------------------------------------- the embedded Redis
+
+
+@pytest.fixture
+def embedded(tmp_path, monkeypatch) -> Iterator[int]:
+    """The embedded Redis's home in tmp_path, on a free port (not 6390: other runs may hold it)."""
+    from harvest import local_redis
+
+    monkeypatch.setenv("HARVEST_HOME", str(tmp_path))
+    monkeypatch.delenv("HARVEST_REDIS_URL", raising=False)
+    port = free_port()
+    yield port
+    local_redis.stop(port)
+
+
+def test_the_embedded_redis_has_a_private_password_reused_on_restart(embedded, tmp_path, caplog):
+    from harvest import local_redis
+    from harvest.paths import embedded_redis_password_file
+    from harvest.queue.config import default_redis_url, embedded_redis_url
+
+    caplog.set_level(logging.WARNING)
+    url = local_redis.start(embedded)
+    password_file = embedded_redis_password_file()
+    password = password_file.read_text().strip()
+    assert len(password) >= 32 and password_file.stat().st_mode & 0o777 == 0o600
+    assert url == embedded_redis_url(embedded) == f"redis://:{password}@127.0.0.1:{embedded}/0"
+    assert default_redis_url().startswith(f"redis://:{password}@127.0.0.1:")  # what the CLI connects to
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(f"redis://127.0.0.1:{embedded}/0").set("k", "v")
+    pid = int((tmp_path / "redis" / "redis.pid").read_text())
+    assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    store = JobStore.from_url(url)  # passes the checks: AOF on, noeviction
+    assert store.r.config_get("bind")["bind"] == "127.0.0.1"
+    assert queue_warnings(caplog) == []
+    store.r.set("kept", "1")
+    assert local_redis.stop(embedded)
+    assert not local_redis.is_up(url)
+    assert local_redis.start(embedded) == url  # same password, same data
+    assert redis.Redis.from_url(url).get("kept") == b"1"
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_an_open_redis_on_the_port_is_protected_if_ours_else_refused(embedded, tmp_path, ours):
+    """An embedded Redis from an older harvest had no password: `up` gives it one while it runs."""
+    from harvest import local_redis
+
+    folder = tmp_path / "redis" if ours else tmp_path / "elsewhere"
+    folder.mkdir()
+    old = subprocess.Popen(["redis-server", "--port", str(embedded), "--bind", "127.0.0.1", "--save", "",
+                            "--dir", str(folder)], stdout=subprocess.DEVNULL)  # fmt: skip
+    open_url = f"redis://127.0.0.1:{embedded}/0"
+    try:
+        wait_up(open_url)
+        if not ours:
+            with pytest.raises(RuntimeError, match="harvest did not start"):
+                local_redis.start(embedded)
+            assert redis.Redis.from_url(open_url).ping()  # left alone
+            return
+        url = local_redis.start(embedded)
+        assert url != open_url and redis.Redis.from_url(url).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(open_url).set("k", "v")
+    finally:
+        old.terminate()
+        old.wait(timeout=10)
