@@ -231,3 +231,17 @@ def test_an_open_redis_on_the_port_is_protected_if_ours_else_refused(embedded, t
     finally:
         old.terminate()
         old.wait(timeout=10)
+
+
+def test_the_cli_names_the_unfit_setting_and_exits_5(redis_server):
+    from typer.testing import CliRunner
+
+    from harvest.cli import app
+    from harvest.cli.jobs import EXIT_REDIS
+
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    admin.config_set("maxmemory", "100mb")
+    result = CliRunner().invoke(app, ["jobs", "--redis-url", redis_server.url])
+    assert result.exit_code == EXIT_REDIS
+    assert "maxmemory-policy is allkeys-lru" in result.output

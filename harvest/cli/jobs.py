@@ -26,6 +26,7 @@ from harvest.queue.errors import (
     RedisUnavailableError,
 )
 from harvest.queue.models import Job, JobStatus
+from harvest.queue.redis_checks import RedisConfigError
 from harvest.redact import redact_url
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -58,6 +59,9 @@ def _exits() -> Iterator[None]:
     except JobNotQueuedError as exc:
         err.print(f"[yellow]not queued:[/] {exc}")
         raise typer.Exit(EXIT_NOT_COMPLETED) from None
+    except RedisConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_REDIS) from None
     except (RedisUnavailableError, redis.ConnectionError) as exc:
         err.print(f"[red]error:[/] {exc}\nStart Redis (`harvest up`) or set HARVEST_REDIS_URL.")
         raise typer.Exit(EXIT_REDIS) from None
