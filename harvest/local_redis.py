@@ -58,7 +58,7 @@ def ensure_password() -> str:
     """The embedded Redis's password: read from the data dir, or made there (0600) once."""
     path = embedded_redis_password_file()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):  # two starts racing: the first one's stays
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
@@ -106,6 +106,7 @@ def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
         raise RuntimeError("redis-server not found: run scripts/install-redis.sh, or set HARVEST_REDIS_URL")
     folder = redis_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # the append-only file holds every job's prompts and results
     subprocess.run(
         [
             binary,

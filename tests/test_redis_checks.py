@@ -191,6 +191,7 @@ def test_the_embedded_redis_has_a_private_password_reused_on_restart(embedded, t
     password_file = embedded_redis_password_file()
     password = password_file.read_text().strip()
     assert len(password) >= 32 and password_file.stat().st_mode & 0o777 == 0o600
+    assert password_file.parent.stat().st_mode & 0o777 == 0o700  # its AOF: every job's prompts
     assert url == embedded_redis_url(embedded) == f"redis://:{password}@127.0.0.1:{embedded}/0"
     assert default_redis_url().startswith(f"redis://:{password}@127.0.0.1:")  # what the CLI connects to
     with pytest.raises(redis.AuthenticationError):
