@@ -246,3 +246,17 @@ def test_the_cli_names_the_unfit_setting_and_exits_5(redis_server):
     result = CliRunner().invoke(app, ["jobs", "--redis-url", redis_server.url])
     assert result.exit_code == EXIT_REDIS
     assert "maxmemory-policy is allkeys-lru" in result.output
+
+
+def test_harvest_up_refuses_an_unfit_redis_before_starting_anything(redis_server, monkeypatch):
+    from typer.testing import CliRunner
+
+    from harvest.cli import app
+    from harvest.cli.jobs import EXIT_REDIS
+
+    redis.Redis.from_url(redis_server.url).config_set("maxmemory", "100mb")
+    redis.Redis.from_url(redis_server.url).config_set("maxmemory-policy", "volatile-lru")
+    monkeypatch.setenv("HARVEST_REDIS_URL", redis_server.url)
+    result = CliRunner().invoke(app, ["up"])
+    assert result.exit_code == EXIT_REDIS
+    assert "maxmemory-policy is volatile-lru" in result.output and "harvest is up" not in result.output
