@@ -1,12 +1,17 @@
 """The embedded Redis that `harvest up` starts when HARVEST_REDIS_URL is not set.
 
-Persistent (append-only file, fsync every second) under the data dir, on a fixed local
-port so that the client, the CLI and the workers all find it without configuration.
+Persistent (append-only file, fsync every second) under the data dir, on a fixed port bound
+to 127.0.0.1, with a random password that its first start writes to the data dir (0600)
+and every later start reuses: the CLI finds the URL there (queue.config.embedded_redis_url),
+the workers get it from `harvest up`. The password goes to redis-server on stdin, never on
+its command line, where any local user could read it from the process list.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,8 +22,8 @@ from pathlib import Path
 
 import redis
 
-from harvest.paths import data_dir
-from harvest.queue.config import DEFAULT_REDIS_URL, EMBEDDED_REDIS_PORT
+from harvest.paths import data_dir, embedded_redis_password_file
+from harvest.queue.config import EMBEDDED_REDIS_PORT, embedded_redis_url
 from harvest.redact import redact_url
 
 
@@ -42,36 +47,84 @@ def redis_dir() -> Path:
     return data_dir() / "redis"
 
 
-def is_up(url: str = DEFAULT_REDIS_URL) -> bool:
+def is_up(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
 
 
+def ensure_password() -> str:
+    """The embedded Redis's password: read from the data dir, or made there (0600) once."""
+    path = embedded_redis_password_file()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # two starts racing: the first one's stays
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def _protect_unguarded(port: int, password: str) -> None:
+    """An embedded Redis that an older harvest started has no password (and redis-py's AUTH
+    to it succeeds anyway): give it ours while it runs. Refuse a foreign open Redis."""
+    client = redis.Redis.from_url(
+        f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.5, decode_responses=True
+    )
+    try:
+        folder = client.config_get("dir").get("dir")
+    except redis.RedisError:  # nothing there, or it asks for a password: guarded
+        return
+    if folder is None or Path(folder).resolve() != redis_dir().resolve():
+        raise RuntimeError(
+            f"127.0.0.1:{port} is an open Redis (no password) that harvest did not start (its dir is "
+            f"{folder}): stop it, or set HARVEST_REDIS_URL to use it"
+        )
+    client.config_set("requirepass", password)
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
-    """Start (or find running) the embedded redis-server; returns its URL."""
-    url = f"redis://127.0.0.1:{port}/0"
+    """Start (or find running) the embedded redis-server; returns its URL (with the password)."""
+    password = ensure_password()
+    url = embedded_redis_url(port)
+    _protect_unguarded(port, password)
     if is_up(url):
         return url
+    if _port_taken(port):
+        raise RuntimeError(
+            f"127.0.0.1:{port} is taken by something that does not accept the embedded Redis's "
+            "password: stop it, or set HARVEST_REDIS_URL"
+        )
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found: run scripts/install-redis.sh, or set HARVEST_REDIS_URL")
     folder = redis_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # the append-only file holds every job's prompts and results
     subprocess.run(
         [
             binary,
+            "-",  # the rest of the config, the password, on stdin
             "--port",
             str(port),
             "--bind",
             "127.0.0.1",
+            "--protected-mode",
+            "yes",
             "--dir",
             str(folder),
             "--appendonly",
             "yes",
             "--appendfsync",
             "everysec",
+            "--maxmemory-policy",
+            "noeviction",
             "--daemonize",
             "yes",
             "--pidfile",
@@ -79,6 +132,8 @@ def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
             "--logfile",
             str(folder / "redis.log"),
         ],
+        input=f"requirepass {password}\n".encode(),
+        capture_output=True,
         check=True,
     )
     try:
@@ -91,8 +146,8 @@ def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
 
 
 def stop(port: int = EMBEDDED_REDIS_PORT) -> bool:
-    """Shut the embedded server down (saving its data); False if it was not running."""
-    url = f"redis://127.0.0.1:{port}/0"
+    """Shut the embedded server down (its AOF flushed); False if it was not running."""
+    url = embedded_redis_url(port)
     if not is_up(url):
         return False
     with contextlib.suppress(redis.ConnectionError):  # the server closes the connection as it exits

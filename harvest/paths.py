@@ -25,6 +25,11 @@ def ensure_default_model(train_seconds: float = 60.0) -> Path:
     return path
 
 
+def embedded_redis_password_file() -> Path:
+    """The embedded Redis's password (mode 0600), made by its first start and reused after."""
+    return data_dir() / "redis" / "password"
+
+
 def ray_started_marker() -> Path:
     """Written by `harvest up` when it starts the local Ray head (it holds that Ray's session),
     so that `harvest down` stops only a Ray that `up` started."""

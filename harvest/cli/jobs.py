@@ -36,6 +36,7 @@ from harvest.queue.errors import (
     RedisUnavailableError,
 )
 from harvest.queue.models import Job, JobStatus
+from harvest.queue.redis_checks import RedisConfigError
 from harvest.redact import redact_url
 
 err = Console(stderr=True)
@@ -61,6 +62,9 @@ def _exits() -> Iterator[None]:
     except JobNotQueuedError as exc:
         err.print(f"[yellow]not queued:[/] {exc}")
         raise typer.Exit(EXIT_NOT_COMPLETED) from None
+    except RedisConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_REDIS) from None
     except (RedisUnavailableError, redis.ConnectionError) as exc:
         err.print(f"[red]error:[/] {exc}\nStart Redis (`harvest up`) or set HARVEST_REDIS_URL.")
         raise typer.Exit(EXIT_REDIS) from None

@@ -14,7 +14,7 @@ from rich.markup import escape  # errors quote user input, such as ORG/NAME[@REV
 from rich.table import Table
 
 from harvest.cli.app import app
-from harvest.cli.exits import EXIT_BAD_INPUT
+from harvest.cli.exits import EXIT_BAD_INPUT, EXIT_REDIS
 
 if TYPE_CHECKING:
     from harvest.config import HarvestConfig
@@ -100,6 +100,8 @@ def up(
     from harvest.config import ConfigError, redis_url_of
     from harvest.models.resolve import ModelUnavailable, resolve_model
     from harvest.paths import ensure_default_model
+    from harvest.queue.errors import RedisUnavailableError
+    from harvest.queue.store import connect as connect_redis
     from harvest.redact import redact_url
 
     flags = _flags(
@@ -139,9 +141,14 @@ def up(
             console.print(f"[red]--model[/] {escape(str(exc))}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
     redis_url = redis_url_of(config)
-    if redis_url is None:
-        with console.status("starting the embedded Redis..."):
-            redis_url = local_redis.start()
+    try:
+        if redis_url is None:
+            with console.status("starting the embedded Redis..."):
+                redis_url = local_redis.start()
+        connect_redis(redis_url)  # refuses a Redis that would lose or never run jobs, before Ray starts
+    except (RuntimeError, RedisUnavailableError) as exc:  # RedisConfigError is a RuntimeError
+        console.print(f"[red]Redis[/]: {escape(str(exc))}")
+        raise typer.Exit(EXIT_REDIS) from None
     model_path = config.model
     if model_path is None:
         with console.status("building the tiny demo model (once, about a minute)..."):

@@ -6,13 +6,21 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from harvest.paths import embedded_redis_password_file
+
 EMBEDDED_REDIS_PORT = 6390  # not 6379: a system Redis often has that one
-DEFAULT_REDIS_URL = f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"
+
+
+def embedded_redis_url(port: int = EMBEDDED_REDIS_PORT) -> str:
+    """The embedded Redis's URL with the password its first start made (none before that)."""
+    path = embedded_redis_password_file()
+    password = path.read_text().strip() if path.exists() else ""
+    return f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
 
 
 def default_redis_url() -> str:
     """$HARVEST_REDIS_URL, else the embedded Redis that `harvest up` starts locally."""
-    return os.environ.get("HARVEST_REDIS_URL") or DEFAULT_REDIS_URL
+    return os.environ.get("HARVEST_REDIS_URL") or embedded_redis_url()
 
 
 @dataclass

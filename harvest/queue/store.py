@@ -16,13 +16,15 @@ from harvest.queue import lua
 from harvest.queue.config import JobOptions
 from harvest.queue.errors import JobNotFoundError, RedisUnavailableError
 from harvest.queue.models import Job, JobStatus, Lease, Progress, Result
+from harvest.queue.redis_checks import check_server
 
 SWEEP_LIMIT = 64  # expired leases reclaimed per call: keeps each script short
 DEFAULT_JOB_TTL_S = 7 * 86400  # finished jobs are kept this long unless the store says otherwise
 
 
 def connect(url: str) -> redis.Redis:
-    """A client that retries briefly on dropped connections; raises RedisUnavailableError."""
+    """A client that retries briefly on dropped connections; raises RedisUnavailableError, or
+    RedisConfigError for a server that would lose or never run jobs (see redis_checks.py)."""
     client = redis.Redis.from_url(
         url,
         decode_responses=True,
@@ -35,6 +37,7 @@ def connect(url: str) -> redis.Redis:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise RedisUnavailableError(url, exc) from exc
+    check_server(client, url)
     return client
 
 
