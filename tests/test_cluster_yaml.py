@@ -123,7 +123,7 @@ def test_no_cluster_port_is_opened_to_the_world(name):
 
 
 def test_serve_env_for_ray_start_matches_the_service():
-    from harvest.service import SERVE_ENV
+    from harvest.serve_env import SERVE_ENV
 
     exported = dict(
         re.match(r"export (\w+)=(.*)", line).groups()

@@ -1,5 +1,5 @@
 # Sourced before `ray start` on every node of a `ray up` cluster: harvest's Serve path (HAProxy
-# front end, direct ingress), the same variables as SERVE_ENV in harvest/service.py, which
+# front end, direct ingress), the same variables as SERVE_ENV in harvest/serve_env.py, which
 # Ray reads only when it starts (tests/test_cluster_yaml.py keeps the two equal).
 export RAY_SERVE_ENABLE_HA_PROXY=1
 export RAY_SERVE_ENABLE_DIRECT_INGRESS=1
