@@ -239,9 +239,10 @@ def test_cancel_mid_run_keeps_finished_lines(api, redis_server, queue_engine):
     assert [r["custom_id"] for r in rows] == [x["custom_id"] for x in output + errors]
 
 
-def test_expired_batch_gives_every_line_its_record(api, redis_server):
+def test_expired_batch_gives_every_line_its_record(backend, redis_server, tmp_path):
+    api = make_api(backend, redis_server.url, tmp_path / "files", min_window_s=1)  # seconds, for a test
     f = upload(api.client, [line("a"), line("b")], "éclair.jsonl")
-    batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="0.5s")
+    batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="1s")
     assert batch.expires_at is not None
     # no worker runs it: the window passes (a deadline, so poll as a client does)
     batch = wait_for(lambda: (b := api.client.batches.retrieve(batch.id)).status == "expired" and b)
