@@ -65,12 +65,23 @@ TTFTOpt = typer.Option(None, "--slo-ttft-ms", help="Online time-to-first-token t
 TPOTOpt = typer.Option(None, "--slo-tpot-ms", help="Online time-per-output-token target (default 100).")
 PortOpt = typer.Option(None, "--port", help="HTTP port of the OpenAI-compatible endpoint (default 8000).")
 HostOpt = typer.Option(None, "--host", help="Interface to listen on (default 127.0.0.1; 0.0.0.0: all).")
-KeyOpt = typer.Option(None, "--api-key", envvar="HARVEST_API_KEY", help="Require this key.")
-KeyFileOpt = typer.Option(None, "--api-key-file", help="Require the key held in this file.")
+KeyOpt = typer.Option(
+    None, "--api-key", envvar="HARVEST_API_KEY",
+    help="Require this key (KEY or NAME:KEY); repeat for several, each a tenant; or $HARVEST_API_KEYS=k1,k2.",
+)  # fmt: skip
+KeyFileOpt = typer.Option(
+    None, "--api-key-file", help="Require the keys in this file (KEY or NAME:KEY lines)."
+)
 AddressOpt = typer.Option(None, "--address", help="Existing Ray cluster (e.g. auto); none: local.")
 TTLOpt = typer.Option(
     None, "--job-ttl", help="Keep finished jobs and their results this long (e.g. 7d, 12h); default 7d."
 )
+
+
+def _api_keys(given: list[str] | None) -> str | list[str] | None:
+    """--api-key (repeatable, or $HARVEST_API_KEY), else the comma-separated $HARVEST_API_KEYS."""
+    keys = given or [key for key in os.environ.get("HARVEST_API_KEYS", "").split(",") if key.strip()]
+    return keys[0] if len(keys) == 1 else keys or None
 
 
 @app.command()
@@ -88,7 +99,7 @@ def up(
     slo_tpot_ms: float | None = TPOTOpt,
     port: int | None = PortOpt,
     host: str | None = HostOpt,
-    api_key: str | None = KeyOpt,
+    api_key: list[str] | None = KeyOpt,
     api_key_file: Path | None = KeyFileOpt,
     job_ttl: str | None = TTLOpt,
 ) -> None:
@@ -103,8 +114,8 @@ def up(
 
     flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
                    dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
-                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
-                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host,
+                   api_key=_api_keys(api_key), api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
     config = _effective_config(config_file, flags)
     try:
         api_key = config.resolved_api_key()
@@ -180,7 +191,7 @@ def config_show(
     slo_tpot_ms: float | None = TPOTOpt,
     port: int | None = PortOpt,
     host: str | None = HostOpt,
-    api_key: str | None = KeyOpt,
+    api_key: list[str] | None = KeyOpt,
     api_key_file: Path | None = KeyFileOpt,
     job_ttl: str | None = TTLOpt,
 ) -> None:
@@ -190,8 +201,8 @@ def config_show(
 
     flags = _flags(address=address, model=model, served_model_name=served_model_name, workers=workers,
                    dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, policy=policy,
-                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host, api_key=api_key,
-                   api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
+                   slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, port=port, host=host,
+                   api_key=_api_keys(api_key), api_key_file=api_key_file, job_ttl=job_ttl)  # fmt: skip
     config = _effective_config(config_file, flags)
     from harvest.config import redis_url_of
 
