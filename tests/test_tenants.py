@@ -1,12 +1,18 @@
-"""The lease order against a real redis-server: earliest deadline class first, then the tenant
-served the fewest tokens (VTC), then round-robin over that tenant's jobs."""
+"""Tenants: the lease order against a real redis-server (earliest deadline class first, then
+the tenant served the fewest tokens, VTC, then round-robin over that tenant's jobs), and the
+keys that name tenants. Their isolation over HTTP is in test_batch_api.py."""
 
 from __future__ import annotations
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
+from harvest.cli import app
+from harvest.config import ConfigError, build_config
 from harvest.queue import Result
 from harvest.queue.store import estimated_tokens
+from harvest.tenants import tenant_name
 
 
 def cost(lease) -> int:
@@ -84,3 +90,31 @@ def test_results_replace_the_estimate_and_count_toward_throughput(queue_store, m
     # a later deadline class counts this job as ahead of it; an earlier one does not
     assert queue_store.requests_ahead(queue_store.now() + 7200) == 2
     assert queue_store.requests_ahead(queue_store.now() + 60) == 0
+
+
+def test_keys_from_flags_environment_and_file(tmp_path):
+    config = build_config({"api_key": ["alice:k-1", "k-2"]})
+    assert config.resolved_api_key() == {"k-1": "alice", "k-2": tenant_name("k-2")}
+    assert build_config({"api_key": "k-1"}).resolved_api_key() == "k-1"  # one key: as before
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# tenants\nbob:k-3\n\nk-4\n")
+    from_file = build_config({"api_key_file": str(keys_file), "api_key": "carol:k-5"}).resolved_api_key()
+    assert from_file == {"k-5": "carol", "k-3": "bob", "k-4": tenant_name("k-4")}
+    assert tenant_name("k-4").startswith("key-") and "k-4" not in tenant_name("k-4")
+    for bad in (["alice:k 1"], ["k-1", "bob:k-1"], [":k-1"]):
+        with pytest.raises(ConfigError) as err:
+            build_config({"api_key": bad})
+        assert "api_key" in str(err.value) and "k 1" not in str(err.value) and "k-1" not in str(err.value)
+    keys_file.write_text("ok-key\nbad key\n")
+    with pytest.raises(ConfigError, match="line 2") as err:
+        build_config({"api_key_file": str(keys_file)}).resolved_api_key()
+    assert "bad key" not in str(err.value)
+
+
+def test_config_show_masks_every_key():
+    result = CliRunner().invoke(app, ["config", "show"], env={"HARVEST_API_KEYS": "sk-one,team:sk-two"})
+    assert result.exit_code == 0, result.output
+    assert "sk-one" not in result.output and "sk-two" not in result.output
+    assert yaml.safe_load(result.stdout)["api_key"] == ["***", "***"]
+    repeated = CliRunner().invoke(app, ["config", "show", "--api-key", "sk-one", "--api-key", "sk-two"])
+    assert yaml.safe_load(repeated.stdout)["api_key"] == ["***", "***"]
