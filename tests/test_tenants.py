@@ -118,3 +118,12 @@ def test_config_show_masks_every_key():
     assert yaml.safe_load(result.stdout)["api_key"] == ["***", "***"]
     repeated = CliRunner().invoke(app, ["config", "show", "--api-key", "sk-one", "--api-key", "sk-two"])
     assert yaml.safe_load(repeated.stdout)["api_key"] == ["***", "***"]
+
+
+def test_jobs_queued_by_an_older_harvest_are_still_leased(queue_store, make_job):
+    job_id = make_job(2, shard_size=1)
+    # the layout before deadline classes: one list of the jobs with ready shards
+    queue_store.r.delete(*queue_store.r.keys(f"{queue_store.prefix}:class*"))
+    queue_store.r.rpush(f"{queue_store.prefix}:active", job_id)
+    assert [lease.job_id for lease in queue_store.lease("w", 30, max_shards=4)] == [job_id] * 2
+    assert not queue_store.r.exists(f"{queue_store.prefix}:active")

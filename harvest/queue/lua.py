@@ -19,6 +19,7 @@ Layout (P = prefix, J = job id, N = shard number):
   P:class:C             zset  tenant T -> its virtual served tokens in class C (VTC fair share)
   P:class:C:T           list  T's jobs in class C with ready shards, rotated for round-robin
   P:served              hash  tenant -> tokens served (estimated at lease, corrected by results)
+  P:active              list  (older harvest) jobs with ready shards; LEASE moves them into classes
   P:rate:B              hash  results written in the 10 s bucket B: r (requests), t (tokens); 10 min TTL
   P:leases              zset  "J/N" -> lease deadline ms
   P:deadlines           zset  J -> expiry ms (completion window)
@@ -390,6 +391,11 @@ LEASE = r"""
 local worker, visibility, max_shards = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 sweep(now, tonumber(ARGV[5]))
+if redis.call('EXISTS', P .. ':active') == 1 then
+  -- jobs queued by an older harvest, in one round-robin list: queue them in their classes, once
+  for _, job in ipairs(redis.call('LRANGE', P .. ':active', 0, -1)) do enqueue(job) end
+  redis.call('DEL', P .. ':active')
+end
 local got = {}
 while #got < max_shards do
   local class = redis.call('ZRANGE', P .. ':classes', 0, 0)[1]  -- the earliest deadline class
