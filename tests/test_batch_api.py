@@ -527,6 +527,7 @@ def test_two_keys_see_only_their_own(backend, redis_server, tmp_path, queue_engi
             call()
     mine = upload(bob, [line("b")])
     assert [x.id for x in bob.files.list()] == [mine.id]
+    assert bob.files.list(after=f.id, order="asc").data == []  # a cursor of alice's is no cursor
     assert sorted(x.id for x in alice.files.list()) == sorted([f.id, batch.output_file_id])
     assert "owner" not in alice.files.retrieve(f.id).model_extra  # the tenant is not shown
     with pytest.raises(openai.AuthenticationError):

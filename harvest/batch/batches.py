@@ -198,7 +198,8 @@ class BatchRegistry:
         start = 0
         if after is not None:
             rank = self.store.r.zrevrank(self.index, after)
-            if rank is None:
+            owner = self.store.r.hget(self.store.job_key(after), "owner") or ""
+            if rank is None or (tenant is not None and owner != tenant):  # another's: as unknown
                 return [], False
             start = rank + 1
         self.store.sweep()

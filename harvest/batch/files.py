@@ -130,8 +130,8 @@ class FileRegistry:
         more follow."""
         index = f"{self.prefix}:files"
         ids = self.r.zrevrange(index, 0, -1) if order == "desc" else self.r.zrange(index, 0, -1)
-        if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        if after is not None:  # another tenant's id reads as an unknown one
+            ids = ids[ids.index(after) + 1 :] if after in ids and self.get(after, tenant) else []
         records: list[FileRecord] = []
         for file_id in ids:
             record = self.get(file_id, tenant)
