@@ -17,7 +17,9 @@ Layout (P = prefix, J = job id, N = shard number):
   P:classes             zset  deadline class C -> its end ms: classes holding jobs with ready shards
                               (C = the class end in ms, or 'none' for jobs without a window)
   P:class:C             zset  tenant T -> its virtual served tokens in class C (VTC fair share)
-  P:class:C:T           list  T's jobs in class C with ready shards, rotated for round-robin
+  P:class:C:T           zset  T's jobs in class C with ready shards -> turn (round-robin: the
+                              least turn goes next, and takes a new one from P:turns)
+  P:turns               counter of round-robin turns
   P:served              hash  tenant -> tokens served (estimated at lease, corrected by results)
   P:active              list  (older harvest) jobs with ready shards; LEASE moves them into classes
   P:rate:B              hash  results written in the 10 s bucket B: r (requests), t (tokens); 10 min TTL
@@ -70,8 +72,8 @@ local function enqueue(job)
   local tenant = tenant_of(job)
   local ck = P .. ':class:' .. class
   local list = ck .. ':' .. tenant
-  if redis.call('LPOS', list, job) then return end
-  redis.call('RPUSH', list, job)
+  if redis.call('ZSCORE', list, job) then return end
+  redis.call('ZADD', list, redis.call('INCR', P .. ':turns'), job)  -- last in line
   redis.call('ZADD', P .. ':classes', score, class)
   if not redis.call('ZSCORE', ck, tenant) then
     -- a tenant arriving with work starts at the least counter of those waiting (VTC's lift):
@@ -89,8 +91,8 @@ local function dequeue(job)
   local tenant = tenant_of(job)
   local ck = P .. ':class:' .. class
   local list = ck .. ':' .. tenant
-  redis.call('LREM', list, 0, job)
-  if redis.call('LLEN', list) == 0 then
+  redis.call('ZREM', list, job)
+  if redis.call('ZCARD', list) == 0 then
     redis.call('ZREM', ck, tenant)
     if redis.call('ZCARD', ck) == 0 then redis.call('ZREM', P .. ':classes', class) end
   end
@@ -408,7 +410,7 @@ while #got < max_shards do
     local tenant, counter = least[1], tonumber(least[2])
     local served = tonumber(redis.call('HGET', P .. ':served', tenant) or '0')
     local list = ck .. ':' .. tenant
-    local job = served > counter and nil or redis.call('LMOVE', list, list, 'LEFT', 'RIGHT')
+    local job = served > counter and nil or redis.call('ZRANGE', list, 0, 0)[1]
     if served > counter then
       -- served in another class since it was last ranked here: rank it by what it has had
       redis.call('ZADD', ck, served, tenant)
@@ -421,6 +423,7 @@ while #got < max_shards do
       if not n then
         dequeue(job)
       else
+        redis.call('ZADD', list, redis.call('INCR', P .. ':turns'), job)  -- to the back of the line
         local sk = skey(job, n)
         local token = redis.call('INCR', P .. ':tokens')
         local attempts = redis.call('HINCRBY', sk, 'attempts', 1)
