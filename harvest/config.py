@@ -129,24 +129,23 @@ class HarvestConfig(BaseModel):
         return value
 
     def resolved_api_key(self) -> str | dict[str, str] | None:
-        """The keys from `api_key` and `api_key_file`: one unnamed key as itself (its tenant is
+        """The keys of `api_key_file`, else of `api_key`: one unnamed key as itself (its tenant is
         named by its hash), else {key: tenant name}; None for none. ConfigError names the file."""
         from harvest.tenants import parse_keys, tenant_name
 
-        entries = [self.api_key] if isinstance(self.api_key, str) else list(self.api_key or [])
-        keys = parse_keys(entries)
-        if self.api_key_file is not None:
+        if self.api_key_file is None:
+            keys = parse_keys([self.api_key] if isinstance(self.api_key, str) else self.api_key or [])
+        else:  # the file wins over `api_key`, as it always has
             try:
                 lines = self.api_key_file.read_text().splitlines()
             except OSError as exc:
                 raise ConfigError(f"api_key_file: cannot read {self.api_key_file}: {exc.strerror}") from None
             try:
-                from_file = parse_keys(lines, f"api_key_file: {self.api_key_file} line")
+                keys = parse_keys(lines, f"api_key_file: {self.api_key_file} line")
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-            if not from_file:
+            if not keys:
                 raise ConfigError(f"api_key_file: {self.api_key_file} is empty")
-            keys.update(from_file)
         if len(keys) == 1:
             ((key, name),) = keys.items()
             if name == tenant_name(key):  # given without a name

