@@ -86,17 +86,16 @@ local function enqueue(job)
 end
 
 -- `job` has no ready shard left (or is closed): take it out of its class
-local function dequeue(job)
-  local class = class_of(job)
-  local tenant = tenant_of(job)
+local function leave(class, tenant, job)
   local ck = P .. ':class:' .. class
-  local list = ck .. ':' .. tenant
-  redis.call('ZREM', list, job)
-  if redis.call('ZCARD', list) == 0 then
+  redis.call('ZREM', ck .. ':' .. tenant, job)
+  if redis.call('ZCARD', ck .. ':' .. tenant) == 0 then
     redis.call('ZREM', ck, tenant)
     if redis.call('ZCARD', ck) == 0 then redis.call('ZREM', P .. ':classes', class) end
   end
 end
+
+local function dequeue(job) leave((class_of(job)), tenant_of(job), job) end
 
 -- a job reached a final state: all its keys expire after the store's job TTL, and the job
 -- leaves the job list then (the sweep); nothing finished lives forever
@@ -410,7 +409,7 @@ while #got < max_shards do
     local tenant, counter = least[1], tonumber(least[2])
     local served = tonumber(redis.call('HGET', P .. ':served', tenant) or '0')
     local list = ck .. ':' .. tenant
-    local job = served > counter and nil or redis.call('ZRANGE', list, 0, 0)[1]
+    local job = redis.call('ZRANGE', list, 0, 0)[1]  -- its job whose turn it is
     if served > counter then
       -- served in another class since it was last ranked here: rank it by what it has had
       redis.call('ZADD', ck, served, tenant)
@@ -421,7 +420,7 @@ while #got < max_shards do
       local n = false
       if redis.call('HGET', jk, 'status') == 'in_progress' then n = redis.call('LPOP', jk .. ':ready') end
       if not n then
-        dequeue(job)
+        leave(class, tenant, job)
       else
         redis.call('ZADD', list, redis.call('INCR', P .. ':turns'), job)  -- to the back of the line
         local sk = skey(job, n)
