@@ -65,8 +65,9 @@ class HarvestConfig(BaseModel):
     policy: Policy = Policy.HARVEST
     slo_ttft_ms: float | None = Field(None, gt=0)
     slo_tpot_ms: float | None = Field(None, gt=0)
-    api_key: str | None = Field(None, repr=False)
-    api_key_file: Path | None = None  # a file holding the key (a mounted secret)
+    # keys clients may use, each one tenant (see harvest/api/auth.py): `KEY` or `NAME:KEY`
+    api_key: str | list[str] | None = Field(None, repr=False)
+    api_key_file: Path | None = None  # a file of such keys, one a line (a mounted secret)
     redis_url: str | None = Field(None, repr=False)  # None: $HARVEST_REDIS_URL, else the embedded Redis
     address: str | None = None  # Ray cluster address; None: a local Ray head
     host: str = "127.0.0.1"
@@ -116,16 +117,40 @@ class HarvestConfig(BaseModel):
             hub_id = None
         return [hub_id or DEFAULT_MODEL_NAME]
 
-    def resolved_api_key(self) -> str | None:
+    @field_validator("api_key")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        from harvest.tenants import parse_keys
+
+        if value == []:
+            return None
+        if value is not None:  # ValueError names the entry by its position, never its text
+            parse_keys([value] if isinstance(value, str) else value)
+        return value
+
+    def resolved_api_key(self) -> str | dict[str, str] | None:
+        """The keys of `api_key_file`, else of `api_key`: one unnamed key as itself (its tenant is
+        named by its hash), else {key: tenant name}; None for none. ConfigError names the file."""
+        from harvest.tenants import parse_keys, tenant_name
+
         if self.api_key_file is None:
-            return self.api_key
-        try:
-            key = self.api_key_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"api_key_file: cannot read {self.api_key_file}: {exc.strerror}") from None
-        if not key:
-            raise ConfigError(f"api_key_file: {self.api_key_file} is empty")
-        return key
+            keys = parse_keys([self.api_key] if isinstance(self.api_key, str) else self.api_key or [])
+        else:  # the file wins over `api_key`, as it always has
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"api_key_file: cannot read {self.api_key_file}: {exc.strerror}") from None
+            try:
+                keys = parse_keys(lines, f"api_key_file: {self.api_key_file} line")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if not keys:
+                raise ConfigError(f"api_key_file: {self.api_key_file} is empty")
+        if len(keys) == 1:
+            ((key, name),) = keys.items()
+            if name == tenant_name(key):  # given without a name
+                return key
+        return keys or None
 
     def engine_options(self) -> dict[str, Any]:
         """The engine's keyword options (Engine.from_pretrained) for what is set here."""
@@ -149,7 +174,9 @@ class HarvestConfig(BaseModel):
         from harvest.redact import MASK, redact_url
 
         data = self.model_dump(mode="json")
-        if data["api_key"] is not None:
+        if isinstance(data["api_key"], list):
+            data["api_key"] = [MASK] * len(data["api_key"])
+        elif data["api_key"] is not None:
             data["api_key"] = MASK
         if data["redis_url"] is not None:
             data["redis_url"] = redact_url(data["redis_url"])

@@ -31,7 +31,7 @@ class ServiceConfig:
     num_workers: int | None = None  # None: one per GPU, or one CPU worker
     port: int = 8000
     host: str = "127.0.0.1"
-    api_key: str | None = field(default=None, repr=False)
+    api_key: str | dict[str, str] | None = field(default=None, repr=False)  # one key, or {key: tenant}
     engine_options: dict[str, Any] = field(default_factory=dict)
     queue_options: dict[str, Any] = field(default_factory=dict)
     monitor_period_s: float = 0.25

@@ -70,8 +70,10 @@ def backend(tiny_model) -> Iterator[LocalBackend]:
 def make_api(backend, redis_url: str, files_dir: Path, **options) -> SimpleNamespace:
     """The app with the Batch API over `redis_url`, and an openai client talking to it."""
     max_body_bytes = options.pop("max_body_bytes", None)
+    api_key = options.pop("api_key", None)
     service = BatchService(redis_url, files_dir, **options)
     app_options = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
+    app_options |= {"api_key": api_key} if api_key else {}
     http = TestClient(build_app(backend, batch=service, **app_options))
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
     return SimpleNamespace(service=service, http=http, client=client, files_dir=files_dir)
@@ -239,9 +241,10 @@ def test_cancel_mid_run_keeps_finished_lines(api, redis_server, queue_engine):
     assert [r["custom_id"] for r in rows] == [x["custom_id"] for x in output + errors]
 
 
-def test_expired_batch_gives_every_line_its_record(api, redis_server):
+def test_expired_batch_gives_every_line_its_record(backend, redis_server, tmp_path):
+    api = make_api(backend, redis_server.url, tmp_path / "files", min_window_s=1)  # seconds, for a test
     f = upload(api.client, [line("a"), line("b")], "éclair.jsonl")
-    batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="0.5s")
+    batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="1s")
     assert batch.expires_at is not None
     # no worker runs it: the window passes (a deadline, so poll as a client does)
     batch = wait_for(lambda: (b := api.client.batches.retrieve(batch.id)).status == "expired" and b)
@@ -442,3 +445,104 @@ def test_batches_over_a_remote_file_store(backend, redis_server, queue_engine):
     assert [x["custom_id"] for x in read_lines(api.client, batch.output_file_id)] == ["a", "b"]
     store = api.service.files.store
     assert store.size(f"{batch.output_file_id}.jsonl") > 0
+
+
+def client_for(api: SimpleNamespace, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=api.http, max_retries=0)
+
+
+def test_a_later_short_window_is_leased_before_an_earlier_day(api, queue_store):
+    f = upload(api.client, [line(f"r{i}") for i in range(3)])
+    day = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="24h")
+    short = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="30m")
+    assert [lease.job_id for lease in queue_store.lease("w", 30, max_shards=4)] == [short.id, day.id]
+    # the estimate rides along as an extension field the SDK keeps; no throughput yet: no eta
+    got = api.client.batches.retrieve(short.id)
+    assert got.model_extra["x_harvest"] == {"eta": None, "deadline": got.expires_at, "at_risk": False}
+    assert got.expires_at - got.created_at == 1800
+
+
+def test_the_eta_follows_recent_throughput(api, redis_server, queue_engine):
+    one = upload(api.client, [line("warm-up")])
+    api.client.batches.create(input_file_id=one.id, endpoint=COMPLETIONS, completion_window="24h")
+    run_worker(redis_server.url, queue_engine)  # one result in the last minutes: at most 0.1 requests/s
+    many = upload(api.client, [line(f"r{i}") for i in range(40)])
+    short = api.client.batches.create(input_file_id=many.id, endpoint=COMPLETIONS, completion_window="5m")
+    day = api.client.batches.create(input_file_id=many.id, endpoint=COMPLETIONS, completion_window="24h")
+    short_eta, day_eta = short.model_extra["x_harvest"], day.model_extra["x_harvest"]
+    assert short_eta["at_risk"] and short_eta["eta"] > short_eta["deadline"] == short.expires_at
+    # the day batch waits behind the 5m one (80 requests ahead) and still makes its window
+    assert not day_eta["at_risk"] and short_eta["eta"] < day_eta["eta"] <= day.expires_at
+
+
+def test_an_expired_window_keeps_the_finished_lines(api, redis_server, queue_engine, queue_store):
+    lines = [line(f"short-{i}", max_tokens=1) for i in range(3)] + [line("long", max_tokens=64)]
+    f = upload(api.client, lines)
+    batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="1h")
+    engine, stop = HeldEngine(queue_engine, free_steps=2), threading.Event()
+    config = WorkerConfig(visibility_timeout_s=0.6)
+    worker = threading.Thread(
+        target=run_local, args=(queue_store, engine, config), kwargs={"stop": stop.is_set}
+    )
+    worker.start()
+    try:
+        wait_for(lambda: api.client.batches.retrieve(batch.id).request_counts.completed == 3)
+        # the window passes (its deadline moved to now: a test cannot wait an hour)
+        queue_store.r.zadd(f"{queue_store.prefix}:deadlines", {batch.id: 0})
+        batch = wait_for(lambda: (b := api.client.batches.retrieve(batch.id)).status == "expired" and b)
+    finally:
+        stop.set()
+        engine.release.set()
+        worker.join(30)
+    output, errors = read_lines(api.client, batch.output_file_id), read_lines(api.client, batch.error_file_id)
+    assert [x["custom_id"] for x in output] == ["short-0", "short-1", "short-2"]
+    assert [(x["custom_id"], x["error"]["code"]) for x in errors] == [("long", "batch_expired")]
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (4, len(output), len(errors))
+    assert queue_store.lease("w", 30) == []  # nothing of it is leased again
+
+
+def test_two_keys_see_only_their_own(backend, redis_server, tmp_path, queue_engine):
+    api = make_api(
+        backend, redis_server.url, tmp_path / "files", api_key={"k-alice": "alice", "k-bob": "bob"}
+    )
+    alice, bob = client_for(api, "k-alice"), client_for(api, "k-bob")
+    f = upload(alice, [line("a")])
+    batch = alice.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="24h")
+    run_worker(redis_server.url, queue_engine)
+    batch = alice.batches.retrieve(batch.id)
+    assert batch.status == "completed" and read_lines(alice, batch.output_file_id)[0]["custom_id"] == "a"
+
+    assert bob.files.list().data == [] and bob.batches.list().data == []
+    for call in (
+        lambda: bob.files.retrieve(f.id),
+        lambda: bob.files.content(f.id),
+        lambda: bob.files.delete(f.id),
+        lambda: bob.files.retrieve(batch.output_file_id),
+        lambda: bob.batches.retrieve(batch.id),
+        lambda: bob.batches.cancel(batch.id),
+        lambda: bob.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window="24h"),
+    ):
+        with pytest.raises(openai.NotFoundError):  # 404, as for an id that does not exist
+            call()
+    mine = upload(bob, [line("b")])
+    assert [x.id for x in bob.files.list()] == [mine.id]
+    assert bob.files.list(after=f.id, order="asc").data == []  # a cursor of alice's is no cursor
+    assert sorted(x.id for x in alice.files.list()) == sorted([f.id, batch.output_file_id])
+    assert "owner" not in alice.files.retrieve(f.id).model_extra  # the tenant is not shown
+    with pytest.raises(openai.AuthenticationError):
+        client_for(api, "k-eve").files.list()
+    # the operator's view (HarvestClient, `harvest jobs`) keeps every tenant's
+    jobs = HarvestClient(redis_server.url).list_jobs()
+    assert [(job.id, job.owner) for job in jobs] == [(batch.id, "alice")]
+
+
+def test_completion_windows_in_bounds(api):
+    f = upload(api.client, [line("x")])
+    for window, seconds in [("5m", 300), ("1h", 3600), ("2d", 172800), ("7d", 604800)]:
+        batch = api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window=window)
+        assert batch.expires_at - batch.created_at == seconds and batch.completion_window == window
+    for window in ("4m", "8d", "90s", "1.5h", "24 h", "-1h", "forever"):
+        with pytest.raises(openai.BadRequestError) as exc:
+            api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window=window)
+        assert exc.value.body["param"] == "completion_window" and "5m to 7d" in exc.value.body["message"]

@@ -187,7 +187,7 @@ def test_a_job_cancelled_before_activation_is_not_reported_queued(queue_store, m
         submit(queue_store, prompt_source(), one_per_shard())
     assert info.value.status == "cancelled"
     assert_failed_and_empty(queue_store, info.value.job_id, JobStatus.CANCELLED)
-    assert queue_store.r.lrange(f"{queue_store.prefix}:active", 0, -1) == []
+    assert queue_store.r.zrange(f"{queue_store.prefix}:classes", 0, -1) == []
 
 
 def test_a_job_cancelled_mid_write_gets_no_more_shards(queue_store):

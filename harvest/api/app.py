@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -53,19 +54,20 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 def build_app(
     backend: Backend,
-    api_key: str | None = None,
+    api_key: str | Mapping[str, str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     batch: BatchService | None = None,
 ) -> FastAPI:
-    """The app over `backend`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`;
-    with `batch`, the Files and Batches APIs over its job store."""
+    """The app over `backend`; with `api_key` (one key, or {key: tenant name}), /v1 routes need
+    `Authorization: Bearer <key>`; with `batch`, the Files and Batches APIs over its job store,
+    each tenant seeing its own files and batches."""
     app = FastAPI(title="harvest", summary="OpenAI-compatible online serving for harvest.")
     install_error_handlers(app)
     _install_edge_handlers(app, max_body_bytes)
     route_limits = {"/v1/files": batch.max_upload_bytes} if batch is not None else {}
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, route_limits=route_limits)
     if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
+        app.add_middleware(BearerAuth, keys=api_key)
     started = int(time.time())
     tokenizing = Tokenizing()
 

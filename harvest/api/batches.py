@@ -3,22 +3,31 @@
 Creating one validates the whole input file (two passes, like `harvest submit`) in a
 thread, so a large file never stalls the event loop; the answer comes once the job is
 queued (`in_progress`) or rejected (`failed`, its `errors.data[]` naming the lines).
+
+`completion_window` is OpenAI's `24h` or any whole number of minutes, hours or days
+(`30m`, `1h`, `2d`) within the service's bounds (default 5m to 7d): the batch's deadline,
+which orders its shards against every other job's (docs/QUEUE.md). Every route acts for the
+request's tenant; another tenant's batch answers 404 as a missing one does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
+from harvest.api.auth import tenant_of
 from harvest.api.errors import APIError, invalid
 from harvest.api.files import list_page
 from harvest.batch import BatchService
 from harvest.batch.batches import BatchInputError, BatchView
-from harvest.client import parse_window
+
+_WINDOW = re.compile(r"^([1-9]\d{0,6})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class BatchCreate(BaseModel):
@@ -39,6 +48,26 @@ class BatchCreate(BaseModel):
         return metadata
 
 
+def _span(seconds: float) -> str:
+    for unit in "dhm":
+        if seconds >= _UNIT_S[unit] and seconds % _UNIT_S[unit] == 0:
+            return f"{int(seconds // _UNIT_S[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+def window_seconds(window: str, min_s: float, max_s: float) -> float:
+    """`completion_window` in seconds; an APIError naming it when it is no duration in bounds."""
+    m = _WINDOW.match(window)
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)] if m else None
+    if seconds is None or not min_s <= seconds <= max_s:
+        raise invalid(
+            f"completion_window must be a duration such as 24h, 1h or 30m, from {_span(min_s)} to "
+            f"{_span(max_s)}; got {window!r}",
+            "completion_window",
+        )
+    return float(seconds)
+
+
 def no_such_batch(batch_id: str) -> APIError:
     return APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
 
@@ -52,13 +81,8 @@ def install_batch_routes(app: FastAPI, service: BatchService, model_name: Callab
         return view.to_openai()
 
     @app.post("/v1/batches")
-    async def create(body: BatchCreate) -> dict[str, Any]:
-        try:
-            window_s = parse_window(body.completion_window)
-        except ValueError as exc:
-            raise invalid(str(exc), "completion_window") from None
-        if not window_s or window_s <= 0:
-            raise invalid("completion_window must be a positive duration such as 24h", "completion_window")
+    async def create(body: BatchCreate, request: Request) -> dict[str, Any]:
+        window_s = window_seconds(body.completion_window, service.min_window_s, service.max_window_s)
         try:
             view = await asyncio.to_thread(
                 service.batches.create,
@@ -68,6 +92,7 @@ def install_batch_routes(app: FastAPI, service: BatchService, model_name: Callab
                 window_s,
                 body.metadata,
                 model_name(),
+                tenant_of(request),
             )
         except BatchInputError as exc:
             if exc.not_found:
@@ -76,14 +101,16 @@ def install_batch_routes(app: FastAPI, service: BatchService, model_name: Callab
         return view.to_openai()
 
     @app.get("/v1/batches/{batch_id}")
-    async def retrieve(batch_id: str) -> dict[str, Any]:
-        return found(await asyncio.to_thread(service.batches.get, batch_id), batch_id)
+    async def retrieve(batch_id: str, request: Request) -> dict[str, Any]:
+        return found(await asyncio.to_thread(service.batches.get, batch_id, tenant_of(request)), batch_id)
 
     @app.get("/v1/batches")
-    async def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict[str, Any]:
-        views, has_more = await asyncio.to_thread(service.batches.list, limit, after)
+    async def list_batches(
+        request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None
+    ) -> dict[str, Any]:
+        views, has_more = await asyncio.to_thread(service.batches.list, limit, after, tenant_of(request))
         return list_page([v.to_openai() for v in views], has_more)
 
     @app.post("/v1/batches/{batch_id}/cancel")
-    async def cancel(batch_id: str) -> dict[str, Any]:
-        return found(await asyncio.to_thread(service.batches.cancel, batch_id), batch_id)
+    async def cancel(batch_id: str, request: Request) -> dict[str, Any]:
+        return found(await asyncio.to_thread(service.batches.cancel, batch_id, tenant_of(request)), batch_id)

@@ -4,6 +4,9 @@ An upload never sits in memory whole: the multipart body is parsed as it arrives
 file part's bytes go to the store in chunks of `WRITE_CHUNK`, each write in a thread (a
 store may be a network filesystem). Past the size limit the upload is refused with 413
 and what was written of it deleted; so is one that fails any other way.
+
+Each route acts for the request's tenant (api/auth.py): another tenant's file answers 404,
+exactly as a file that does not exist, so ids reveal nothing across tenants.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
+from harvest.api.auth import tenant_of
 from harvest.api.errors import APIError, invalid
 from harvest.api.multipart import MultipartError, MultipartParser, PartData, PartEnd, PartStart, boundary_of
 from harvest.batch import BatchService, FileRecord, FileTooLarge
@@ -37,8 +41,8 @@ def no_such_file(file_id: str) -> APIError:
 def install_file_routes(app: FastAPI, service: BatchService) -> None:
     # routes added to the app itself: an included router holds a lock, and the app must
     # pickle (Serve ships it to each replica)
-    async def record_of(file_id: str) -> FileRecord:
-        record = await asyncio.to_thread(service.files.get, file_id)
+    async def record_of(file_id: str, request: Request) -> FileRecord:
+        record = await asyncio.to_thread(service.files.get, file_id, tenant_of(request))
         if record is None:
             raise no_such_file(file_id)
         return record
@@ -55,21 +59,24 @@ def install_file_routes(app: FastAPI, service: BatchService) -> None:
 
     @app.get("/v1/files")
     async def list_files(
+        request: Request,
         purpose: str | None = None,
         limit: int = Query(10000, ge=1, le=10000),
         after: str | None = None,
         order: Literal["asc", "desc"] = "desc",
     ) -> dict[str, Any]:
-        records, has_more = await asyncio.to_thread(service.files.list, purpose, limit, after, order)
+        records, has_more = await asyncio.to_thread(
+            service.files.list, purpose, limit, after, order, tenant_of(request)
+        )
         return list_page([r.to_openai() for r in records], has_more)
 
     @app.get("/v1/files/{file_id}")
-    async def retrieve(file_id: str) -> dict[str, Any]:
-        return (await record_of(file_id)).to_openai()
+    async def retrieve(file_id: str, request: Request) -> dict[str, Any]:
+        return (await record_of(file_id, request)).to_openai()
 
     @app.get("/v1/files/{file_id}/content")
-    async def content(file_id: str) -> StreamingResponse:
-        record = await record_of(file_id)
+    async def content(file_id: str, request: Request) -> StreamingResponse:
+        record = await record_of(file_id, request)
         # a sync iterator: Starlette reads it in a thread pool, a chunk at a time
         chunks = service.files.store.iter_bytes(record.key)
         # RFC 6266's UTF-8 form: header values are latin-1, a filename may be anything
@@ -78,8 +85,8 @@ def install_file_routes(app: FastAPI, service: BatchService) -> None:
         return StreamingResponse(chunks, media_type="application/jsonl", headers=headers)
 
     @app.delete("/v1/files/{file_id}")
-    async def delete(file_id: str) -> dict[str, Any]:
-        if not await asyncio.to_thread(service.files.delete, file_id):
+    async def delete(file_id: str, request: Request) -> dict[str, Any]:
+        if not await asyncio.to_thread(service.files.delete, file_id, tenant_of(request)):
             raise no_such_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
@@ -98,7 +105,9 @@ async def _receive(service: BatchService, request: Request) -> FileRecord:
                     if event.name == "file" and event.filename is not None:
                         if upload is not None:
                             raise MultipartError("send one file per upload")
-                        upload = await asyncio.to_thread(service.files.start, event.filename)
+                        upload = await asyncio.to_thread(
+                            service.files.start, event.filename, owner=tenant_of(request)
+                        )
                         current = "file"
                     else:
                         current = event.name

@@ -12,6 +12,15 @@ closes with no worker at all (a cancel with nothing leased, a sweep that expires
 and the queue layer knows nothing of files. A claim key with a TTL makes the write
 happen once across API replicas; until its files exist a closed batch reads as
 `finalizing` (`cancelling` for a cancelled one), as OpenAI's does while it writes them.
+
+A batch belongs to the tenant that created it (the job's `owner`): every verb takes the
+caller's tenant, and another tenant's batch reads as no batch at all. `tenant=None` is the
+operator's view of all (`harvest jobs`, HarvestClient).
+
+At creation the batch gets an estimate (`x_harvest`): when it would finish at the fleet's
+recent throughput (`JobStore.throughput`) behind the requests leased before or beside it
+(`JobStore.requests_ahead`, by deadline class), its deadline, and whether the one passes the
+other. `eta` is null while nothing was written in the last minutes (no rate to judge by).
 """
 
 from __future__ import annotations
@@ -58,6 +67,16 @@ class BatchView:
     fields: dict[str, str]  # the job hash's batch_* fields, prefix stripped
     files_pending: bool
 
+    @property
+    def estimate(self) -> dict[str, Any]:
+        """The `x_harvest` extension field: a client that does not know it ignores it."""
+        eta = self.fields.get("eta")
+        return {
+            "eta": int(float(eta)) if eta else None,
+            "deadline": _ts(self.job.expires_at),
+            "at_risk": self.fields.get("at_risk") == "1",
+        }
+
     def to_openai(self) -> dict[str, Any]:
         job, f = self.job, self.fields
         counts = job.request_counts
@@ -90,6 +109,7 @@ class BatchView:
             "request_counts": {"total": total, "completed": completed, "failed": failed},
             "metadata": job.metadata or None,
             "model": job.model or None,
+            "x_harvest": self.estimate,
         }
 
 
@@ -142,13 +162,14 @@ class BatchRegistry:
         window_s: float,
         metadata: dict[str, str] | None,
         model: str,
+        tenant: str = "",
     ) -> BatchView:
-        """Validate and queue the file's requests as a job (blocking: call it from a thread).
-        A file with bad lines gives a `failed` batch naming them; BatchInputError when there is
-        nothing to make a batch of."""
+        """Validate and queue the file's requests as `tenant`'s job (blocking: call it from a
+        thread). A file with bad lines gives a `failed` batch naming them; BatchInputError when
+        there is nothing to make a batch of."""
         if endpoint not in URLS:
             raise BatchInputError(f"endpoint must be one of {', '.join(URLS)}, got {endpoint!r}", "endpoint")
-        record = self.files.get(input_file_id)
+        record = self.files.get(input_file_id, tenant)
         if record is None:
             raise BatchInputError(f"No such File object: {input_file_id}", "input_file_id", not_found=True)
         if record.purpose != "batch":
@@ -156,7 +177,11 @@ class BatchRegistry:
                 f"File {input_file_id} has purpose {record.purpose!r}, not 'batch'", "input_file_id"
             )
         options = JobOptions(
-            name=record.filename, model=model, metadata=metadata or {}, completion_window_s=window_s
+            name=record.filename,
+            model=model,
+            metadata=metadata or {},
+            completion_window_s=window_s,
+            owner=tenant,
         )
         with self.files.store.local_path(record.key) as path:
             source = for_endpoint(file_source(path, {}), endpoint)
@@ -170,19 +195,30 @@ class BatchRegistry:
             "batch_input_file_id": input_file_id,
             "batch_endpoint": endpoint,
             "batch_completion_window": completion_window,
+            **self._estimate(job_id),
         }
         self.store.r.hset(self.store.job_key(job_id), mapping=fields)
         self.store.r.zadd(self.index, {job_id: time.time()})
-        view = self.get(job_id)
+        view = self.get(job_id, tenant)
         assert view is not None
         return view
 
-    def get(self, batch_id: str, sweep: bool = True) -> BatchView | None:
-        """The batch, its files written if it just closed; None if no batch has this id."""
+    def _estimate(self, job_id: str) -> dict[str, Any]:
+        """batch_eta / batch_at_risk for a job just queued (nothing for one that failed)."""
+        job = self.store.get_job(job_id)
+        rate = self.store.throughput()
+        if job.status is not JobStatus.IN_PROGRESS or job.expires_at is None or rate is None:
+            return {}
+        eta = self.store.now() + self.store.requests_ahead(job.expires_at) / rate[0]
+        return {"batch_eta": round(eta, 3), "batch_at_risk": int(eta > job.expires_at)}
+
+    def get(self, batch_id: str, tenant: str | None = None, sweep: bool = True) -> BatchView | None:
+        """The batch, its files written if it just closed; None if `tenant` has no batch of this
+        id (None: any tenant's)."""
         if sweep:  # so that a batch past its window reads as expired with no worker alive
             self.store.sweep()
         h = self.store.r.hgetall(self.store.job_key(batch_id))
-        if "batch_endpoint" not in h:
+        if "batch_endpoint" not in h or (tenant is not None and h.get("owner", "") != tenant):
             return None
         job = Job.from_hash(h)
         if job.status in CLOSED and "batch_files" not in h and self._write_files(job):
@@ -190,12 +226,17 @@ class BatchRegistry:
         fields = {k.removeprefix("batch_"): v for k, v in h.items() if k.startswith("batch_")}
         return BatchView(job, fields, job.status in CLOSED and "files" not in fields)
 
-    def list(self, limit: int = 20, after: str | None = None) -> tuple[list[BatchView], bool]:
-        """A page of batches, newest first, after the id `after`; and whether more follow."""
+    def list(
+        self, limit: int = 20, after: str | None = None, tenant: str | None = None
+    ) -> tuple[list[BatchView], bool]:
+        """A page of `tenant`'s batches, newest first, after the id `after`; and whether more follow.
+        The index holds every tenant's: a page skips the others' (a per-tenant index would
+        spare that walk, at the price of a second structure to keep in step)."""
         start = 0
         if after is not None:
             rank = self.store.r.zrevrank(self.index, after)
-            if rank is None:
+            owner = self.store.r.hget(self.store.job_key(after), "owner") or ""
+            if rank is None or (tenant is not None and owner != tenant):  # another's: as unknown
                 return [], False
             start = rank + 1
         self.store.sweep()
@@ -205,16 +246,18 @@ class BatchRegistry:
             if view is None:  # its job expired (job TTL) or was purged
                 self.store.r.zrem(self.index, batch_id)
                 continue
+            if tenant is not None and view.job.owner != tenant:
+                continue
             if len(views) == limit:
                 return views, True
             views.append(view)
         return views, False
 
-    def cancel(self, batch_id: str) -> BatchView | None:
-        if self.get(batch_id, sweep=False) is None:
+    def cancel(self, batch_id: str, tenant: str | None = None) -> BatchView | None:
+        if self.get(batch_id, tenant, sweep=False) is None:
             return None
         self.store.cancel(batch_id)
-        return self.get(batch_id)
+        return self.get(batch_id, tenant)
 
     def _write_files(self, job: Job) -> bool:
         """Write the closed job's output and error files once; False if another reader holds the
@@ -229,7 +272,7 @@ class BatchRegistry:
             for ok, line in batch_jsonl_lines(iter_results(self.store, job.id), job.model or "harvest"):
                 if ok not in uploads:
                     name = f"{job.id}_{'output' if ok else 'error'}.jsonl"
-                    uploads[ok] = self.files.start(name, "batch_output", limited=False)
+                    uploads[ok] = self.files.start(name, "batch_output", limited=False, owner=job.owner)
                 uploads[ok].write(line)
                 counts[ok] += 1
             records: dict[bool, FileRecord] = {ok: upload.commit() for ok, upload in uploads.items()}

@@ -5,6 +5,10 @@ its record (`<prefix>:file:<id>`, a hash, and `<prefix>:files`, ids by creation 
 A record therefore always names bytes that are whole; an upload that fails or runs past
 the size limit deletes what it wrote and records nothing. Deleting goes the other way
 round (record first), so a file is never listed without its bytes.
+
+A file belongs to the tenant that uploaded it (or, for an output file, whose batch wrote
+it): `owner` on its record. Every verb takes the caller's tenant and treats another
+tenant's file as no file; `None` is the operator's view of all.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class FileRecord:
     filename: str
     purpose: str
     status: str = "processed"
+    owner: str = ""  # the tenant's name; never sent to clients
 
     @property
     def key(self) -> str:
@@ -44,18 +49,30 @@ class FileRecord:
         return f"{self.id}.jsonl"
 
     def to_openai(self) -> dict[str, Any]:
-        return {**asdict(self), "object": "file", "expires_at": None, "status_details": None}
+        fields = {k: v for k, v in asdict(self).items() if k != "owner"}
+        return {**fields, "object": "file", "expires_at": None, "status_details": None}
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> FileRecord:
-        return cls(h["id"], int(h["bytes"]), int(h["created_at"]), h["filename"], h["purpose"], h["status"])
+        return cls(
+            h["id"],
+            int(h["bytes"]),
+            int(h["created_at"]),
+            h["filename"],
+            h["purpose"],
+            h["status"],
+            h.get("owner", ""),
+        )
 
 
 class Upload:
     """One file being written: `write` chunks, then `commit` (recorded) or `abort` (nothing left)."""
 
-    def __init__(self, registry: FileRegistry, filename: str, purpose: str, max_bytes: int | None) -> None:
+    def __init__(
+        self, registry: FileRegistry, filename: str, purpose: str, max_bytes: int | None, owner: str = ""
+    ) -> None:
         self.registry = registry
+        self.owner = owner
         self.id = f"file-{uuid.uuid4().hex[:24]}"
         self.filename = filename
         self.purpose = purpose
@@ -73,7 +90,9 @@ class Upload:
     def commit(self, purpose: str | None = None) -> FileRecord:
         """Close the bytes and record the file (with `purpose`, when it was only known at the end)."""
         self._out.close()
-        record = FileRecord(self.id, self.size, int(time.time()), self.filename, purpose or self.purpose)
+        record = FileRecord(
+            self.id, self.size, int(time.time()), self.filename, purpose or self.purpose, owner=self.owner
+        )
         self.registry.record(record)
         return record
 
@@ -101,9 +120,10 @@ class FileRegistry:
     def _key(self, file_id: str) -> str:
         return f"{self.prefix}:file:{file_id}"
 
-    def start(self, filename: str, purpose: str = "batch", limited: bool = True) -> Upload:
-        """A new file to write; `limited`: refuse it past `max_file_bytes` (uploads, not outputs)."""
-        return Upload(self, filename, purpose, self.max_file_bytes if limited else None)
+    def start(self, filename: str, purpose: str = "batch", limited: bool = True, owner: str = "") -> Upload:
+        """A new file of `owner`'s to write; `limited`: refuse it past `max_file_bytes` (uploads,
+        not outputs)."""
+        return Upload(self, filename, purpose, self.max_file_bytes if limited else None, owner)
 
     def record(self, record: FileRecord) -> None:
         with self.r.pipeline() as pipe:  # MULTI: a file is listed exactly when its record exists
@@ -111,21 +131,30 @@ class FileRegistry:
             pipe.zadd(f"{self.prefix}:files", {record.id: time.time()})
             pipe.execute()
 
-    def get(self, file_id: str) -> FileRecord | None:
+    def get(self, file_id: str, tenant: str | None = None) -> FileRecord | None:
+        """The file, if `tenant` owns it (None: whoever does)."""
         h = self.r.hgetall(self._key(file_id))
-        return FileRecord.from_hash(h) if h else None
+        if not h or (tenant is not None and h.get("owner", "") != tenant):
+            return None
+        return FileRecord.from_hash(h)
 
     def list(
-        self, purpose: str | None = None, limit: int = 10000, after: str | None = None, order: str = "desc"
+        self,
+        purpose: str | None = None,
+        limit: int = 10000,
+        after: str | None = None,
+        order: str = "desc",
+        tenant: str | None = None,
     ) -> tuple[list[FileRecord], bool]:
-        """A page of files (newest first for `desc`) after the id `after`; and whether more follow."""
+        """A page of `tenant`'s files (newest first for `desc`) after the id `after`; and whether
+        more follow."""
         index = f"{self.prefix}:files"
         ids = self.r.zrevrange(index, 0, -1) if order == "desc" else self.r.zrange(index, 0, -1)
-        if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        if after is not None:  # another tenant's id reads as an unknown one
+            ids = ids[ids.index(after) + 1 :] if after in ids and self.get(after, tenant) else []
         records: list[FileRecord] = []
         for file_id in ids:
-            record = self.get(file_id)
+            record = self.get(file_id, tenant)
             if record is None or (purpose is not None and record.purpose != purpose):
                 continue
             if len(records) == limit:
@@ -133,8 +162,10 @@ class FileRegistry:
             records.append(record)
         return records, False
 
-    def delete(self, file_id: str) -> bool:
-        """Forget the file, then drop its bytes; False if there was no such file."""
+    def delete(self, file_id: str, tenant: str | None = None) -> bool:
+        """Forget the file, then drop its bytes; False if `tenant` has no such file."""
+        if self.get(file_id, tenant) is None:
+            return False
         with self.r.pipeline() as pipe:
             pipe.delete(self._key(file_id))
             pipe.zrem(f"{self.prefix}:files", file_id)

@@ -16,11 +16,14 @@ from harvest.batch.filestore import FileStore
 from harvest.queue.store import JobStore
 
 MULTIPART_SLACK_BYTES = 64 << 10  # part headers and boundaries around the file's own bytes
+MIN_WINDOW_S = 5 * 60  # a shorter window leaves no room to queue, lease and run
+MAX_WINDOW_S = 7 * 86400  # the job TTL's default: a batch never outlives its own record
 
 
 class BatchService:
     """The job store at `redis_url` and the file store at `files` (a directory or a pyarrow.fs
-    URI; default: the harvest data dir's `files/`)."""
+    URI; default: the harvest data dir's `files/`); batches may ask for completion windows from
+    `min_window_s` to `max_window_s`."""
 
     def __init__(
         self,
@@ -28,9 +31,15 @@ class BatchService:
         files: str | Path | None = None,
         prefix: str = "harvest",
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        min_window_s: float = MIN_WINDOW_S,
+        max_window_s: float = MAX_WINDOW_S,
     ) -> None:
         if max_file_bytes < 1:
             raise ValueError(f"max_file_bytes must be >= 1, got {max_file_bytes}")
+        if not 0 < min_window_s <= max_window_s:
+            raise ValueError(f"need 0 < min_window_s <= max_window_s, got {min_window_s}, {max_window_s}")
+        self.min_window_s = min_window_s
+        self.max_window_s = max_window_s
         self.redis_url = redis_url
         self.files_location = files
         self.prefix = prefix

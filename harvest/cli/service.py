@@ -67,12 +67,25 @@ TTFTOpt = typer.Option(None, "--slo-ttft-ms", help="Online time-to-first-token t
 TPOTOpt = typer.Option(None, "--slo-tpot-ms", help="Online time-per-output-token target (default 100).")
 PortOpt = typer.Option(None, "--port", help="HTTP port of the OpenAI-compatible endpoint (default 8000).")
 HostOpt = typer.Option(None, "--host", help="Interface to listen on (default 127.0.0.1; 0.0.0.0: all).")
-KeyOpt = typer.Option(None, "--api-key", envvar="HARVEST_API_KEY", help="Require this key.")
-KeyFileOpt = typer.Option(None, "--api-key-file", help="Require the key held in this file.")
+KeyOpt = typer.Option(
+    None,
+    "--api-key",
+    envvar="HARVEST_API_KEY",
+    help="Require this key (KEY or NAME:KEY); repeat for several, each a tenant; or $HARVEST_API_KEYS=k1,k2.",
+)
+KeyFileOpt = typer.Option(
+    None, "--api-key-file", help="Require the keys in this file (KEY or NAME:KEY lines)."
+)
 AddressOpt = typer.Option(None, "--address", help="Existing Ray cluster (e.g. auto); none: local.")
 TTLOpt = typer.Option(
     None, "--job-ttl", help="Keep finished jobs and their results this long (e.g. 7d, 12h); default 7d."
 )
+
+
+def _api_keys(given: list[str] | None) -> str | list[str] | None:
+    """--api-key (repeatable, or $HARVEST_API_KEY), else the comma-separated $HARVEST_API_KEYS."""
+    keys = given or [key for key in os.environ.get("HARVEST_API_KEYS", "").split(",") if key.strip()]
+    return keys[0] if len(keys) == 1 else keys or None
 
 
 @app.command()
@@ -90,7 +103,7 @@ def up(
     slo_tpot_ms: float | None = TPOTOpt,
     port: int | None = PortOpt,
     host: str | None = HostOpt,
-    api_key: str | None = KeyOpt,
+    api_key: list[str] | None = KeyOpt,
     api_key_file: Path | None = KeyFileOpt,
     job_ttl: str | None = TTLOpt,
 ) -> None:
@@ -117,7 +130,7 @@ def up(
         slo_tpot_ms=slo_tpot_ms,
         port=port,
         host=host,
-        api_key=api_key,
+        api_key=_api_keys(api_key),
         api_key_file=api_key_file,
         job_ttl=job_ttl,
     )
@@ -203,7 +216,7 @@ def config_show(
     slo_tpot_ms: float | None = TPOTOpt,
     port: int | None = PortOpt,
     host: str | None = HostOpt,
-    api_key: str | None = KeyOpt,
+    api_key: list[str] | None = KeyOpt,
     api_key_file: Path | None = KeyFileOpt,
     job_ttl: str | None = TTLOpt,
 ) -> None:
@@ -224,7 +237,7 @@ def config_show(
         slo_tpot_ms=slo_tpot_ms,
         port=port,
         host=host,
-        api_key=api_key,
+        api_key=_api_keys(api_key),
         api_key_file=api_key_file,
         job_ttl=job_ttl,
     )

@@ -9,11 +9,20 @@ Layout (P = prefix, J = job id, N = shard number):
   P:job:J               hash  job record, counters (total/completed/failed/leased/shards_finished)
   P:job:J:ready         list  shard numbers waiting for a lease
   P:job:J:dead          zset  N -> dead-lettered ms (expires with the job)
-  P:job:J:shard:N       hash  state, token, attempts, worker, size, requests (JSON), last_error,
+  P:job:J:shard:N       hash  state, token, attempts, worker, size, requests (JSON), costs (JSON
+                              estimated tokens per request), last_error,
                               visibility_ms, grace, admitted (JSON indices), crashes (JSON index -> n)
   P:job:J:shard:N:results   hash index -> result JSON (HSETNX: the first write wins)
   P:job:J:shard:N:progress  hash index -> progress JSON
-  P:active              list  jobs with ready shards, rotated for round-robin leasing
+  P:classes             zset  deadline class C -> its end ms: classes holding jobs with ready shards
+                              (C = the class end in ms, or 'none' for jobs without a window)
+  P:class:C             zset  tenant T -> its virtual served tokens in class C (VTC fair share)
+  P:class:C:T           zset  T's jobs in class C with ready shards -> turn (round-robin: the
+                              least turn goes next, and takes a new one from P:turns)
+  P:turns               counter of round-robin turns
+  P:served              hash  tenant -> tokens served (estimated at lease, corrected by results)
+  P:active              list  (older harvest) jobs with ready shards; LEASE moves them into classes
+  P:rate:B              hash  results written in the 10 s bucket B: r (requests), t (tokens); 10 min TTL
   P:leases              zset  "J/N" -> lease deadline ms
   P:deadlines           zset  J -> expiry ms (completion window)
   P:retired             zset  J -> ms when its keys expire (a finished job, on the job TTL)
@@ -25,7 +34,15 @@ Layout (P = prefix, J = job id, N = shard number):
   P:tokens              counter of fencing tokens
 """
 
-PRELUDE = r"""
+CLASS_STEP_MS = 10 * 60 * 1000  # deadlines in the same 10-minute step count as equal (one class)
+RATE_BUCKET_MS = 10_000  # results written are counted per 10 s bucket (P:rate:B) ...
+RATE_TTL_MS = 10 * 60 * 1000  # ... kept 10 minutes: the fleet's recent throughput, for batch ETAs
+
+PRELUDE = (
+    f"""
+local CLASS_STEP_MS, RATE_BUCKET_MS, RATE_TTL_MS = {CLASS_STEP_MS}, {RATE_BUCKET_MS}, {RATE_TTL_MS}
+"""
+    + r"""
 local P = ARGV[1]
 local function now_ms()
   local t = redis.call('TIME')
@@ -36,6 +53,49 @@ local function skey(job, n) return P .. ':job:' .. job .. ':shard:' .. n end
 local TERMINAL = {completed = true, failed = true, expired = true, cancelled = true}
 local DEFAULT_JOB_TTL_MS = 7 * 86400 * 1000
 local MAX_CRASHES = 2  -- a request in this many crashed leases gets an error record, not another try
+local NO_DEADLINE = 9e15  -- the class of jobs without a window sorts after every deadline
+
+-- Leasing order (see docs/QUEUE.md, "Who is leased first"): the earliest deadline class first;
+-- within it the tenant with the fewest served tokens (VTC); within that tenant's jobs in the
+-- class, round-robin. A job is queued while it has ready shards.
+local function class_of(job)
+  local expires = tonumber(redis.call('HGET', jkey(job), 'expires_ms') or '0')
+  if expires <= 0 then return 'none', NO_DEADLINE end
+  local step_end = math.ceil(expires / CLASS_STEP_MS) * CLASS_STEP_MS
+  return string.format('%d', step_end), step_end
+end
+
+local function tenant_of(job) return redis.call('HGET', jkey(job), 'owner') or '' end
+
+local function enqueue(job)
+  local class, score = class_of(job)
+  local tenant = tenant_of(job)
+  local ck = P .. ':class:' .. class
+  local list = ck .. ':' .. tenant
+  if redis.call('ZSCORE', list, job) then return end
+  redis.call('ZADD', list, redis.call('INCR', P .. ':turns'), job)  -- last in line
+  redis.call('ZADD', P .. ':classes', score, class)
+  if not redis.call('ZSCORE', ck, tenant) then
+    -- a tenant arriving with work starts at the least counter of those waiting (VTC's lift):
+    -- time it spent idle earns it no credit to crowd the others out with
+    local served = tonumber(redis.call('HGET', P .. ':served', tenant) or '0')
+    local least = redis.call('ZRANGE', ck, 0, 0, 'WITHSCORES')
+    if least[2] then served = math.max(served, tonumber(least[2])) end
+    redis.call('ZADD', ck, served, tenant)
+  end
+end
+
+-- `job` has no ready shard left (or is closed): take it out of its class
+local function leave(class, tenant, job)
+  local ck = P .. ':class:' .. class
+  redis.call('ZREM', ck .. ':' .. tenant, job)
+  if redis.call('ZCARD', ck .. ':' .. tenant) == 0 then
+    redis.call('ZREM', ck, tenant)
+    if redis.call('ZCARD', ck) == 0 then redis.call('ZREM', P .. ':classes', class) end
+  end
+end
+
+local function dequeue(job) leave((class_of(job)), tenant_of(job), job) end
 
 -- a job reached a final state: all its keys expire after the store's job TTL, and the job
 -- leaves the job list then (the sweep); nothing finished lives forever
@@ -105,7 +165,7 @@ local function shard_finished(job, now)
     redis.call('HSET', jk, 'status', 'finalizing', 'finalizing_ms', now)
     redis.call('SADD', P .. ':finalizing', job)
     redis.call('ZREM', P .. ':deadlines', job)
-    redis.call('LREM', P .. ':active', 0, job)
+    dequeue(job)
     return true
   end
   return false
@@ -127,7 +187,7 @@ end
 local function make_ready(job, n)
   redis.call('HSET', skey(job, n), 'state', 'ready')
   redis.call('LPUSH', jkey(job) .. ':ready', n)  -- front: a retried shard holds older work
-  if not redis.call('LPOS', P .. ':active', job) then redis.call('RPUSH', P .. ':active', job) end
+  enqueue(job)
 end
 
 -- an attempt ended badly (error or expired lease): retry, or dead-letter after max_attempts
@@ -218,7 +278,7 @@ local function sweep(now, limit)
     local jk = jkey(job)
     if redis.call('HGET', jk, 'status') == 'in_progress' then
       redis.call('HSET', jk, 'status', 'expired', 'expired_ms', now)
-      redis.call('LREM', P .. ':active', 0, job)
+      dequeue(job)
       redis.call('DEL', jk .. ':ready')
       retire(job, now)
     end
@@ -241,6 +301,7 @@ end
 
 heard(now_ms())
 """
+)
 
 # ARGV: prefix, worker -> shards returned to the queue. The controller calls this when it
 # sees a worker die, so its shards go back at once instead of after the visibility timeout.
@@ -279,7 +340,7 @@ redis.call('ZADD', P .. ':validating', 'XX', now_ms() + tonumber(ARGV[3]), job)
 return 'validating'
 """
 
-# ARGV: prefix, job, first shard number, then (size, requests JSON) per shard
+# ARGV: prefix, job, first shard number, then (size, requests JSON, costs JSON) per shard
 # -> 'ok', or the job's status when it is no longer validating (then nothing is written).
 # Idempotent: a write retried after a lost reply finds its shards there and adds nothing twice.
 ADD_SHARDS = r"""
@@ -287,12 +348,12 @@ local job, first = ARGV[2], tonumber(ARGV[3])
 local jk = jkey(job)
 local status = redis.call('HGET', jk, 'status')
 if status ~= 'validating' then return status or 'gone' end
-for i = 4, #ARGV, 2 do
-  local n = first + (i - 4) / 2
+for i = 4, #ARGV, 3 do
+  local n = first + (i - 4) / 3
   local sk = skey(job, n)
   if redis.call('EXISTS', sk) == 0 then
     redis.call('HSET', sk, 'state', 'ready', 'size', ARGV[i], 'attempts', 0, 'token', 0,
-               'requests', ARGV[i + 1])
+               'requests', ARGV[i + 1], 'costs', ARGV[i + 2])
     redis.call('RPUSH', jk .. ':ready', n)
     redis.call('HINCRBY', jk, 'num_shards', 1)
     redis.call('HINCRBY', jk, 'total', tonumber(ARGV[i]))
@@ -319,37 +380,69 @@ if tonumber(redis.call('HGET', jk, 'num_shards')) == 0 then
   redis.call('SADD', P .. ':finalizing', job)
   return 'finalizing'
 end
-redis.call('RPUSH', P .. ':active', job)
+enqueue(job)
 return 'in_progress'
 """
 
 # ARGV: prefix, worker, visibility_ms, max_shards, sweep_limit
 # -> {{job, n, token, attempts, requests, {done indices}, {index, progress, ...}, crashes JSON}, ...}
+# O(log n) per shard in the number of classes, tenants and jobs waiting: each pass either leases
+# a shard or drops one stale entry (an empty job, tenant or class; a counter behind its tenant's).
 LEASE = r"""
 local worker, visibility, max_shards = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 sweep(now, tonumber(ARGV[5]))
-local active, got = P .. ':active', {}
+if redis.call('EXISTS', P .. ':active') == 1 then
+  -- jobs queued by an older harvest, in one round-robin list: queue them in their classes, once
+  for _, job in ipairs(redis.call('LRANGE', P .. ':active', 0, -1)) do enqueue(job) end
+  redis.call('DEL', P .. ':active')
+end
+local got = {}
 while #got < max_shards do
-  local job = redis.call('LMOVE', active, active, 'LEFT', 'RIGHT')  -- round-robin over jobs
-  if not job then break end
-  local jk = jkey(job)
-  local n = false
-  if redis.call('HGET', jk, 'status') == 'in_progress' then n = redis.call('LPOP', jk .. ':ready') end
-  if not n then
-    redis.call('LREM', active, 0, job)
+  local class = redis.call('ZRANGE', P .. ':classes', 0, 0)[1]  -- the earliest deadline class
+  if not class then break end
+  local ck = P .. ':class:' .. class
+  local least = redis.call('ZRANGE', ck, 0, 0, 'WITHSCORES')  -- its least-served tenant
+  if not least[1] then
+    redis.call('ZREM', P .. ':classes', class)
   else
-    local sk = skey(job, n)
-    local token = redis.call('INCR', P .. ':tokens')
-    local attempts = redis.call('HINCRBY', sk, 'attempts', 1)
-    redis.call('HSET', sk, 'state', 'leased', 'token', token, 'worker', worker, 'leased_ms', now,
-               'visibility_ms', visibility)
-    redis.call('HDEL', sk, 'grace', 'admitted')
-    redis.call('HINCRBY', jk, 'leased', 1)
-    redis.call('ZADD', P .. ':leases', now + visibility, job .. '/' .. n)
-    table.insert(got, {job, n, token, attempts, redis.call('HGET', sk, 'requests'),
-                       redis.call('HKEYS', sk .. ':results'), redis.call('HGETALL', sk .. ':progress'),
-                       redis.call('HGET', sk, 'crashes') or '{}'})
+    local tenant, counter = least[1], tonumber(least[2])
+    local served = tonumber(redis.call('HGET', P .. ':served', tenant) or '0')
+    local list = ck .. ':' .. tenant
+    local job = redis.call('ZRANGE', list, 0, 0)[1]  -- its job whose turn it is
+    if served > counter then
+      -- served in another class since it was last ranked here: rank it by what it has had
+      redis.call('ZADD', ck, served, tenant)
+    elseif not job then
+      redis.call('ZREM', ck, tenant)
+    else
+      local jk = jkey(job)
+      local n = false
+      if redis.call('HGET', jk, 'status') == 'in_progress' then n = redis.call('LPOP', jk .. ':ready') end
+      if not n then
+        leave(class, tenant, job)
+      else
+        redis.call('ZADD', list, redis.call('INCR', P .. ':turns'), job)  -- to the back of the line
+        local sk = skey(job, n)
+        local token = redis.call('INCR', P .. ':tokens')
+        local attempts = redis.call('HINCRBY', sk, 'attempts', 1)
+        redis.call('HSET', sk, 'state', 'leased', 'token', token, 'worker', worker, 'leased_ms', now,
+                   'visibility_ms', visibility)
+        redis.call('HDEL', sk, 'grace', 'admitted')
+        redis.call('HINCRBY', jk, 'leased', 1)
+        redis.call('ZADD', P .. ':leases', now + visibility, job .. '/' .. n)
+        local done = redis.call('HKEYS', sk .. ':results')
+        -- charge the tenant the estimate of what is left to run; results correct it
+        local costs, finished, cost = cjson.decode(redis.call('HGET', sk, 'costs') or '[]'), {}, 0
+        for _, i in ipairs(done) do finished[tonumber(i)] = true end
+        for i, c in ipairs(costs) do if not finished[i - 1] then cost = cost + c end end
+        redis.call('HINCRBY', P .. ':served', tenant, cost)
+        redis.call('ZINCRBY', ck, cost, tenant)
+        table.insert(got, {job, n, token, attempts, redis.call('HGET', sk, 'requests'), done,
+                           redis.call('HGETALL', sk .. ':progress'),
+                           redis.call('HGET', sk, 'crashes') or '{}'})
+      end
+    end
   end
 end
 return got
@@ -367,9 +460,11 @@ redis.call('HDEL', skey(job, n), 'grace')
 return 'ok'
 """
 
-# ARGV: prefix, job, n, token, then (index, 'c'|'f', result JSON) triples
+# ARGV: prefix, job, n, token, then (index, 'c'|'f', tokens, result JSON) quadruples
 # -> {'ok'|'dup', ...} per result, or 'lost' | 'closed' for all of them.
 # A handful of commands per call, not per result: Lua's per-call cost dominates otherwise.
+# New results correct their tenant's served tokens (the lease charged an estimate) and count
+# toward the fleet's recent throughput (P:rate, read for batch ETAs).
 WRITE_RESULTS = r"""
 local job, n, token = ARGV[2], ARGV[3], ARGV[4]
 if not holds(job, n, token) then return 'lost' end
@@ -377,23 +472,36 @@ local jk, sk = jkey(job), skey(job, n)
 local status = redis.call('HGET', jk, 'status')
 if status ~= 'in_progress' and status ~= 'cancelling' then return 'closed' end
 local indices = {}
-for i = 5, #ARGV, 3 do table.insert(indices, ARGV[i]) end
+for i = 5, #ARGV, 4 do table.insert(indices, ARGV[i]) end
 local have = chunked('HMGET', sk .. ':results', indices, 1)
-local out, new, counts = {}, {}, {c = 0, f = 0}
+local costs = cjson.decode(redis.call('HGET', sk, 'costs') or '[]')
+local out, new, counts, tokens, correction = {}, {}, {c = 0, f = 0}, 0, 0
 for k, index in ipairs(indices) do
   if have[k] then
     table.insert(out, 'dup')
   else
-    local i = 2 + 3 * k
+    local i = 1 + 4 * k
     table.insert(out, 'ok')
     table.insert(new, index)
-    table.insert(new, ARGV[i + 2])
+    table.insert(new, ARGV[i + 3])
     counts[ARGV[i + 1]] = counts[ARGV[i + 1]] + 1
+    tokens = tokens + tonumber(ARGV[i + 2])
+    correction = correction + tonumber(ARGV[i + 2]) - (costs[tonumber(index) + 1] or 0)
   end
 end
 if #new > 0 then
   chunked('HSET', sk .. ':results', new, 2)
   chunked('HDEL', sk .. ':progress', indices, 1)
+  local tenant = tenant_of(job)
+  redis.call('HINCRBY', P .. ':served', tenant, correction)
+  local class = class_of(job)
+  if redis.call('ZSCORE', P .. ':class:' .. class, tenant) then
+    redis.call('ZINCRBY', P .. ':class:' .. class, correction, tenant)
+  end
+  local bucket = P .. ':rate:' .. math.floor(now_ms() / RATE_BUCKET_MS)
+  redis.call('HINCRBY', bucket, 'r', #new / 2)
+  redis.call('HINCRBY', bucket, 't', tokens)
+  redis.call('PEXPIRE', bucket, RATE_TTL_MS)
 end
 if counts.c > 0 then redis.call('HINCRBY', jk, 'completed', counts.c) end
 if counts.f > 0 then redis.call('HINCRBY', jk, 'failed', counts.f) end
@@ -483,7 +591,7 @@ local jk = jkey(job)
 local status = redis.call('HGET', jk, 'status')
 if status ~= 'in_progress' and status ~= 'validating' then return status end
 local now = now_ms()
-redis.call('LREM', P .. ':active', 0, job)
+dequeue(job)
 redis.call('DEL', jk .. ':ready')
 redis.call('ZREM', P .. ':deadlines', job)
 if tonumber(redis.call('HGET', jk, 'leased') or '0') > 0 then
@@ -536,6 +644,7 @@ local jk = jkey(job)
 local status = redis.call('HGET', jk, 'status')
 if not status then return false end
 if not TERMINAL[status] and not force then return {'refused', status} end
+dequeue(job)
 local keys = {jk, jk .. ':ready', jk .. ':dead'}
 for n = 0, tonumber(redis.call('HGET', jk, 'num_shards') or '0') - 1 do
   local sk = skey(job, n)
@@ -548,6 +657,5 @@ for _, set in ipairs({':jobs', ':retired', ':deadlines', ':validating'}) do
   redis.call('ZREM', P .. set, job)
 end
 redis.call('SREM', P .. ':finalizing', job)
-redis.call('LREM', P .. ':active', 0, job)
 return {'purged', deleted}
 """

@@ -12,6 +12,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from harvest.protocol.sampling_params import SamplingParams
 from harvest.queue import lua
 from harvest.queue.config import JobOptions
 from harvest.queue.errors import JobNotFoundError, RedisUnavailableError
@@ -20,6 +21,18 @@ from harvest.queue.redis_checks import check_server
 
 SWEEP_LIMIT = 64  # expired leases reclaimed per call: keeps each script short
 DEFAULT_JOB_TTL_S = 7 * 86400  # finished jobs are kept this long unless the store says otherwise
+DEFAULT_MAX_TOKENS = SamplingParams.max_tokens
+RATE_WINDOW_S = 300.0  # the recent throughput an ETA is judged by
+
+
+def estimated_tokens(request: dict[str, Any]) -> int:
+    """What a request will cost before it runs, charged to its tenant at lease time (the result's
+    real token count replaces it): about 4 characters per prompt token, plus `max_tokens`."""
+    prompt = request.get("prompt")
+    if request.get("messages") is not None:
+        prompt = json.dumps(request["messages"])
+    prompt_tokens = len(prompt) // 4 if isinstance(prompt, str) else len(prompt or ())  # text or ids
+    return prompt_tokens + int(request.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS))
 
 
 def connect(url: str) -> redis.Redis:
@@ -139,7 +152,8 @@ class JobStore:
         longer validating (cancelled or failed meanwhile: nothing was written)."""
         args: list[Any] = []
         for requests in shards:
-            args += [len(requests), orjson.dumps(requests)]
+            costs = [estimated_tokens(r) for r in requests]
+            args += [len(requests), orjson.dumps(requests), orjson.dumps(costs)]
         return self._run("ADD_SHARDS", job_id, first, *args)
 
     def activate(self, job_id: str) -> JobStatus:
@@ -207,10 +221,49 @@ class JobStore:
                 dead.append((ms, job, int(shard), last_error))
         return [(job, shard, error) for _, job, shard, error in sorted(dead)]
 
+    # ------------------------------------------------------------------ schedule state
+
+    def now(self) -> float:
+        """The Redis server's clock (seconds): the one every lease and deadline is judged by."""
+        seconds, micros = self.r.time()
+        return seconds + micros / 1e6
+
+    def throughput(self, window_s: float = RATE_WINDOW_S) -> tuple[float, float] | None:
+        """Results written per second by the whole fleet over the last `window_s`, as (requests/s,
+        tokens/s); None when nothing was written in that time (no rate to judge by)."""
+        now_ms = self.now() * 1000
+        current = int(now_ms // lua.RATE_BUCKET_MS)
+        buckets = list(range(current - int(window_s * 1000 // lua.RATE_BUCKET_MS) + 1, current + 1))
+        with self.r.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.hmget(f"{self.prefix}:rate:{bucket}", "r", "t")
+            counts = pipe.execute()
+        seen = [(b, int(r), int(t or 0)) for b, (r, t) in zip(buckets, counts, strict=True) if r]
+        if not seen:
+            return None
+        span_s = max((now_ms - seen[0][0] * lua.RATE_BUCKET_MS) / 1000, lua.RATE_BUCKET_MS / 1000)
+        return sum(r for _, r, _ in seen) / span_s, sum(t for _, _, t in seen) / span_s
+
+    def requests_ahead(self, deadline_s: float) -> int:
+        """Requests still to run in jobs leased before or beside one due at `deadline_s`: every
+        running job whose deadline falls in the same class (see LEASE) or an earlier one."""
+        class_end_ms = -(-int(deadline_s * 1000) // lua.CLASS_STEP_MS) * lua.CLASS_STEP_MS
+        jobs = self.r.zrange(f"{self.prefix}:deadlines", "-inf", class_end_ms, byscore=True)
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in jobs:
+                pipe.hmget(self.job_key(job_id), "total", "completed", "failed")
+            rows = pipe.execute()
+        return sum(int(t or 0) - int(c or 0) - int(f or 0) for t, c, f in rows)
+
+    def served_tokens(self) -> dict[str, int]:
+        """Tokens each tenant (job owner; '' for none) has been served, the fair share's counters."""
+        return {tenant: int(n) for tenant, n in self.r.hgetall(f"{self.prefix}:served").items()}
+
     # ------------------------------------------------------------------ worker verbs
 
     def lease(self, worker: str, visibility_s: float, max_shards: int = 1) -> list[Lease]:
-        """Lease up to `max_shards` shards (round-robin over jobs); reclaims expired leases first."""
+        """Lease up to `max_shards` shards, earliest deadline class first, then the tenant served
+        the fewest tokens, then round-robin over its jobs; reclaims expired leases first."""
         got = self._run("LEASE", worker, int(visibility_s * 1000), max_shards, SWEEP_LIMIT)
         leases = []
         for job_id, shard, token, attempts, requests, done, progress, crashes in got:
@@ -240,7 +293,12 @@ class JobStore:
         """
         args: list[Any] = []
         for index, result in results.items():
-            args += [index, "c" if result.ok else "f", result.to_json()]
+            args += [
+                index,
+                "c" if result.ok else "f",
+                result.prompt_tokens + result.completion_tokens,
+                result.to_json(),
+            ]
         return self._run("WRITE_RESULTS", lease.job_id, lease.shard, lease.token, *args, client=client)
 
     def save_progress(self, lease: Lease, progress: dict[int, Progress], client: Any = None) -> str:
