@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from harvest.engine import RequestOutput
+from harvest.engine import RequestClass, RequestOutput
 from harvest.engine.metrics import StepMetrics
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -41,7 +41,7 @@ class WorkerMetrics:
         self.kv.set(step.kv_blocks_offline, {**tags, "class": "offline"})
         for out in outputs:
             m = out.metrics
-            if out.finished and "first_token_time" in m and "/" not in out.request_id:  # online: no job id
+            if out.finished and "first_token_time" in m and out.request_class is RequestClass.ONLINE:
                 self.ttft.observe(m["first_token_time"] - m["arrival_time"], tags)
                 if out.num_output_tokens > 1:
                     tpot = (m["finish_time"] - m["first_token_time"]) / (out.num_output_tokens - 1)
