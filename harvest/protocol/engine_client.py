@@ -23,6 +23,10 @@ OutputSink = Callable[[RequestOutput], None]
 ErrorSink = Callable[[BaseException], None]
 
 
+class EngineLoopError(RuntimeError):
+    """The engine cannot serve the request: it was stopped or its thread died."""
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What an engine can hold, fixed when it is built."""

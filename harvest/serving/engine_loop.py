@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from harvest.engine import Engine, RequestClass, RequestOutput, RequestState, SamplingParams
 from harvest.engine.config import SLOConfig
-from harvest.protocol.engine_client import EngineLimits
+from harvest.protocol.engine_client import EngineLimits, EngineLoopError
 from harvest.protocol.engine_client import ErrorSink as ErrorCallback
 from harvest.protocol.engine_client import OutputSink as OutputCallback
 
@@ -35,10 +35,6 @@ StepHook = Callable[[list[RequestOutput]], None]
 
 def _ignore(_: RequestOutput) -> None:
     pass
-
-
-class EngineLoopError(RuntimeError):
-    """The loop cannot serve the request: it was stopped or its thread died."""
 
 
 @dataclass
