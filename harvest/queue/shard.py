@@ -33,9 +33,9 @@ class _Running:
     resumed: list[int]  # output ids carried over from an earlier attempt
     started_at: float
     start_mono: float
-    checkpoint: str = ""  # where an earlier attempt's KV checkpoint is ("handle#tokens"), if any
+    resume_from: str = ""  # the KV checkpoint an earlier attempt left ("handle#tokens"), if any
     output_ids: list[int] = field(default_factory=list)  # generated in this attempt, as last reported
-    checkpoint_now: str | None = None  # this attempt's checkpoint, as last reported
+    checkpoint: str | None = None  # this attempt's KV checkpoint, as last reported
     saved: int = 0  # len(resumed + output_ids) at the last progress save
     ttft_s: float | None = None
 
@@ -82,7 +82,7 @@ class ShardRun:
                 progress = self.lease.progress.get(index, Progress())
                 run = _Running(index, spec, params, prompt_ids, list(progress.token_ids), now, mono)
                 run.saved = len(run.resumed)
-                run.checkpoint = progress.checkpoint or ""
+                run.resume_from = progress.checkpoint or ""
                 left = params.max_tokens - len(run.resumed)
                 if left <= 0:  # finished before the crash, result not yet written
                     self.results[index] = self._result(run, "length", mono)
@@ -107,8 +107,8 @@ class ShardRun:
         for rid, run, params in prepared:
             ids = run.prompt_ids + run.resumed
             try:
-                if run.checkpoint:
-                    self.client.resume_from_checkpoint(rid, ids, params, run.checkpoint, sink)
+                if run.resume_from:
+                    self.client.resume_from_checkpoint(rid, ids, params, run.resume_from, sink)
                 else:
                     self.client.submit(ids, params, rid, RequestClass.OFFLINE, sink)
             except EngineLoopError:  # no engine to run it: the worker's stop gives it back with the lease
@@ -130,7 +130,7 @@ class ShardRun:
             if run is None:  # dropped meanwhile (lease lost, job closed)
                 return False
             if not out.finished:
-                run.output_ids, run.checkpoint_now = out.token_ids, out.checkpoint
+                run.output_ids, run.checkpoint = out.token_ids, out.checkpoint
                 return False
             del self.running[out.request_id]
             self._finish(run, out)
@@ -176,7 +176,7 @@ class ShardRun:
         for run in self.running.values():
             ids = run.resumed + run.output_ids
             if len(ids) > run.saved:
-                updates[run.index] = Progress(ids, run.checkpoint_now)
+                updates[run.index] = Progress(ids, run.checkpoint)
                 run.saved = len(ids)
         return updates
 
