@@ -8,11 +8,13 @@ serve`: on the 2-core box each token crossing worker actor -> ingress replica ha
 the serving path a Ray hop and its share of the cores (peers suite, harvest / peer P99:
 1.28x / 1.31x through the actor, 0.97x / 1.08x with the engine in the HTTP process).
 
-The engine's step loop runs in a background thread (`EngineLoop`). Offline shards are
-leased from the Redis job store by the same `OfflineWorker` that `harvest work --local`
-uses: the loop's `on_step` hook routes each step's outputs to their shards and the
-worker's I/O thread does the Redis traffic. A heartbeat thread reports the worker's
-stats to the controller and applies its answer: offline leasing on or off, and the SLO.
+The engine's step loop runs in a background thread (`EngineLoop`), and everything here
+talks to it as an `EngineClient`. Offline shards are leased from the Redis job store by
+the same `OfflineWorker` that `harvest work --local` uses: it submits their requests
+through the loop with each shard as their sink, and its I/O thread does the Redis
+traffic. A heartbeat thread reports the worker's stats to the controller and applies its
+answer: offline leasing on or off, and the SLO (through the loop's inbox). Host tuning
+comes from the device's `DeviceProfile`, applied here, at the worker's entry point.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -39,19 +40,12 @@ from harvest.queue.config import WorkerConfig
 from harvest.queue.store import JobStore
 from harvest.queue.worker import OfflineWorker
 from harvest.serving import EngineLoop, freeze_heap, render_engine_metrics
+from harvest.serving.device_profile import DeviceProfile
 from harvest.serving.feedback import SLOFeedback
 
 log = logging.getLogger(__name__)
 
 WORKER_DEPLOYMENT = "harvest-worker"
-
-# On the CPU device, an offline-only step within a second of online work is followed by a
-# pause as long as itself (a submission ends it at once): the serving path (client,
-# HAProxy, the HTTP stack) gets the cores back for the next request's way in. On the
-# 2-core box next to a backlog (peers suite, 3 rounds each): TTFT P99 over serving alone
-# 1.23-1.36x -> 0.96-1.15x, at a median 991 instead of 1,518 offline tok/s.
-# `engine_options["offline_yield"]` overrides it (0 turns it off).
-CPU_OFFLINE_YIELD = 1.0
 
 
 class GPUWorker:
@@ -67,17 +61,13 @@ class GPUWorker:
     ) -> None:
         import torch
 
-        # several threads share this process's GIL: the engine loop, the event loop streaming
-        # tokens out over HTTP, the queue's I/O thread, the checkpoint shipper. At the default
-        # 5 ms switch interval a token waiting to leave waits for a step's Python to yield.
-        sys.setswitchinterval(0.0005)
         options = dict(engine_options or {})
         options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        # offline steps compute on the cores the serving path runs on only on the CPU device
-        offline_yield = options.pop("offline_yield", CPU_OFFLINE_YIELD if options["device"] == "cpu" else 0.0)
-        if options["device"] == "cpu":  # as many threads as CPUs Ray gave us, or workers fight for cores
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
+        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+        profile = DeviceProfile.for_device(options["device"], cpus)
+        profile.apply()
+        # `engine_options["offline_yield"]` overrides the profile's pacing (0 turns it off)
+        offline_yield = options.pop("offline_yield", profile.offline_yield)
         from actors.checkpoint_keeper import RayCheckpointStore, keeper_for_this_node
 
         self.worker_id = worker_id
@@ -85,29 +75,22 @@ class GPUWorker:
             model, checkpoint_store=RayCheckpointStore(*keeper_for_this_node()), **options
         )
         self.store = JobStore.from_url(redis_url)
-        self.offline = OfflineWorker(
-            self.store, self.engine, WorkerConfig(**(queue_options or {})), worker_id
-        )
         self.frozen_objects = freeze_heap()  # the model is loaded: no full GC walks it again
         self.started = time.time()
         self.loop = EngineLoop(
-            self.engine,
-            on_step=self._on_step,
-            idle_tick_s=0.05,
-            offline_yield=offline_yield,
-            name=f"engine-{worker_id}",
+            self.engine, idle_tick_s=0.05, offline_yield=offline_yield, name=f"engine-{worker_id}"
         )
-        self.offline.on_work = self.loop.wake  # shards leased while the loop idles: step them now
+        self.offline = OfflineWorker(self.store, self.loop, WorkerConfig(**(queue_options or {})), worker_id)
+        self.loop.on_step = self._on_step  # now that the offline side it ticks exists
         # the controller's SLO; the engine plans for `feedback.scale` of it
-        slo = self.engine.scheduler.config.slo
-        self.slo_target: tuple[float, float] = (slo.ttft_s, slo.tpot_s)
+        self.slo_target: tuple[float, float] = self.loop.slo
         self.feedback = SLOFeedback()
         self._feedback_lock = threading.Lock()
         self._stop = threading.Event()
 
     def _on_step(self, outputs: list[RequestOutput]) -> None:
         """Runs on the loop thread after every step (and every idle tick)."""
-        self.offline.sync(outputs)
+        self.offline.tick()
 
     # ------------------------------------------------------------------ the controller's levers
 
@@ -125,8 +108,7 @@ class GPUWorker:
             self._plan_for(self.feedback.scale)
 
     def _plan_for(self, scale: float) -> None:
-        slo = self.engine.scheduler.config.slo
-        slo.ttft_s, slo.tpot_s = self.slo_target[0] * scale, self.slo_target[1] * scale
+        self.loop.set_slo(self.slo_target[0] * scale, self.slo_target[1] * scale)
 
     def observe(self, ttft_s: float, decode_s: float, tokens: int) -> None:
         """A finished online request as its HTTP handler saw it (feedback.py)."""
@@ -177,14 +159,11 @@ class GPUWorker:
             offline_inflight=self.offline.inflight_requests,
             kv_blocks_total=self.engine.block_manager.num_blocks,
             kv_blocks_used=self.engine.block_manager.num_used_blocks,
-            max_model_len=self.engine.max_model_len,
-            slo={
-                "ttft_s": self.engine.scheduler.config.slo.ttft_s,
-                "tpot_s": self.engine.scheduler.config.slo.tpot_s,
-            },
+            max_model_len=self.loop.limits.max_model_len,
+            slo=dict(zip(("ttft_s", "tpot_s"), self.loop.slo)),
             slo_target=list(self.slo_target),
             slo_scale=self.feedback.scale,
-            capacity_tokens=self.engine.capacity_tokens,
+            capacity_tokens=self.loop.limits.capacity_tokens,
             gc_frozen_objects=self.frozen_objects,
             uptime_s=time.time() - self.started,
         )
@@ -217,9 +196,8 @@ class WorkerBackend(LocalBackend):
             # and never fewer than one full batch: a request past that would only wait for
             # others to finish, so it gets a 429 with Retry-After (the client backs off) instead
             # of an unbounded queue in this process
-            engine = worker.engine
-            by_kv = engine.capacity_tokens // typical_request_tokens
-            max_pending = max(engine.config.scheduler.max_num_seqs, by_kv)
+            limits = worker.loop.limits
+            max_pending = max(limits.max_num_seqs, limits.capacity_tokens // typical_request_tokens)
         super().__init__(worker.loop, model_name, max_pending=max_pending)
         self.worker = worker
 

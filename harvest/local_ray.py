@@ -42,9 +42,11 @@ def start(num_cpus: int | None = None) -> bool:
     # those ports is Ray's token authentication, which `ray start` 2.60 turns on by default.
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
+    import torch  # what the workers of this head will compute on decides the Ray tuning
+
     from harvest.serve_env import use_serve_env
 
-    use_serve_env()
+    use_serve_env(device="cuda" if torch.cuda.is_available() else "cpu")
     subprocess.run(cmd, check=True, capture_output=True)
     marker = ray_started_marker()
     marker.parent.mkdir(parents=True, exist_ok=True)

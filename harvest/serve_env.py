@@ -13,8 +13,6 @@ import os
 # own server, skipping Serve's Python proxy and its RPC hop to the replica.
 # HAProxy balances by least connections: an online request is one open connection, so the
 # worker with the fewest online requests in flight gets the next one.
-# Ray starts its worker processes (our engines and their HTTP servers) at nice 15, below its own
-# daemons and the driver; on a busy node the serving path then waits for them: nice 0 here.
 # RAY_SERVE_THROUGHPUT_OPTIMIZED is Ray's own low-overhead Serve profile; what it changes
 # here: the OpenAI app runs on the replica's main event loop, not a second loop in
 # another thread, so each request and each streamed token skips a hop between threads.
@@ -23,7 +21,6 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # no load balancer to deregister from
-    "RAY_worker_niceness": "0",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # A request whose worker dies before answering (the connection closes with no response)
     # or answers 503 (its engine loop is gone) is retried on another worker: the client sees
@@ -32,13 +29,16 @@ SERVE_ENV = {
 }
 
 
-def use_serve_env(private_ports: bool = False) -> None:
-    """Put SERVE_ENV into this process's environment, for a Ray started from here.
+def use_serve_env(private_ports: bool = False, device: str = "cpu") -> None:
+    """Put SERVE_ENV and the Ray settings of `device`'s profile (the workers' niceness) into
+    this process's environment, for a Ray started from here.
 
     `private_ports` (tests, benchmarks): HAProxy's metrics and stats listeners on free ports
     instead of Serve's fixed 9101 and 8404, so that a second service on the machine (a
     `harvest up`, another test run) does not stop this one's HAProxy from starting."""
-    for key, value in SERVE_ENV.items():
+    from harvest.serving.device_profile import DeviceProfile
+
+    for key, value in {**SERVE_ENV, **DeviceProfile.for_device(device).ray_env()}.items():
         os.environ.setdefault(key, value)
     if private_ports:
         from harvest.local_redis import free_port

@@ -15,6 +15,7 @@ from harvest.local_redis import free_port
 from harvest.queue import JobStatus, JobStore, OfflineWorker, WorkerConfig, run_local
 from harvest.queue.outputs import iter_results
 from harvest.queue.pause import Pause
+from harvest.serving import EngineLoop
 from tests.test_queue_store import fake_results
 from tests.test_queue_worker import batch_line, reference, terminal, wait_for
 
@@ -23,15 +24,21 @@ class WatchedWorker:
     """run_local in a thread over an OfflineWorker the test can watch while it runs."""
 
     def __init__(self, url: str, engine: Engine, config: WorkerConfig) -> None:
-        self.worker = OfflineWorker(JobStore.from_url(url), engine, config)
         self.stop = threading.Event()
+        started = threading.Event()
+
+        def watch(worker: OfflineWorker) -> None:
+            self.worker = worker
+            started.set()
+
         self.thread = threading.Thread(
             target=run_local,
-            args=(self.worker.store, engine),
-            kwargs={"stop": self.stop.is_set, "worker": self.worker},
+            args=(JobStore.from_url(url), engine, config),
+            kwargs={"stop": self.stop.is_set, "on_start": watch},
             daemon=True,
         )
         self.thread.start()
+        assert started.wait(30)
 
     def join(self) -> None:
         self.stop.set()
@@ -170,10 +177,14 @@ def test_a_dead_engine_is_a_crash_and_a_graceful_stop_is_not(queue_store, queue_
     job_id = make_job(2, shard_size=2, max_tokens=200, sampling={"ignore_eos": True})
     config = WorkerConfig(idle_poll_s=0.02)
     for crashed, expected in ((False, {}), (True, {0: 1, 1: 1})):
-        worker = OfflineWorker(queue_store, queue_engine, config, background=False)
-        worker.sync()  # leases the shard and admits its requests
+        loop = EngineLoop(queue_engine)
+        worker = OfflineWorker(queue_store, loop, config, background=False)
+        generating = threading.Event()
+        loop.on_step = lambda outputs, generating=generating: outputs and generating.set()
+        worker.tick()  # leases the shard and admits its requests
         assert worker.inflight_requests == 2
-        queue_engine.step()
+        assert generating.wait(30)  # the engine runs them
+        loop.stop()
         worker.release_all(crashed=crashed)
         (lease,) = queue_store.lease("check", visibility_s=5)
         assert lease.crashes == expected

@@ -1,8 +1,9 @@
 """The seam between the HTTP layer and whatever runs the model.
 
-`build_app` speaks only to a `Backend`: `LocalBackend` runs one in-process `EngineLoop`
-(tests, a single-process server); each GPU worker's Serve replica serves the app over its
-own engine loop with `WorkerBackend`, a `LocalBackend` that also feeds its SLO feedback.
+`build_app` speaks only to a `Backend`: `LocalBackend` serves it over an `EngineClient`
+(an in-process `EngineLoop`: tests, a single-process server); each GPU worker's Serve
+replica serves the app over its own engine loop with `WorkerBackend`, a `LocalBackend`
+that also feeds its SLO feedback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Protocol, runtime_checkable
 
 from transformers import PreTrainedTokenizerBase
 
-from harvest.engine import RequestOutput, SamplingParams
+from harvest.protocol.sampling_params import SamplingParams
+from harvest.protocol.types import RequestOutput
 
 
 class BackendUnavailable(Exception):

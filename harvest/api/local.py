@@ -1,4 +1,4 @@
-"""LocalBackend: the `Backend` protocol over one in-process `EngineLoop`."""
+"""LocalBackend: the `Backend` protocol over one `EngineClient` (an in-process `EngineLoop`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 from transformers import PreTrainedTokenizerBase
 
 from harvest.api.backend import BackendBusy, BackendUnavailable
-from harvest.engine import RequestClass, RequestOutput, SamplingParams
-from harvest.serving import EngineLoop, EngineLoopError, render_engine_metrics
+from harvest.protocol.engine_client import EngineClient, EngineLoopError
+from harvest.protocol.sampling_params import SamplingParams
+from harvest.protocol.types import RequestClass, RequestOutput
+from harvest.serving.metrics import render_engine_metrics
 
 
 class LocalBackend:
-    """Serves online requests from `loop` under `model_name` (tests, a one-process server).
+    """Serves online requests from the engine behind `loop` under `model_name` (tests, a
+    one-process server).
 
     `max_pending` caps unfinished online requests (None: no cap); past it new requests get
     429 with Retry-After (`BackendBusy`) rather than queueing without bound. `max_stall_s`
@@ -21,7 +24,7 @@ class LocalBackend:
 
     def __init__(
         self,
-        loop: EngineLoop,
+        loop: EngineClient,
         model_name: str | list[str],  # several: any of them may be passed as `model`
         *,
         max_pending: int | None = None,
@@ -35,13 +38,11 @@ class LocalBackend:
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.loop.engine.tokenizer
+        return self.loop.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        engine = self.loop.engine
-        # the engine also ends a request when the KV pool cannot hold a longer one
-        return min(engine.max_model_len, engine.capacity_tokens)
+        return self.loop.limits.max_request_tokens
 
     def model_names(self) -> list[str]:
         return list(self.names)

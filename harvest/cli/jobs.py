@@ -351,7 +351,14 @@ def work(
     from harvest.queue.config import WorkerConfig
     from harvest.queue.store import JobStore, connect
     from harvest.queue.worker import make_worker_id, run_local
+    from harvest.serving.device_profile import DeviceProfile
 
+    try:
+        profile = DeviceProfile.for_device(device)
+    except ValueError as exc:
+        err.print(f"[red]--device:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    profile.apply()  # this process is the worker: the host tuning its device needs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = WorkerConfig(visibility_timeout_s=visibility, progress_interval_s=progress_interval)
     url = redis_url or default_redis_url()

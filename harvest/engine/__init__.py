@@ -2,7 +2,14 @@
 
 from harvest.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from harvest.engine.engine import Engine
-from harvest.engine.request import FinishReason, Request, RequestClass, RequestOutput, RequestStatus
+from harvest.engine.request import (
+    FinishReason,
+    Request,
+    RequestClass,
+    RequestOutput,
+    RequestState,
+    RequestStatus,
+)
 from harvest.engine.sampling import SamplingParams
 
 __all__ = [
@@ -13,6 +20,7 @@ __all__ = [
     "Request",
     "RequestClass",
     "RequestOutput",
+    "RequestState",
     "RequestStatus",
     "SamplingParams",
     "SchedulerConfig",

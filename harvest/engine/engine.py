@@ -281,7 +281,18 @@ class Engine:
                 outputs.append(self._final_output(req, [token], delta))
             else:
                 text = detok.text[: detok.emitted] if detok is not None else ""
-                outputs.append(RequestOutput(req.request_id, [token], req.output_token_ids, text, delta))
+                checkpoint = self._checkpoint_ref(req)
+                outputs.append(
+                    RequestOutput(
+                        req.request_id,
+                        [token],
+                        req.output_token_ids,
+                        text,
+                        delta,
+                        request_class=req.request_class,
+                        checkpoint=checkpoint,
+                    )
+                )
         sampled = [r for r in sampling if r.finish_reason is not FinishReason.ERROR]
         if req_count := len(sampled):
             online = sum(r.is_online for r in sampled)
@@ -368,9 +379,16 @@ class Engine:
             num_preemptions=req.num_preemptions,
             metrics=metrics,
             error=error,
+            request_class=req.request_class,
         )
         self.stats.observe_finished(req.request_class.value, output)
         return output
+
+    def _checkpoint_ref(self, req: Request) -> str | None:
+        """Where an offline request's KV checkpoint lives, as the string another engine adopts."""
+        if req.is_online or not req.checkpointed_tokens:
+            return None
+        return f"{self.checkpoint_store.handle(req.request_id)}#{req.checkpointed_tokens}"
 
     # ------------------------------------------------------------------ convenience
 

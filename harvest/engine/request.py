@@ -5,28 +5,18 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 from harvest.engine.sampling import SamplingParams, request_seed
+from harvest.protocol.types import FinishReason, RequestClass, RequestOutput, RequestState
 
-
-class RequestClass(str, enum.Enum):
-    ONLINE = "online"
-    OFFLINE = "offline"
+__all__ = ["FinishReason", "Request", "RequestClass", "RequestOutput", "RequestState", "RequestStatus"]
 
 
 class RequestStatus(str, enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # eos, stop token or stop string
-    LENGTH = "length"  # max_tokens or the model's context
-    ABORT = "abort"
-    ERROR = "error"  # the request's own step failed (see engine/fault.py); `RequestOutput.error` says how
 
 
 _creation = itertools.count()
@@ -133,42 +123,3 @@ class Request:
             f"Request({self.request_id!r}, {self.request_class.value}, {self.status.value}, "
             f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={len(self.block_table)})"
         )
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request, or (`finished`) the whole completion.
-
-    `token_ids` and `text` are cumulative; `new_token_ids` and `delta_text` are this step's
-    part. Mid-stream `text` is filled only for requests that stream text.
-    """
-
-    request_id: str
-    new_token_ids: list[int]
-    token_ids: list[int]
-    text: str = ""
-    delta_text: str = ""
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_preemptions: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None  # why a request finished with `FinishReason.ERROR`
-
-
-@dataclass
-class RequestState:
-    """Everything needed to continue a request on another engine: tokens so far, sampling
-    parameters and seed, and how many leading tokens the checkpoint store holds (the store
-    is keyed by `request_id`)."""
-
-    request_id: str
-    token_ids: list[int]
-    num_prompt_tokens: int
-    params: dict[str, Any]
-    request_class: str
-    arrival_time: float
-    checkpointed_tokens: int = 0
-    num_preemptions: int = 0
-    seed: int | None = None  # a request without its own seed keeps the random one it drew

@@ -1,24 +1,27 @@
 """ShardRun: one leased shard's requests inside an engine.
 
-It turns payloads into engine requests (resuming from stored progress), follows their
-outputs, and builds one Result per request. It never talks to Redis: the worker decides
-when to write what it produces, so the same class serves the local loop and the Ray
-worker that interleaves online traffic in the same engine.
+It turns payloads into engine requests (resuming from stored progress), submits them
+through the engine client with itself as their output sink, follows their outputs, and
+builds one Result per request. It never talks to Redis: the worker decides when to write
+what it produces, so the same class serves the local worker and the Ray worker that
+interleaves online traffic in the same engine.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
 
+from harvest.protocol.engine_client import EngineClient, EngineLoopError, OutputSink
 from harvest.protocol.prepare import engine_inputs
+from harvest.protocol.sampling_params import SamplingParams
+from harvest.protocol.types import FinishReason, RequestClass, RequestOutput
 from harvest.queue.inputs import RequestSpec
 from harvest.queue.models import Lease, Progress, Result
 
-if TYPE_CHECKING:  # the engine pulls in torch: seconds the CLI's read-only commands should not pay
-    from harvest.engine import RequestOutput, SamplingParams
-    from harvest.engine.request import RequestState
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,7 +33,9 @@ class _Running:
     resumed: list[int]  # output ids carried over from an earlier attempt
     started_at: float
     start_mono: float
-    output_ids: list[int] = field(default_factory=list)  # generated in this attempt
+    resume_from: str = ""  # the KV checkpoint an earlier attempt left ("handle#tokens"), if any
+    output_ids: list[int] = field(default_factory=list)  # generated in this attempt, as last reported
+    checkpoint: str | None = None  # this attempt's KV checkpoint, as last reported
     saved: int = 0  # len(resumed + output_ids) at the last progress save
     ttft_s: float | None = None
 
@@ -39,17 +44,21 @@ class _Running:
         return self.resumed + self.output_ids
 
 
-# an engine request ready to add: its id, state, parameters and, to resume from a checkpoint, its engine state
-Prepared = tuple[str, _Running, "SamplingParams", "RequestState | None"]
+# an engine request ready to add: its id, state and parameters (max_tokens: what is left)
+Prepared = tuple[str, _Running, SamplingParams]
 
 
 class ShardRun:
-    """Feeds one lease's unfinished requests to `engine` and collects their results."""
+    """Feeds one lease's unfinished requests to the engine and collects their results.
 
-    def __init__(self, lease: Lease, engine: Any, worker: str) -> None:
+    `lock` is the worker's: it guards `running`, `results` and `pending`, which the engine's
+    thread updates through `on_output` and the worker's I/O thread reads and writes."""
+
+    def __init__(self, lease: Lease, client: EngineClient, worker: str, lock: threading.Lock) -> None:
         self.lease = lease
-        self.engine = engine
+        self.client = client
         self.worker = worker
+        self.lock = lock
         self.running: dict[str, _Running] = {}  # engine request id -> state
         self.results: dict[int, Result] = {}  # produced, not yet written
         self.pending = set(range(len(lease.requests))) - lease.done  # indices without a stored result
@@ -59,12 +68,11 @@ class ShardRun:
         return f"{self.lease.job_id}/{self.lease.shard}/{index}@{self.lease.token}"
 
     def prepare(self) -> list[Prepared]:
-        """Tokenize the pending requests and adopt their checkpoints (slow, touches no shared
-        state): what `commit` adds. Bad requests become error results at once: the same
-        model-dependent checks as the HTTP routes (`engine_inputs`), with the context the
-        engine can hold."""
-        tok, prepared = self.engine.tokenizer, []
-        max_model_len = min(self.engine.max_model_len, self.engine.capacity_tokens)
+        """Tokenize the pending requests (slow, touches no shared state): what `expect` and
+        `start` add. Bad requests become error results at once: the same model-dependent
+        checks as the HTTP routes (`engine_inputs`), with the context the engine can hold."""
+        tok, prepared = self.client.tokenizer, []
+        max_model_len = self.client.limits.max_request_tokens
         for index in sorted(self.pending):
             spec = RequestSpec.from_payload(self.lease.requests[index])
             now, mono = time.time(), time.monotonic()
@@ -74,67 +82,67 @@ class ShardRun:
                 progress = self.lease.progress.get(index, Progress())
                 run = _Running(index, spec, params, prompt_ids, list(progress.token_ids), now, mono)
                 run.saved = len(run.resumed)
+                run.resume_from = progress.checkpoint or ""
                 left = params.max_tokens - len(run.resumed)
                 if left <= 0:  # finished before the crash, result not yet written
                     self.results[index] = self._result(run, "length", mono)
                     continue
-                rid = self.request_id(index)
-                resume_params = replace(params, max_tokens=left)
-                state = self._checkpoint_state(rid, prompt_ids + run.resumed, resume_params, progress)
-                prepared.append((rid, run, resume_params, state))
+                prepared.append((self.request_id(index), run, replace(params, max_tokens=left)))
             except Exception as exc:  # a bad request fails alone, never its shard
                 self.results[index] = Result.error(
                     "invalid_request", str(exc), started_at=now, finished_at=time.time(),
                     worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
         return prepared
 
-    def commit(self, prepared: list[Prepared]) -> None:
-        """Hand prepared requests to the engine (its inbox: safe from any thread); a request
-        the engine refuses becomes an error result."""
-        for rid, run, params, state in prepared:
-            self.running[rid] = run  # before the engine can produce its first output
+    def expect(self, prepared: list[Prepared]) -> None:
+        """Count prepared requests as running (lock held), before `start` submits them: no
+        output can come before its request is known."""
+        for rid, run, _ in prepared:
+            self.running[rid] = run
+
+    def start(self, prepared: list[Prepared], sink: OutputSink) -> None:
+        """Submit expected requests to the engine with `sink` (which calls `on_output`), with
+        no lock held: resuming from a checkpoint may wait on the store. A request the engine
+        refuses becomes an error result."""
+        for rid, run, params in prepared:
+            ids = run.prompt_ids + run.resumed
             try:
-                if state is not None:
-                    self.engine.resume(state)
+                if run.resume_from:
+                    self.client.resume_from_checkpoint(rid, ids, params, run.resume_from, sink)
                 else:
-                    ids = run.prompt_ids + run.resumed
-                    self.engine.add_request(ids, params, request_id=rid, request_class="offline")
+                    self.client.submit(ids, params, rid, RequestClass.OFFLINE, sink)
+            except EngineLoopError:  # no engine to run it: the worker's stop gives it back with the lease
+                log.warning("the engine is not running; %s stays with its lease", rid)
             except Exception as exc:
-                del self.running[rid]
-                self.results[run.index] = Result.error(
+                error = Result.error(
                     "invalid_request", str(exc), started_at=run.started_at, finished_at=time.time(),
                     worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+                with self.lock:
+                    if self.running.pop(rid, None) is not None:
+                        self.results[run.index] = error
 
-    def _checkpoint_state(self, rid: str, token_ids: list[int], params: SamplingParams,
-                          progress: Progress) -> RequestState | None:  # fmt: skip
-        """The engine state that continues from the KV checkpoint an earlier attempt left, if
-        it is still there (its blocks are adopted into this engine's store)."""
-        store = getattr(self.engine, "checkpoint_store", None)
-        if not progress.checkpoint or store is None or not hasattr(self.engine, "resume"):
-            return None
-        handle, _, tokens = progress.checkpoint.rpartition("#")
-        blocks = store.adopt(handle, rid)
-        checkpointed = min(int(tokens), blocks * self.engine.block_manager.block_size)
-        if checkpointed <= 0:
-            return None
-        from harvest.engine.request import RequestState
+    def on_output(self, out: RequestOutput) -> bool:
+        """One output of this shard's requests, on the engine's thread: remember how far the
+        request got (an assignment) or turn a finished one into its result. True when that
+        was the shard's last running request."""
+        with self.lock:
+            run = self.running.get(out.request_id)
+            if run is None:  # dropped meanwhile (lease lost, job closed)
+                return False
+            if not out.finished:
+                run.output_ids, run.checkpoint = out.token_ids, out.checkpoint
+                return False
+            del self.running[out.request_id]
+            self._finish(run, out)
+            return not self.running
 
-        return RequestState(request_id=rid, token_ids=token_ids, num_prompt_tokens=len(token_ids),
-                            params=asdict(params), request_class="offline", arrival_time=time.monotonic(),
-                            checkpointed_tokens=checkpointed)  # fmt: skip
-
-    def on_output(self, out: RequestOutput) -> None:
-        """A finished request's last output becomes its result. Unfinished outputs need nothing
-        (progress reads the engine's tokens), which keeps the engine loop's share tiny."""
-        run = self.running.pop(out.request_id, None) if out.finished else None
-        if run is None:
-            return
+    def _finish(self, run: _Running, out: RequestOutput) -> None:
         mono = time.monotonic()
         run.output_ids = out.token_ids
         if "first_token_time" in out.metrics:
             run.ttft_s = out.metrics["first_token_time"] - run.start_mono
         reason = out.finish_reason.value if out.finish_reason is not None else None
-        if reason == "error":  # the engine failed on this request alone: its line's error record
+        if out.finish_reason is FinishReason.ERROR:  # the engine failed on this request alone
             self.results[run.index] = Result.error(
                 "engine_error", out.error or "the engine failed on this request", started_at=run.started_at,
                 finished_at=time.time(), ttft_s=run.ttft_s, latency_s=mono - run.start_mono,
@@ -157,25 +165,18 @@ class ShardRun:
         """Text of a resumed request: its stop strings may straddle the resume point."""
         from harvest.engine.detokenizer import decode_output
 
-        text = decode_output(self.engine.tokenizer, prompt, ids)
+        text = decode_output(self.client.tokenizer, prompt, ids)
         cuts = [text.find(s) for s in params.stop if s in text]
         return text[: min(cuts)] if cuts and reason == "stop" else text
 
     def progress_updates(self) -> dict[int, Progress]:
-        """Requests that generated tokens since the last call (their full progress so far)."""
+        """Requests that generated tokens since the last call (their full progress so far, as
+        their outputs reported it). Called with the lock held."""
         updates = {}
-        store = getattr(self.engine, "checkpoint_store", None)
-        requests = getattr(self.engine, "requests", {})
-        for rid, run in self.running.items():
-            req = requests.get(rid)
-            if req is None:  # not admitted yet, or finished and its output not routed yet
-                continue
-            ids = run.resumed + list(req.output_token_ids)
+        for run in self.running.values():
+            ids = run.resumed + run.output_ids
             if len(ids) > run.saved:
-                checkpoint = None
-                if store is not None and req.checkpointed_tokens:
-                    checkpoint = f"{store.handle(rid)}#{req.checkpointed_tokens}"
-                updates[run.index] = Progress(ids, checkpoint)
+                updates[run.index] = Progress(ids, run.checkpoint)
                 run.saved = len(ids)
         return updates
 
@@ -189,7 +190,7 @@ class ShardRun:
     def abort(self) -> None:
         """Drop this shard's requests from the engine (lease lost or job closed)."""
         for rid in list(self.running):
-            self.engine.abort(rid)
+            self.client.abort(rid)
         self.running.clear()
 
     @property

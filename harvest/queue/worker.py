@@ -1,16 +1,17 @@
 """The offline side of a worker, and the local loop that drives it without Ray.
 
-`OfflineWorker` holds the leased shards and speaks to Redis. The engine loop calls
-`sync(outputs)` after every step: it routes the step's outputs to their shards, which
-costs microseconds. All Redis traffic (leasing shards while the engine has offline room,
-writing results and progress, renewing leases, acking finished shards) runs on the
-worker's own I/O thread, so a Redis round trip never sits between two engine steps: on a
-GPU server that would stretch every online token; on a busy CPU box a round trip waits
-for a core and costs a millisecond. `background=False` does the same work inline in
-`sync` (tests that want it step by step).
+`OfflineWorker` holds the leased shards and speaks to Redis. It submits each shard's
+requests through the engine client (`EngineClient`) with the shard as their sink: on the
+engine's thread an output costs an assignment under a lock, a finished one its Result.
+All Redis traffic (leasing shards while the engine has offline room, writing results and
+progress, renewing leases, acking finished shards) runs on the worker's own I/O thread, so
+a Redis round trip never sits between two engine steps: on a GPU server that would stretch
+every online token; on a busy CPU box a round trip waits for a core and costs a
+millisecond. `background=False` does the same work inline in `tick` (tests that want it
+step by step).
 
-Leases are renewed only while the engine loop keeps calling `sync`, so a wedged loop loses
-its shards even though the I/O thread is fine.
+The engine loop calls `tick()` after every step and every idle tick; leases are renewed
+only while it does, so a wedged loop loses its shards even though the I/O thread is fine.
 
 Redis failing (unreachable, READONLY after a failover, OOM, a script error) pauses the
 offline side and nothing else: the I/O thread never dies. It keeps the results it could not
@@ -21,10 +22,10 @@ its leases, then goes on. `paused` says why it waits; the engine loop never sees
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -34,13 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from harvest.protocol.engine_client import EngineClient
+from harvest.protocol.types import RequestOutput
 from harvest.queue.config import WorkerConfig
 from harvest.queue.pause import Pause, describe_error
 from harvest.queue.shard import Prepared, ShardRun
 from harvest.queue.store import JobStore
 
-if TYPE_CHECKING:
-    from harvest.engine import RequestOutput
+if TYPE_CHECKING:  # the engine pulls in torch: only run_local's caller has one
+    from harvest.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class QueueStats:
     """Where the time went: seconds in each kind of Redis call (I/O thread), the engine loop's
-    own queue work (`loop_s`: routing outputs in `sync`) and the engine steps."""
+    own queue work (`loop_s`: the shards' output sinks) and the engine steps (`run_local`)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
@@ -71,26 +74,23 @@ def make_worker_id() -> str:
 
 
 class OfflineWorker:
-    """Leases shards into `engine`, writes their results; see the module docstring."""
+    """Leases shards into the engine behind `client`, writes their results; see the module docstring."""
 
     def __init__(
         self,
         store: JobStore,
-        engine: Any,
+        client: EngineClient,
         config: WorkerConfig | None = None,
         worker_id: str = "",
         *,
         background: bool = True,
-        on_work: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
-        self.engine = engine
+        self.client = client
         self.config = config or WorkerConfig()
         self.worker_id = worker_id or make_worker_id()
-        self.on_work = on_work  # called after requests were added to the engine (wake an idle loop)
         self.leasing = True  # off: lease nothing new, finish what is held
-        seats = getattr(getattr(engine, "config", None), "scheduler", None)
-        self.max_inflight = self.config.max_inflight_requests or 2 * getattr(seats, "max_num_seqs", 64)
+        self.max_inflight = self.config.max_inflight_requests or 2 * client.limits.max_num_seqs
         self.shards: dict[str, ShardRun] = {}  # lease key "job/shard" -> run
         self.stats = QueueStats()
         self.queue_empty = False  # the last lease attempt found nothing
@@ -100,7 +100,7 @@ class OfflineWorker:
         self._last_renew = time.monotonic()
         self._last_progress = time.monotonic()
         self._last_flush = time.monotonic()
-        self._loop_seen = time.monotonic()  # the engine loop's last sync
+        self._loop_seen = time.monotonic()  # the engine loop's last tick
         self._pause: Pause | None = None  # set while Redis fails; only the I/O side touches it
         # lease key -> groups of a shard's prepared requests still to admit: the first group
         # is every request with no crash on record; each suspect (a request that was in a
@@ -120,9 +120,6 @@ class OfflineWorker:
     def inflight_requests(self) -> int:
         return sum(len(run.running) for run in self.shards.values())
 
-    def owns(self, request_id: str) -> bool:
-        return request_id.rsplit("/", 1)[0] in self.shards
-
     @property
     def paused(self) -> str | None:
         """Why offline work waits ("Redis unreachable since ...: cause"); None while it runs."""
@@ -140,24 +137,20 @@ class OfflineWorker:
 
     # ------------------------------------------------------------------ the engine loop's side
 
-    def sync(self, outputs: list[RequestOutput] = ()) -> None:
-        """Route one step's outputs to their shards (called on the engine loop after each step).
-        Never raises because of Redis: see `paused`."""
-        start = time.perf_counter()
+    def tick(self) -> None:
+        """The engine loop is alive (called on it after every step and idle tick): leases may
+        be renewed. Without the I/O thread, also this round's Redis work. Never raises
+        because of Redis: see `paused`."""
         self._loop_seen = time.monotonic()
-        finishing = False
-        finished = [out for out in outputs if out.finished]  # the only outputs a shard needs
-        if finished:
-            with self._lock:
-                for out in finished:
-                    run = self.shards.get(out.request_id.rsplit("/", 1)[0])
-                    if run is not None:
-                        run.on_output(out)
-                        finishing |= not run.running
-        self.stats.loop_s += time.perf_counter() - start
         if self._thread is None:
             self.io_round()
-        elif finishing:  # a shard's last result: write and ack it now, not at the next tick
+
+    def _on_output(self, run: ShardRun, out: RequestOutput) -> None:
+        """The sink of `run`'s requests, on the engine's thread."""
+        start = time.perf_counter()
+        finishing = run.on_output(out)
+        self.stats.loop_s += time.perf_counter() - start
+        if finishing and self._thread is not None:  # a shard's last result: write and ack it now
             self._wake.set()
 
     # ------------------------------------------------------------------ Redis (the I/O thread)
@@ -232,8 +225,8 @@ class OfflineWorker:
                 break
             for lease in leases:
                 self._shard_size = max(1, len(lease.requests))
-                run = ShardRun(lease, self.engine, self.worker_id)
-                prepared = run.prepare()  # tokenizing and checkpoint adoption: off the lock
+                run = ShardRun(lease, self.client, self.worker_id, self._lock)
+                prepared = run.prepare()  # tokenizing: off the lock
                 suspects = [[p] for p in prepared if lease.crashes.get(p[1].index)]
                 clean = [p for p in prepared if not lease.crashes.get(p[1].index)]
                 with self._lock:
@@ -245,10 +238,10 @@ class OfflineWorker:
         return leased
 
     def _admit_waiting(self) -> None:
-        """Record the next group of each shard as admitted (ADMIT), then hand it to the engine.
-        A group waits until the one before it has finished and its results are written (a
-        crash charges every admitted request without a stored result), and no request
-        reaches the engine before the record of it is in Redis."""
+        """Record the next group of each shard as admitted (ADMIT), then submit it to the
+        engine. A group waits until the one before it has finished and its results are
+        written (a crash charges every admitted request without a stored result), and no
+        request reaches the engine before the record of it is in Redis."""
         with self._lock:
             ready = [
                 (key, run, groups[0])
@@ -258,7 +251,7 @@ class OfflineWorker:
                 and not run.running
                 and not run.results
             ]
-        admitted, dropped = 0, []
+        dropped = []
         for key, run, group in ready:
             indices = [p[1].index for p in group]
             reply = self._timed("admit", lambda lease=run.lease, i=indices: self.store.admit(lease, i))
@@ -269,18 +262,16 @@ class OfflineWorker:
                     dropped.append(self._drop(run, reply))
                     continue
                 self._waiting[key].pop(0)
-                run.commit(group)
-                admitted += len(group)
+                run.expect(group)
+            run.start(group, functools.partial(self._on_output, run))
         self._release_closed(dropped)
-        if admitted and self.on_work is not None:
-            self.on_work()
 
     def flush(self, force: bool = False) -> None:
         """Write results/progress, ack finished shards, renew leases (all safe to retry)."""
         self._write(force)
         self._ack_done()
         now = time.monotonic()
-        # renewing proves the engine loop is alive: not while it has stopped calling sync
+        # renewing proves the engine loop is alive: not while it has stopped calling tick
         loop_alive = now - self._loop_seen < self.config.visibility_timeout_s / 2
         if loop_alive and now - self._last_renew >= self.config.renew_interval_s:
             self._renew()
@@ -414,36 +405,36 @@ class OfflineWorker:
 
 def run_local(
     store: JobStore,
-    engine: Any,
+    engine: Engine,
     config: WorkerConfig | None = None,
     *,
     stop: Callable[[], bool] | None = None,
     exit_when_idle: bool = False,
     worker_id: str = "",
-    worker: OfflineWorker | None = None,
+    on_start: Callable[[OfflineWorker], None] | None = None,
 ) -> OfflineWorker:
-    """Pull shards and run them until `stop()` (or, with `exit_when_idle`, an empty queue).
-    `worker`: one made by the caller (to watch it while it runs); else a new one."""
-    # the I/O thread's Python (JSON, tokenizing a shard) must not hold the GIL for the
-    # default 5 ms while the engine loop waits for it between kernels
-    sys.setswitchinterval(0.0005)
-    work = threading.Event()
-    if worker is None:
-        worker = OfflineWorker(store, engine, config, worker_id)
-    worker.on_work = work.set
+    """Run `engine` in an `EngineLoop` and pull shards into it until `stop()` (or, with
+    `exit_when_idle`, an empty queue); then give back what is unfinished. `on_start` gets
+    the worker once it runs (to watch it). Raises what killed the engine loop, if anything.
+    Host tuning (`DeviceProfile`) is the caller's: this runs in tests and benchmarks too."""
+    from harvest.serving.engine_loop import EngineLoop  # torch: only a worker pays for it
+
+    config = config or WorkerConfig()
+    poll_s = min(config.idle_poll_s, 0.05)
+    loop = EngineLoop(engine, idle_tick_s=poll_s, name=f"engine-{worker_id or 'local'}")
+    worker = OfflineWorker(store, loop, config, worker_id)
+    loop.on_step = lambda _outputs: worker.tick()
+    if on_start is not None:
+        on_start(worker)
     try:
-        while not (stop is not None and stop()):
-            outputs: list[RequestOutput] = []
-            if engine.has_unfinished():
-                start = time.perf_counter()
-                outputs = engine.step()
-                worker.stats.engine_s += time.perf_counter() - start
-            worker.sync(outputs)
-            if not engine.has_unfinished():
-                if exit_when_idle and worker.queue_empty and not worker.shards:
-                    break
-                work.wait(worker.config.idle_poll_s)  # until the I/O thread leases something
-                work.clear()
+        while not (stop is not None and stop()) and loop.running:  # `stop` is a predicate: polled
+            if exit_when_idle and worker.queue_empty and not worker.shards:
+                break
+            time.sleep(poll_s)
     finally:
+        loop.stop()  # no more outputs: what is written below is final
         worker.release_all()
+        worker.stats.engine_s = loop.step_s
+    if loop.error is not None:
+        raise loop.error
     return worker

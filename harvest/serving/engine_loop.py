@@ -1,10 +1,11 @@
-"""EngineLoop: one engine stepping on a background thread, with thread-safe and asyncio APIs.
+"""EngineLoop: one engine stepping on a background thread, behind the `EngineClient` protocol.
 
-The engine itself is single-threaded: only the loop thread calls `step()`. Requests go
-in through the engine's inbox (`add_request` / `abort` are thread-safe) and the loop
-routes each step's outputs to the request's sink: a plain callback (`submit`, for
-threads such as the offline worker) or an asyncio queue fed with `call_soon_threadsafe`
-(`generate`, for HTTP handlers and Ray async actors).
+The engine itself is single-threaded: only the loop thread calls `step()` or touches its
+state. Requests, resumes and aborts go in through the engine's inbox (thread-safe), other
+changes (the SLO targets) through the loop's own, applied between steps; the loop routes
+each step's outputs to the request's sink: a plain callback (`submit`, for threads such
+as the offline worker) or an asyncio queue fed with `call_soon_threadsafe` (`generate`,
+for HTTP handlers and Ray async actors).
 """
 
 from __future__ import annotations
@@ -14,26 +15,26 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from harvest.engine import Engine, RequestClass, RequestOutput, SamplingParams
+from transformers import PreTrainedTokenizerBase
+
+from harvest.engine import Engine, RequestClass, RequestOutput, RequestState, SamplingParams
+from harvest.engine.config import SLOConfig
+from harvest.protocol.engine_client import EngineLimits, EngineLoopError
+from harvest.protocol.engine_client import ErrorSink as ErrorCallback
+from harvest.protocol.engine_client import OutputSink as OutputCallback
 
 log = logging.getLogger(__name__)
 
-OutputCallback = Callable[[RequestOutput], None]
-ErrorCallback = Callable[[BaseException], None]
 StepHook = Callable[[list[RequestOutput]], None]
 
 
 def _ignore(_: RequestOutput) -> None:
     pass
-
-
-class EngineLoopError(RuntimeError):
-    """The loop cannot serve the request: it was stopped or its thread died."""
 
 
 @dataclass
@@ -44,13 +45,12 @@ class _Sink:
 
 
 class EngineLoop:
-    """Runs `engine.step()` continuously on a daemon thread started by the constructor.
+    """Runs `engine.step()` continuously on a daemon thread started by the constructor; an
+    `EngineClient` (harvest/protocol/engine_client.py).
 
     `on_step(outputs)` (optional) is called on the loop thread after every step with all of
-    that step's outputs, including those of requests added to the engine directly (the
-    offline queue worker's `sync`); with `idle_tick_s` it is also called with `[]` that
-    often while the engine is idle, so such a hook can go on polling for work. Whoever
-    adds requests to the engine directly must call `wake()` afterwards.
+    that step's outputs (step metrics; the offline worker's liveness tick); with
+    `idle_tick_s` it is also called with `[]` that often while the engine is idle.
 
     `offline_yield` paces offline work while online traffic flows: within
     `online_window_s` of the engine's last online work, each offline-only step is followed
@@ -72,6 +72,16 @@ class EngineLoop:
         if offline_yield < 0 or online_window_s < 0:
             raise ValueError("offline_yield and online_window_s must be >= 0")
         self.engine = engine
+        self.limits = EngineLimits(
+            max_model_len=engine.max_model_len,
+            capacity_tokens=engine.capacity_tokens,
+            max_num_seqs=engine.config.scheduler.max_num_seqs,
+            block_size=engine.block_manager.block_size,
+        )
+        self._tokenizer = engine.tokenizer
+        slo = engine.scheduler.config.slo
+        self._slo = (slo.ttft_s, slo.tpot_s)  # as applied by the loop thread
+        self._commands: deque[Callable[[], None]] = deque()  # run on the loop thread between steps
         self.on_step = on_step
         self.idle_tick_s = idle_tick_s
         self.offline_yield = offline_yield
@@ -84,6 +94,7 @@ class EngineLoop:
         self._error: BaseException | None = None
         self._finished: Counter[str] = Counter()  # finish reason -> requests the engine finished
         self._steps = 0
+        self.step_s = 0.0  # seconds inside engine.step()
         self._idle = False  # blocked on the wake event: a submission wakes it at once
         # last time the loop provably made progress: a completed step, or waking up idle
         self._progress_time = time.monotonic()
@@ -112,7 +123,58 @@ class EngineLoop:
         the loop is not running and `ValueError` for a request the engine refuses.
         """
         request_id = request_id or uuid.uuid4().hex
-        sink = _Sink(RequestClass(request_class), on_output or _ignore, on_error)
+        self._add(
+            request_id,
+            _Sink(RequestClass(request_class), on_output or _ignore, on_error),
+            lambda: self.engine.add_request(
+                prompt, params, request_id=request_id, request_class=request_class, stream_text=stream_text
+            ),
+        )
+        return request_id
+
+    def resume(
+        self,
+        state: RequestState,
+        on_output: OutputCallback | None = None,
+        *,
+        on_error: ErrorCallback | None = None,
+    ) -> str:
+        """Continue a request exported from an engine sharing this one's checkpoint store; as `submit`."""
+        sink = _Sink(RequestClass(state.request_class), on_output or _ignore, on_error)
+        self._add(state.request_id, sink, lambda: self.engine.resume(state))
+        return state.request_id
+
+    def resume_from_checkpoint(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        checkpoint: str,
+        on_output: OutputCallback | None = None,
+        *,
+        on_error: ErrorCallback | None = None,
+    ) -> str:
+        """Continue an offline request from the checkpoint an earlier attempt reported
+        (`RequestOutput.checkpoint`, "handle#tokens"). Adopting its blocks into this engine's
+        store runs on the calling thread: it may wait on the store, never on the loop."""
+        handle, _, tokens = checkpoint.rpartition("#")
+        blocks = self.engine.checkpoint_store.adopt(handle, request_id)
+        checkpointed = min(int(tokens), blocks * self.limits.block_size)
+        if checkpointed <= 0:  # the blocks are gone: compute from the tokens
+            offline = RequestClass.OFFLINE
+            return self.submit(token_ids, params, request_id, offline, on_output, on_error=on_error)
+        state = RequestState(
+            request_id=request_id,
+            token_ids=list(token_ids),
+            num_prompt_tokens=len(token_ids),
+            params=asdict(params),
+            request_class=RequestClass.OFFLINE.value,
+            arrival_time=time.monotonic(),
+            checkpointed_tokens=checkpointed,
+        )
+        return self.resume(state, on_output, on_error=on_error)
+
+    def _add(self, request_id: str, sink: _Sink, add: Callable[[], object]) -> None:
         with self._lock:
             if not self.running:
                 raise EngineLoopError(self._why_not_running())
@@ -121,14 +183,12 @@ class EngineLoop:
             # registered before the engine sees the request, so no output can miss its sink
             self._sinks[request_id] = sink
         try:
-            self.engine.add_request(prompt, params, request_id=request_id, request_class=request_class,
-                                    stream_text=stream_text)  # fmt: skip
+            add()  # the engine's inbox: thread-safe
         except BaseException:
             with self._lock:
                 self._sinks.pop(request_id, None)
             raise
         self._wake.set()
-        return request_id
 
     async def generate(
         self,
@@ -180,8 +240,30 @@ class EngineLoop:
                 # its consumer is gone, and with it maybe the event loop the callbacks target
                 sink.on_output, sink.on_error = _ignore, None
 
+    def set_slo(self, ttft_s: float, tpot_s: float) -> None:
+        """New latency targets for the scheduler, applied by the loop thread before its next
+        step (the scheduler reads them mid-step). Raises `ValueError` for invalid ones."""
+        SLOConfig(ttft_s=ttft_s, tpot_s=tpot_s)  # validate here, where the caller can hear it
+
+        def apply() -> None:
+            slo = self.engine.scheduler.config.slo
+            slo.ttft_s, slo.tpot_s = ttft_s, tpot_s
+            self._slo = (ttft_s, tpot_s)
+
+        self._commands.append(apply)
+        self._wake.set()
+
+    @property
+    def slo(self) -> tuple[float, float]:
+        """The (TTFT, TPOT) targets the scheduler plans with now."""
+        return self._slo
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
     def wake(self) -> None:
-        """Make an idle loop look at the engine again (after adding requests to it directly)."""
+        """Make an idle loop look at the engine again."""
         self._wake.set()
 
     # ------------------------------------------------------------------ the thread
@@ -190,6 +272,8 @@ class EngineLoop:
         try:
             while not self._stopping:
                 self._wake.clear()
+                while self._commands:
+                    self._commands.popleft()()
                 # a submission after this check has set the event, so wait() returns at once
                 if not self.engine.has_unfinished():
                     self._idle = True
@@ -201,6 +285,7 @@ class EngineLoop:
                     continue
                 started = time.monotonic()
                 outputs = self.engine.step()
+                self.step_s += time.monotonic() - started
                 self._steps += 1
                 self._route(outputs)
                 if self.on_step is not None:

@@ -56,12 +56,14 @@ def _worker(model: str, url: str, index: int, conn) -> None:
 
     from harvest.engine import Engine
     from harvest.queue import WorkerConfig, run_local
+    from harvest.serving.device_profile import DeviceProfile
 
     transformers.logging.set_verbosity_error()
     logging.disable(logging.WARNING)
     # the simulated device computes nothing worth a thread pool; idle pool threads still
     # cost CPU, and eight workers share two cores
     torch.set_num_threads(1)
+    DeviceProfile.for_device(PROFILE).apply()  # this process is the worker
     # offline only: no latency budget applies, so the start-up latency profile is skipped
     engine = Engine.from_pretrained(model, device=PROFILE, profile_latency=False)
     store = JobStore.from_url(url)

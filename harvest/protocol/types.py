@@ -1,0 +1,68 @@
+"""What the engine says about a request, in plain data below every layer.
+
+Request classes, finish reasons, step outputs and the exported state a request continues
+from on another engine. Torch-free, like `sampling_params.py`, so that the queue, the
+client and the HTTP layer read them without importing the engine; `harvest.engine`
+re-exports them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestClass(str, enum.Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos, stop token or stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"
+    ERROR = "error"  # the request's own step failed (see engine/fault.py); `RequestOutput.error` says how
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request, or (`finished`) the whole completion.
+
+    `token_ids` and `text` are cumulative; `new_token_ids` and `delta_text` are this step's
+    part. Mid-stream `text` is filled only for requests that stream text. `checkpoint`
+    (offline requests, mid-stream) says where the request's KV checkpoint lives and how many
+    leading tokens it holds, as the string another engine adopts ("handle#tokens").
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]
+    text: str = ""
+    delta_text: str = ""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_preemptions: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # why a request finished with `FinishReason.ERROR`
+    request_class: RequestClass = RequestClass.OFFLINE
+    checkpoint: str | None = None
+
+
+@dataclass
+class RequestState:
+    """Everything needed to continue a request on another engine: tokens so far, sampling
+    parameters and seed, and how many leading tokens the checkpoint store holds (the store
+    is keyed by `request_id`)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: dict[str, Any]
+    request_class: str
+    arrival_time: float
+    checkpointed_tokens: int = 0
+    num_preemptions: int = 0
+    seed: int | None = None  # a request without its own seed keeps the random one it drew
