@@ -30,12 +30,12 @@ from typing import Any
 import ray
 from ray import serve
 
-from controller.controller import CONTROLLER_NAME, NAMESPACE
 from harvest.api.app import build_app
 from harvest.api.backend import BackendUnavailable
 from harvest.api.local import LocalBackend
 from harvest.batch import BatchService
 from harvest.engine import Engine, RequestOutput, SamplingParams
+from harvest.names import CONTROLLER_NAME, NAMESPACE
 from harvest.queue.config import WorkerConfig
 from harvest.queue.store import JobStore
 from harvest.queue.worker import OfflineWorker

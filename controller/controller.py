@@ -21,7 +21,6 @@ import ray
 import redis
 
 from controller.config_store import ConfigStore, public_settings
-from harvest.names import CONTROLLER_NAME, NAMESPACE  # noqa: F401  (actors/gpu_worker.py imports them here)
 from harvest.queue.store import JobStore, connect
 from harvest.redact import redact_url
 
