@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from harvest.checkpoint.store import HostCheckpointStore
 from harvest.engine import SamplingParams
 from harvest.engine.block_manager import BlockManager
-from harvest.engine.checkpoint import HostCheckpointStore
 from harvest.engine.request import Request
 from tests.helpers import make_engine, make_prompts, run_checked
 
@@ -212,7 +212,7 @@ def test_checkpoint_restore_writes_only_past_a_cached_prefix(tiny_model):
     for _ in range(9):
         first.step()
     state = first.export(rid)
-    assert state.checkpointed_tokens == 32
+    assert state.checkpoint.tokens == 32
 
     second = make_engine(tiny_model, checkpoint_store=store)
     nid = second.add_request(neighbour, params, request_id="neighbour")

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.engine.sampling import SamplingParams, request_seed
 
 
@@ -18,6 +19,7 @@ class RequestClass(str, enum.Enum):
 
 class RequestStatus(str, enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # holds its blocks while a checkpoint is copied into them; not stepped
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -68,6 +70,9 @@ class Request:
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
+        # where this request resumes from: another engine's checkpoint until it is loaded, then
+        # this engine's (refreshed as blocks are saved); what progress records and exports carry
+        self.checkpoint: CheckpointHandle | None = None
 
     @property
     def order(self) -> tuple[float, int]:
@@ -110,7 +115,7 @@ class Request:
             params=asdict(self.params),
             request_class=self.request_class.value,
             arrival_time=self.arrival_time,
-            checkpointed_tokens=self.checkpointed_tokens,
+            checkpoint=self.checkpoint,
             num_preemptions=self.num_preemptions,
             seed=self.seed,
         )
@@ -121,7 +126,7 @@ class Request:
         req = cls(state.request_id, state.token_ids[: state.num_prompt_tokens], params, state.request_class,
                   state.arrival_time)  # fmt: skip
         req.token_ids = list(state.token_ids)
-        req.checkpointed_tokens = state.checkpointed_tokens
+        req.checkpoint = state.checkpoint
         req.num_preemptions = state.num_preemptions
         if state.seed is not None:
             req.seed = state.seed
@@ -154,13 +159,13 @@ class RequestOutput:
     num_preemptions: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why a request finished with `FinishReason.ERROR`
+    checkpoint: CheckpointHandle | None = None  # where an unfinished request can resume from
 
 
 @dataclass
 class RequestState:
     """Everything needed to continue a request on another engine: tokens so far, sampling
-    parameters and seed, and how many leading tokens the checkpoint store holds (the store
-    is keyed by `request_id`)."""
+    parameters and seed, and the KV checkpoint it can resume from."""
 
     request_id: str
     token_ids: list[int]
@@ -168,6 +173,6 @@ class RequestState:
     params: dict[str, Any]
     request_class: str
     arrival_time: float
-    checkpointed_tokens: int = 0
+    checkpoint: CheckpointHandle | None = None
     num_preemptions: int = 0
     seed: int | None = None  # a request without its own seed keeps the random one it drew

@@ -59,10 +59,9 @@ class ShardRun:
         return f"{self.lease.job_id}/{self.lease.shard}/{index}@{self.lease.token}"
 
     def prepare(self) -> list[Prepared]:
-        """Tokenize the pending requests and adopt their checkpoints (slow, touches no shared
-        state): what `commit` adds. Bad requests become error results at once: the same
-        model-dependent checks as the HTTP routes (`engine_inputs`), with the context the
-        engine can hold."""
+        """Tokenize the pending requests (slow, touches no shared state): what `commit` adds.
+        Bad requests become error results at once: the same model-dependent checks as the
+        HTTP routes (`engine_inputs`), with the context the engine can hold."""
         tok, prepared = self.engine.tokenizer, []
         max_model_len = min(self.engine.max_model_len, self.engine.capacity_tokens)
         for index in sorted(self.pending):
@@ -107,21 +106,15 @@ class ShardRun:
 
     def _checkpoint_state(self, rid: str, token_ids: list[int], params: SamplingParams,
                           progress: Progress) -> RequestState | None:  # fmt: skip
-        """The engine state that continues from the KV checkpoint an earlier attempt left, if
-        it is still there (its blocks are adopted into this engine's store)."""
-        store = getattr(self.engine, "checkpoint_store", None)
-        if not progress.checkpoint or store is None or not hasattr(self.engine, "resume"):
-            return None
-        handle, _, tokens = progress.checkpoint.rpartition("#")
-        blocks = store.adopt(handle, rid)
-        checkpointed = min(int(tokens), blocks * self.engine.block_manager.block_size)
-        if checkpointed <= 0:
+        """The engine state that continues from the KV checkpoint an earlier attempt left (the
+        engine adopts it off its step; one that is gone costs a recompute)."""
+        if progress.checkpoint is None or not hasattr(self.engine, "resume"):
             return None
         from harvest.engine.request import RequestState
 
         return RequestState(request_id=rid, token_ids=token_ids, num_prompt_tokens=len(token_ids),
                             params=asdict(params), request_class="offline", arrival_time=time.monotonic(),
-                            checkpointed_tokens=checkpointed)  # fmt: skip
+                            checkpoint=progress.checkpoint)  # fmt: skip
 
     def on_output(self, out: RequestOutput) -> None:
         """A finished request's last output becomes its result. Unfinished outputs need nothing
@@ -164,7 +157,6 @@ class ShardRun:
     def progress_updates(self) -> dict[int, Progress]:
         """Requests that generated tokens since the last call (their full progress so far)."""
         updates = {}
-        store = getattr(self.engine, "checkpoint_store", None)
         requests = getattr(self.engine, "requests", {})
         for rid, run in self.running.items():
             req = requests.get(rid)
@@ -172,10 +164,7 @@ class ShardRun:
                 continue
             ids = run.resumed + list(req.output_token_ids)
             if len(ids) > run.saved:
-                checkpoint = None
-                if store is not None and req.checkpointed_tokens:
-                    checkpoint = f"{store.handle(rid)}#{req.checkpointed_tokens}"
-                updates[run.index] = Progress(ids, checkpoint)
+                updates[run.index] = Progress(ids, req.checkpoint)
                 run.saved = len(ids)
         return updates
 
