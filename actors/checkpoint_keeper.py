@@ -160,8 +160,9 @@ class RayCheckpointStore(HostCheckpointStore):
     recompute. The store's `name` is its keeper's, so another worker can adopt its handles.
     """
 
-    def __init__(self, name: str, keeper: Any, ship_interval_s: float = 0.25,
-                 adopt_timeout_s: float = ADOPT_TIMEOUT_S) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, keeper: Any, ship_interval_s: float = 0.25, adopt_timeout_s: float = ADOPT_TIMEOUT_S
+    ) -> None:
         super().__init__()
         self.name = name
         self.keeper = keeper

@@ -87,7 +87,7 @@ class CheckpointLoader:
         load = Load(req, req.request_id, first_block, num_blocks, blocks, handle)
         if self.cuda:  # the blocks' previous holders are done with them once this fires
             load.ready = torch.cuda.Event()
-            load.ready.record()
+            load.ready.record(torch.cuda.current_stream(self.blocks_view.device))
         self._pending[load.key] = load
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="checkpoint-loader", daemon=True)
@@ -129,7 +129,7 @@ class CheckpointLoader:
         with self._copying:
             load.cancelled, load.drop = True, drop
         if load.event is not None:
-            torch.cuda.current_stream().wait_event(load.event)
+            torch.cuda.current_stream(self.blocks_view.device).wait_event(load.event)
 
     # ------------------------------------------------------------------ the loader thread
 

@@ -258,9 +258,13 @@ class Engine:
             req = load.request
             if req.status is not RequestStatus.LOADING:
                 continue
-            if load.loaded_blocks * bs < req.checkpointed_tokens:
-                log.info("checkpoint of %s brought %d of %d tokens: it recomputes the rest",
-                         req.request_id, load.loaded_blocks * bs, req.checkpointed_tokens)  # fmt: skip
+            if (loaded := load.loaded_blocks * bs) < req.checkpointed_tokens:
+                log.info(
+                    "checkpoint of %s: %d of %d tokens came back",
+                    req.request_id,
+                    loaded,
+                    req.checkpointed_tokens,
+                )
             req.checkpointed_tokens = min(req.checkpointed_tokens, load.stored * bs)
             req.num_computed_tokens = load.loaded_blocks * bs
             req.status = RequestStatus.RUNNING

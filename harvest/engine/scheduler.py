@@ -53,8 +53,13 @@ class Scheduler:
     """`cancel_load(req)` stops the checkpoint load of a LOADING request: when it returns, no
     copy into the request's blocks is under way or to come, so they may be freed."""
 
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, latency: LatencyModel,
-                 cancel_load: Callable[[Request], None] = _no_loads) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        latency: LatencyModel,
+        cancel_load: Callable[[Request], None] = _no_loads,
+    ) -> None:
         self.config = config
         self.blocks = blocks
         self.latency = latency
