@@ -168,6 +168,7 @@ def record_batches(engine) -> list[tuple]:
     schedule = engine.scheduler.schedule
 
     def recording():
+        engine.loader.settle()  # a load ends at the same step on every run
         batch = schedule()
         # (id, tokens this step, tokens it still had to compute) per row, and whether a
         # latency budget applied

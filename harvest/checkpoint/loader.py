@@ -70,6 +70,7 @@ class CheckpointLoader:
         self._pending: dict[str, Load] = {}  # by request id: submitted, not yet handed back (step thread)
         self._inbox: queue.SimpleQueue[Load] = queue.SimpleQueue()
         self._done: list[Load] = []  # finished by the thread, not yet polled
+        self._unfinished = 0  # submitted, not yet finished by the thread (under _cond)
         self._cond = threading.Condition()
         # held while a copy is written: a cancel that got it knows no copy is under way
         self._copying = threading.Lock()
@@ -89,6 +90,8 @@ class CheckpointLoader:
             load.ready = torch.cuda.Event()
             load.ready.record(torch.cuda.current_stream(self.blocks_view.device))
         self._pending[load.key] = load
+        with self._cond:
+            self._unfinished += 1
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="checkpoint-loader", daemon=True)
             self._thread.start()
@@ -117,6 +120,16 @@ class CheckpointLoader:
             if not self._done:
                 self._cond.wait(timeout_s)
 
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Block until the thread has finished every load submitted so far (and, on CUDA, their
+        copies are done): a test that needs the same steps on every run calls it before each."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._unfinished, timeout_s):
+                raise TimeoutError(f"checkpoint loads still running after {timeout_s} s")
+            events = [load.event for load in self._done if load.event is not None]
+        for event in events:
+            event.synchronize()
+
     def cancel(self, req: Request, drop: bool = False) -> None:
         """Stop `req`'s load; afterwards its blocks may be freed and handed to anyone.
 
@@ -139,6 +152,7 @@ class CheckpointLoader:
             self._load(load)
             with self._cond:
                 self._done.append(load)
+                self._unfinished -= 1
                 self._cond.notify_all()
 
     def _load(self, load: Load) -> None:
