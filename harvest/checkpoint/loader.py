@@ -14,6 +14,7 @@ fails) copies what there is: the request recomputes the rest, exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -149,7 +150,10 @@ class CheckpointLoader:
     def _run(self) -> None:
         while True:
             load = self._inbox.get()
-            self._load(load)
+            try:
+                self._load(load)
+            except Exception:  # the thread serves every later load: a bug here costs one recompute
+                log.exception("checkpoint load of %s failed: it recomputes", load.key)
             with self._cond:
                 self._done.append(load)
                 self._unfinished -= 1
@@ -167,7 +171,8 @@ class CheckpointLoader:
         with self._copying:
             if load.cancelled:
                 if load.drop:  # an adoption that landed after the request ended
-                    self.store.drop(load.key)
+                    with contextlib.suppress(Exception):
+                        self.store.drop(load.key)
                 return
             load.stored = 0 if data is None else data.shape[2]
             first, end = load.first_block, min(load.num_blocks, load.stored)
