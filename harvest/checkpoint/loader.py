@@ -120,6 +120,9 @@ class CheckpointLoader:
         with self._cond:
             if not self._done:
                 self._cond.wait(timeout_s)
+            events = [load.event for load in self._done if load.event is not None]
+        for event in events:  # CUDA: a copy still on the side stream is what there is to wait for
+            event.synchronize()
 
     def settle(self, timeout_s: float = 60.0) -> None:
         """Block until the thread has finished every load submitted so far (and, on CUDA, their
