@@ -20,7 +20,8 @@ import numpy as np
 import ray
 import torch
 
-from harvest.engine.checkpoint import HostCheckpointStore
+from harvest.checkpoint.handle import CheckpointHandle
+from harvest.checkpoint.store import HostCheckpointStore
 from harvest.names import NAMESPACE
 
 # a closed key is remembered this long: past it no put for it can still be in flight (a
@@ -29,6 +30,8 @@ from harvest.names import NAMESPACE
 # timeout and an outage grace before that). Remembered forever, the set only grew: at 100
 # offline requests/s (the soak benchmark's tiny jobs) 5 minutes of keys are about 6 MB.
 CLOSED_TTL_S = 300.0
+# how long an adoption waits for a keeper: past it the checkpoint counts as gone (a recompute)
+ADOPT_TIMEOUT_S = 10.0
 
 
 class CheckpointKeeper:
@@ -89,9 +92,12 @@ class CheckpointKeeper:
         return block
 
     def move(self, source: str, dest: str) -> int:
-        """Hand `source`'s chunks to `dest` (refs only, no data copied); returns its blocks."""
-        self.refs[dest] = self.refs.pop(source, {})
-        self._close(source)
+        """Hand `source`'s chunks to `dest` (refs only, no data copied); returns its blocks.
+        A source already moved (a second adoption of one handle) leaves `dest` as it is."""
+        if source in self.refs:
+            self.refs[dest] = self.refs.pop(source)
+        if source != dest:
+            self._close(source)
         self.closed.pop(dest, None)
         return self.num_blocks(dest)
 
@@ -151,14 +157,17 @@ class RayCheckpointStore(HostCheckpointStore):
     what queued up in one call every `ship_interval_s`, one request's consecutive chunks
     joined (a call per chunk had the keeper and the raylet use a quarter of a core here
     next to a backlog). A worker killed mid-interval loses that interval's blocks: a short
-    recompute. Handles name the keeper so another worker can adopt them.
+    recompute. The store's `name` is its keeper's, so another worker can adopt its handles.
     """
 
-    def __init__(self, name: str, keeper: Any, ship_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, name: str, keeper: Any, ship_interval_s: float = 0.25, adopt_timeout_s: float = ADOPT_TIMEOUT_S
+    ) -> None:
         super().__init__()
         self.name = name
         self.keeper = keeper
         self.ship_interval_s = ship_interval_s
+        self.adopt_timeout_s = adopt_timeout_s
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._ship, name="checkpoint-shipper", daemon=True).start()
 
@@ -184,30 +193,37 @@ class RayCheckpointStore(HostCheckpointStore):
         super().drop(key)
         self._outbox.put((key, None, None))  # one call per interval for every request that ended
 
-    def handle(self, key: str) -> str:
-        return f"{self.name}|{key}"
-
-    def adopt(self, handle: str, key: str) -> int:
+    def adopt(self, handle: CheckpointHandle, key: str) -> int:
         """Take over a checkpoint (possibly another worker's, on any node) under `key`: its
-        blocks come into the host copy here, and into this node's keeper."""
-        name, source = handle.split("|", 1)
-        if name == self.name:
-            ray.get(self.keeper.move.remote(source, key))
-            if self.num_blocks(source):  # our own: the host copy has it, maybe ahead of the keeper
-                super().adopt(source, key)
-            elif (data := ray.get(self.keeper.get.remote(key))) is not None:
-                super().put(key, 0, data)
-        else:
-            try:
-                other = ray.get_actor(name, namespace=NAMESPACE)
-                data = ray.get(other.get.remote(source))
-                other.drop.remote(source)
-            except (ValueError, ray.exceptions.RayError):
-                data = None  # that node is gone: recompute
-            if data is not None:
-                ray.get(self.keeper.put.remote(key, 0, data))
-                super().put(key, 0, data)
+        blocks come into the host copy here, and into this node's keeper. Runs on the
+        engine's loader thread; a keeper that is gone or slower than `adopt_timeout_s`
+        counts as a lost checkpoint (the request recomputes), never a hang."""
+        try:
+            if handle.store == self.name:
+                self._adopt_own(handle.key, key)
+            else:
+                self._adopt_other(handle, key)
+        except (ValueError, ray.exceptions.RayError):  # GetTimeoutError is a RayError
+            pass  # what did not arrive is recomputed
         return self.num_blocks(key)
+
+    def _adopt_own(self, source: str, key: str) -> None:
+        ray.get(self.keeper.move.remote(source, key), timeout=self.adopt_timeout_s)
+        if self.num_blocks(source):  # our own: the host copy has it, maybe ahead of the keeper
+            self._chunks[key] = self._chunks.pop(source)
+        elif not self.num_blocks(key):
+            data = ray.get(self.keeper.get.remote(key), timeout=self.adopt_timeout_s)
+            if data is not None:
+                super().put(key, 0, data)
+
+    def _adopt_other(self, handle: CheckpointHandle, key: str) -> None:
+        other = ray.get_actor(handle.store, namespace=NAMESPACE)  # ValueError: that node is gone
+        data = ray.get(other.get.remote(handle.key), timeout=self.adopt_timeout_s)
+        if data is None or self.num_blocks(key):  # gone, or adopted already
+            return
+        other.drop.remote(handle.key)
+        super().put(key, 0, data)
+        self.keeper.put.remote(key, 0, data)  # for whoever resumes it after this worker dies
 
 
 def _join_runs(items: list[tuple[str, int, torch.Tensor]]) -> list[tuple[str, int, torch.Tensor]]:

@@ -11,7 +11,14 @@ import pytest
 import ray
 import torch
 
-from actors.checkpoint_keeper import CheckpointKeeper, RayCheckpointStore, _join_runs, keeper_for_this_node
+from actors.checkpoint_keeper import (
+    NAMESPACE,
+    CheckpointKeeper,
+    RayCheckpointStore,
+    _join_runs,
+    keeper_for_this_node,
+)
+from harvest.checkpoint import CheckpointHandle
 
 
 @ray.remote(num_cpus=0)
@@ -21,14 +28,14 @@ class Producer:
     def __init__(self) -> None:
         self.store = RayCheckpointStore(*keeper_for_this_node())
 
-    def checkpoint(self, key: str, chunks: list[torch.Tensor]) -> str:
+    def checkpoint(self, key: str, chunks: list[torch.Tensor]) -> CheckpointHandle:
         first = 0
         for chunk in chunks:
             self.store.put(key, first, chunk)
             first += chunk.shape[2]
         while ray.get(self.store.keeper.num_blocks.remote(key)) < first:  # puts are fire and forget
             time.sleep(0.01)
-        return self.store.handle(key)
+        return CheckpointHandle(self.store.name, key, first * 16)
 
     def pid(self) -> int:
         return os.getpid()
@@ -66,6 +73,7 @@ def test_checkpoint_survives_the_death_of_its_producer(ray_cluster, how):
     adopter = RayCheckpointStore(*keeper_for_this_node())
     assert adopter.adopt(handle, f"new-{how}") == 5
     assert torch.equal(adopter.get(f"new-{how}"), torch.cat(data, dim=2))
+    assert adopter.adopt(handle, f"new-{how}") == 5  # adopted twice (a load retried): still there
     assert ray.get(adopter.keeper.get.remote(f"req-{how}")) is None  # moved, not copied: one owner
     ray.get(adopter.keeper.put.remote(f"req-{how}", 0, data[0]))  # a put still in flight from the dead
     assert ray.get(adopter.keeper.get.remote(f"req-{how}")) is None  # ... does not bring the moved key back
@@ -132,3 +140,23 @@ def test_keeper_forgets_closed_requests_once_no_put_can_be_in_flight():
     now[0] = 1000.0
     keeper.drop("later")
     assert list(keeper.closed) == ["later"]  # bounded by what closed within the TTL
+
+
+@ray.remote(num_cpus=0)
+class SlowKeeper:
+    """A keeper on a node that stopped answering in time."""
+
+    def get(self, key: str) -> None:
+        time.sleep(30)
+
+
+def test_a_gone_or_slow_keeper_costs_a_recompute_not_a_hang(ray_cluster):
+    store = RayCheckpointStore(*keeper_for_this_node(), adopt_timeout_s=0.5)
+    gone = CheckpointHandle("harvest-ckpt-no-such-node", "req-1", 32)
+    assert store.adopt(gone, "mine-1") == 0 and store.get("mine-1") is None
+    slow = SlowKeeper.options(name="harvest-ckpt-slow", namespace=NAMESPACE).remote()
+    ray.get(slow.__ray_ready__.remote())
+    start = time.monotonic()
+    assert store.adopt(CheckpointHandle("harvest-ckpt-slow", "req-2", 32), "mine-2") == 0
+    assert time.monotonic() - start < 10  # the timeout, not the keeper's 30 s
+    ray.kill(slow)

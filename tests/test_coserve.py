@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from harvest.checkpoint.store import HostCheckpointStore
 from harvest.engine import FinishReason, SamplingParams
-from harvest.engine.checkpoint import HostCheckpointStore
 from tests.helpers import make_engine, make_prompts, run_checked
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -159,36 +159,14 @@ def test_export_resume_across_engines_is_identical(tiny_model):
     states = [first.export(i) for i in ids]
     assert first.block_manager.num_free_blocks == first.block_manager.num_blocks
     assert not first.has_unfinished()
-    assert all(s.checkpointed_tokens > 0 for s in states)
+    assert all(s.checkpoint.tokens > 0 for s in states)
     for s in states:
         second.resume(s)
     done = run_checked(second)
     assert [done[i].token_ids for i in ids] == expected
-    assert second.stats.restored_tokens == sum(s.checkpointed_tokens for s in states)
+    assert second.stats.restored_tokens == sum(s.checkpoint.tokens for s in states)
     assert second.stats.recomputed_tokens == 0
     assert len(store) == 0  # finished requests drop their checkpoints
-
-
-def test_checkpoint_restores_wait_until_no_online_request_runs(tiny_model):
-    prompts = make_prompts(make_engine(tiny_model), [13, 26])
-    expected = reference(tiny_model, prompts)
-    store = HostCheckpointStore()
-    first = make_engine(tiny_model, checkpoint_store=store)
-    second = make_engine(tiny_model, checkpoint_store=store)  # room for everything
-    ids = [first.add_request(p, GREEDY) for p in prompts]
-    for _ in range(9):
-        step_checked(first)
-    online = second.add_request([5, 6, 7], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
-                                request_class="online", request_id="online")  # fmt: skip
-    for i in ids:
-        second.resume(first.export(i))
-    outs = step_checked(second)
-    while not any(o.request_id == online and o.finished for o in outs):
-        assert second.last_step.restored_tokens == 0 and second.last_step.offline_tokens == 0
-        outs = step_checked(second)
-    done = run_checked(second)
-    assert second.stats.restored_tokens > 0 and second.stats.recomputed_tokens == 0
-    assert [done[i].token_ids for i in ids] == expected
 
 
 def test_seeded_sampling_survives_export_resume(tiny_model):

@@ -12,8 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from harvest.checkpoint.handle import CheckpointHandle
+from harvest.checkpoint.store import HostCheckpointStore
 from harvest.engine import RequestClass, RequestOutput, SamplingParams
-from harvest.engine.checkpoint import HostCheckpointStore
 from harvest.protocol.engine_client import EngineClient, EngineLimits
 from harvest.serving import EngineLoop
 from harvest.serving.device_profile import DeviceProfile
@@ -106,8 +107,8 @@ def test_resume_from_a_reported_checkpoint_continues_exactly(tiny_model, loops):
     first_loop.submit(prompt, params, "r@1", RequestClass.OFFLINE, until_checkpointed)
     first_loop._thread.join(30)
     last = seen[-1]
-    assert not last.finished and last.checkpoint.startswith("r@1#")
-    assert 0 < int(last.checkpoint.rpartition("#")[2]) <= len(prompt) + len(last.token_ids)
+    assert not last.finished and last.checkpoint.key == "r@1"
+    assert 0 < last.checkpoint.tokens <= len(prompt) + len(last.token_ids)
 
     loop = EngineLoop(second)
     loops.append(loop)
@@ -129,7 +130,7 @@ def test_a_lost_checkpoint_starts_over_from_the_tokens(tiny_model, loops):
     loop = EngineLoop(engine)
     loops.append(loop)
     sink = Sink()
-    loop.resume_from_checkpoint("gone@2", prompt, params, "gone@1#8", sink)
+    loop.resume_from_checkpoint("gone@2", prompt, params, CheckpointHandle("host", "gone@1", 8), sink)
     assert sink.finished.wait(60)
     assert sink.outputs[-1].token_ids == expected and engine.stats.restored_tokens == 0
 

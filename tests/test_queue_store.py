@@ -7,8 +7,12 @@ import time
 
 import pytest
 
+from harvest.checkpoint import CheckpointHandle
 from harvest.queue import JobNotFoundError, JobStatus, Progress, Result, ShardState
 from harvest.queue.outputs import iter_results
+
+# a checkpoint in a node keeper, as a worker reports it: it goes through Redis as a dict
+HANDLE = CheckpointHandle("harvest-ckpt-node0", "job/0/0@1", 32)
 
 
 def fake_results(lease, indices=None) -> dict[int, Result]:
@@ -98,13 +102,13 @@ def test_renew_keeps_lease_alive(queue_store, make_job):
 def test_progress_round_trip_and_cleared_by_result(queue_store, make_job):
     job_id = make_job(2, shard_size=2)
     (lease,) = queue_store.lease("w", visibility_s=0.2)
-    assert queue_store.save_progress(lease, {0: Progress([5, 6, 7], "ckpt-1"), 1: Progress([9])}) == "ok"
-    assert queue_store.get_progress(job_id, 0) == {0: Progress([5, 6, 7], "ckpt-1"), 1: Progress([9])}
+    assert queue_store.save_progress(lease, {0: Progress([5, 6, 7], HANDLE), 1: Progress([9])}) == "ok"
+    assert queue_store.get_progress(job_id, 0) == {0: Progress([5, 6, 7], HANDLE), 1: Progress([9])}
     queue_store.write_results(lease, fake_results(lease, [1]))
     assert set(queue_store.get_progress(job_id, 0)) == {0}
     # a worker that takes over gets the progress with its lease
     again = wait_for(lambda: queue_store.lease("w2", visibility_s=5))[0]
-    assert again.progress == {0: Progress([5, 6, 7], "ckpt-1")} and again.done == {1}
+    assert again.progress == {0: Progress([5, 6, 7], HANDLE)} and again.done == {1}
 
 
 def test_dead_letter_after_max_attempts(queue_store, make_job):

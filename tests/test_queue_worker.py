@@ -130,6 +130,37 @@ def test_resumed_request_continues_where_it_stopped(queue_store, queue_engine, m
     assert results[0].text == queue_engine.tokenizer.decode(full[0], skip_special_tokens=True)
 
 
+def test_resumed_request_adopts_the_checkpoint_its_progress_names(queue_store, tiny_model, make_job):
+    """An earlier attempt left a KV checkpoint and recorded its handle with its progress; the
+    next attempt (a new request id, another engine sharing the store) adopts it and computes
+    only what the checkpoint does not hold."""
+    from harvest.checkpoint.store import HostCheckpointStore
+
+    store = HostCheckpointStore()
+    earlier = Engine.from_pretrained(
+        str(tiny_model), block_size=4, profile_latency=False, checkpoint_store=store
+    )
+    job_id = make_job(1, shard_size=1, max_tokens=24)
+    (full,) = reference(earlier, ["prompt number 0"], 24)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    earlier.add_request("prompt number 0", params, request_id="earlier")
+    for _ in range(10):
+        earlier.step()
+    state = earlier.export("earlier")
+    done = state.token_ids[state.num_prompt_tokens :]
+    assert state.checkpoint.key == "earlier" and state.checkpoint.tokens >= 8 and len(done) == 10
+    (lease,) = queue_store.lease("crashed", visibility_s=0.05)
+    assert queue_store.save_progress(lease, {0: Progress(done, state.checkpoint)}) == "ok"
+    engine = Engine.from_pretrained(
+        str(tiny_model), block_size=4, profile_latency=False, checkpoint_store=store
+    )
+    run_local(queue_store, engine, WorkerConfig(idle_poll_s=0.02), stop=lambda: terminal(queue_store, job_id))
+    (result,) = [r.result for r in iter_results(queue_store, job_id)]
+    assert result.token_ids == full and result.resumed_tokens == 10
+    assert engine.stats.restored_tokens == state.checkpoint.tokens and engine.stats.recomputed_tokens == 0
+    assert len(store) == 0  # adopted under the new id, dropped when it finished
+
+
 def test_seeded_sampled_request_resumes_as_if_uninterrupted(queue_store, queue_engine, make_job):
     sampling = {"temperature": 1.0, "top_p": 0.9, "seed": 11, "ignore_eos": True}
     job_id = make_job(2, shard_size=2, max_tokens=24, sampling=sampling)

@@ -61,8 +61,12 @@ def make_requests(n: int, prompt_len: int, **kwargs) -> list[Request]:
 
 
 def step(sched: Scheduler) -> ScheduledBatch:
-    """One step: schedule, then what the engine's update would do; integrity checked."""
+    """One step: schedule, then what the engine's update would do (a load completes at once:
+    its request joins the next step's batch); integrity checked."""
     batch = sched.schedule()
+    for req, _ in batch.loads:
+        req.num_computed_tokens = req.checkpointed_tokens
+        req.status = RequestStatus.RUNNING
     for req, n in zip(batch.requests, batch.num_new_tokens):
         assert n > 0 and req.num_computed_tokens + n <= req.num_tokens
         req.num_computed_tokens += n
@@ -193,7 +197,7 @@ def test_online_requests_claim_seats_from_offline():
     assert online in batch.requests and ids(batch.preempted) == ids(offline[1:])
 
 
-def test_harvest_resumes_a_preempted_offline_request_from_its_checkpoint_once_online_is_gone():
+def test_harvest_resumes_a_preempted_offline_request_from_its_checkpoint():
     sched = make_scheduler("harvest", num_blocks=4, ms_per_token=None)
     offline = make_request(8, max_tokens=4)
     sched.add(offline)
@@ -203,32 +207,32 @@ def test_harvest_resumes_a_preempted_offline_request_from_its_checkpoint_once_on
     sched.add(online)
     batch = step(sched)
     assert ids(batch.preempted) == ids([offline]) and batch.recomputed_tokens == 0
-    while not online.is_finished:
-        assert offline not in step(sched).requests  # no restore while online work runs
+    while not online.is_finished:  # the pool is full of online blocks: no room to load into
+        assert not step(sched).loads
     uncheckpointed = offline.num_tokens - 8
     batch = step(sched)
-    assert [(r.request_id, first) for r, first in batch.restored] == [(offline.request_id, 0)]
-    assert batch.num_new_tokens == [uncheckpointed]  # only what the checkpoint lacks
+    assert [(r.request_id, first) for r, first in batch.loads] == [(offline.request_id, 0)]
+    assert offline not in batch.requests  # loading: no tokens until its blocks are in
+    batch = step(sched)
+    assert batch.requests == [offline] and batch.num_new_tokens == [uncheckpointed]  # only what it lacks
     run(sched)
     assert offline.is_finished
 
 
-def test_a_checkpoint_restore_waits_while_online_work_runs():
-    """Restoring copies blocks outside the latency model: not in a step with online work."""
+def test_a_checkpoint_loads_beside_online_work_and_joins_the_next_batch():
+    """Loading copies blocks off the step, so it need not wait for online work to end."""
     sched = make_scheduler("harvest", num_blocks=64)
     resumed = make_request(12, max_tokens=4)
     resumed.checkpointed_tokens = 8  # as a shard resumed from the queue brings it
-    fresh = make_request(12, max_tokens=4)
-    online = make_request(4, max_tokens=2, online=True)
-    for r in [online, resumed, fresh]:
+    online = make_request(4, max_tokens=4, online=True)
+    for r in [online, resumed]:
         sched.add(r)
     batch = step(sched)
-    assert online in batch.requests and resumed not in batch.requests and not batch.restored
-    assert fresh not in batch.requests  # the queue is ordered: fresh waits behind resumed
-    while not online.is_finished:
-        step(sched)
+    assert online in batch.requests and resumed not in batch.requests
+    assert batch.loads == [(resumed, 0)]
     batch = step(sched)
-    assert batch.restored == [(resumed, 0)] and batch.num_new_tokens[0] == 4
+    assert resumed in batch.requests
+    assert batch.num_new_tokens[batch.requests.index(resumed)] == 4  # 12 - the 8 it loaded
 
 
 def test_priority_recompute_recomputes_a_preempted_offline_request():

@@ -12,9 +12,12 @@ from collections.abc import Sequence
 
 from transformers import AutoTokenizer
 
+from harvest.checkpoint.checkpointer import Checkpointer
+from harvest.checkpoint.handle import CheckpointHandle
+from harvest.checkpoint.loader import CheckpointLoader
+from harvest.checkpoint.store import CheckpointStore, HostCheckpointStore
 from harvest.engine.attention import LayerAbort
 from harvest.engine.block_manager import BlockManager
-from harvest.engine.checkpoint import Checkpointer, CheckpointStore, HostCheckpointStore
 from harvest.engine.config import CacheConfig, EngineConfig, Policy, SchedulerConfig, SLOConfig
 from harvest.engine.detokenizer import Detokenizer, decode_output
 from harvest.engine.fault import describe, is_engine_fault, isolate_forward, sample_rows
@@ -67,10 +70,12 @@ class Engine:
         salt = f"{model_path}|{config.dtype}"
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching, salt)
         self.latency = LatencyModel()
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency)
         self.policy = config.scheduler.policy
         self.checkpoint_store = HostCheckpointStore() if checkpoint_store is None else checkpoint_store
         self.checkpointer = Checkpointer(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
+        self.loader = CheckpointLoader(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency, self.loader.cancel)
+        self._restored = 0  # tokens loaded since the last recorded step
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._inbox: deque[tuple[str, object]] = deque()
@@ -140,12 +145,16 @@ class Engine:
         return request_id
 
     def resume(self, state: RequestState, stream_text: bool = False) -> str:
-        """Continue a request exported by `export` (from this engine or another sharing the store)."""
+        """Continue a request exported by `export` or recorded by the queue, from its
+        `checkpoint` when it has one (this engine's store adopts it, off the step: see
+        harvest/checkpoint/loader.py; one that is gone costs a recompute)."""
         req = Request.from_state(state)
-        # trust only what the store holds, and always leave at least one token to compute
-        stored = self.checkpoint_store.num_blocks(req.request_id) * self.block_manager.block_size
-        last_full = (req.num_tokens - 1) // self.block_manager.block_size * self.block_manager.block_size
-        req.checkpointed_tokens = min(req.checkpointed_tokens, stored, last_full)
+        if req.checkpoint is not None and self.scheduler.config.checkpoints:
+            # the handle's count is a promise the load checks; leave at least one token to compute
+            bs = self.block_manager.block_size
+            req.checkpointed_tokens = min(req.checkpoint.tokens, (req.num_tokens - 1) // bs * bs)
+        else:
+            req.checkpoint = None
         self._enqueue(req, stream_text)
         return req.request_id
 
@@ -175,7 +184,9 @@ class Engine:
             self.checkpointer.save(req)
             self.checkpointer.poll(wait=True)
         if not self.scheduler.config.checkpoints:
-            req.checkpointed_tokens = 0
+            req.checkpointed_tokens, req.checkpoint = 0, None
+        elif req.status is RequestStatus.RUNNING:  # a waiting or loading one's handle is as it was
+            self._refresh_handle(req)
         self.scheduler.finish(req)
         self.requests.pop(request_id)
         self._detokenizers.pop(request_id, None)
@@ -201,10 +212,13 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()  # the latency model learns whole steps, scheduling included
         outputs = self._drain_inbox()
+        self._finish_loads()
         batch = self.scheduler.schedule()
+        self._start_loads(batch)
         if not batch:
+            if self.loader.pending:  # nothing to run until a load is in: wait for one, not spin
+                self.loader.wait(0.005)
             return outputs
-        restored = self._restore(batch)
         abort = None
         if self.policy is Policy.HARVEST and batch.offline_only:
             abort = self._online_arrived.is_set
@@ -213,7 +227,7 @@ class Engine:
         except LayerAbort:
             # nothing was committed: progress counters advance only in _update, and the
             # keys/values written so far sit in slots past num_computed_tokens
-            self._record(batch, start, restored, aborted=True)
+            self._record(batch, start, aborted=True)
             return outputs
         except Exception as exc:
             if is_engine_fault(exc):
@@ -221,29 +235,60 @@ class Engine:
             # as after a layer abort nothing was committed: the requests that made the forward
             # fail end with an error, everybody else runs this step again next time
             outputs += self._isolate(batch, exc)
-            self._record(batch, start, restored, aborted=True)
+            self._record(batch, start, aborted=True)
             return outputs
         outputs += self._update(batch, logits)
         checkpointed = self._checkpoint()
-        self._record(batch, start, restored, checkpointed=checkpointed)
+        self._record(batch, start, checkpointed=checkpointed)
         return outputs
 
-    def _restore(self, batch: ScheduledBatch) -> int:
-        restored = 0
-        for req, first_block in batch.restored:
-            if self.checkpointer.restore(req, first_block):
-                restored += req.checkpointed_tokens - first_block * self.block_manager.block_size
-            else:  # the checkpoint is gone (node loss): recompute after the cached prefix, still correct
-                req.checkpointed_tokens = 0
-                req.num_computed_tokens = first_block * self.block_manager.block_size
-        return restored
+    def _start_loads(self, batch: ScheduledBatch) -> None:
+        bs, ours = self.block_manager.block_size, self.checkpoint_store.name
+        for req, first_block in batch.loads:
+            handle = req.checkpoint
+            if handle is not None and (handle.store, handle.key) == (ours, req.request_id):
+                handle = None  # in this engine's store already: nothing to adopt
+            self.loader.submit(req, first_block, req.checkpointed_tokens // bs, handle)
+
+    def _finish_loads(self) -> None:
+        """Requests whose checkpoint is in their blocks join the running ones. One that found
+        less than it was promised (a store or node gone) recomputes the rest, still exact."""
+        bs = self.block_manager.block_size
+        for load in self.loader.poll():
+            req = load.request
+            if req.status is not RequestStatus.LOADING:
+                continue
+            if (loaded := load.loaded_blocks * bs) < req.checkpointed_tokens:
+                log.info(
+                    "checkpoint of %s: %d of %d tokens came back",
+                    req.request_id,
+                    loaded,
+                    req.checkpointed_tokens,
+                )
+            req.checkpointed_tokens = min(req.checkpointed_tokens, load.stored * bs)
+            req.num_computed_tokens = load.loaded_blocks * bs
+            req.status = RequestStatus.RUNNING
+            self._refresh_handle(req)
+            self._restored += (load.loaded_blocks - load.first_block) * bs
 
     def _checkpoint(self) -> int:
         if not self.scheduler.config.checkpoints:
             return 0
-        saved = sum(self.checkpointer.save(r) for r in self.scheduler.running if not r.is_online)
+        offline = [r for r in self.scheduler.running if not r.is_online and r.status is RequestStatus.RUNNING]
+        saved = sum(self.checkpointer.save(r) for r in offline)
         self.checkpointer.poll()
+        for req in offline:
+            self._refresh_handle(req)
         return saved
+
+    def _refresh_handle(self, req: Request) -> None:
+        """Point the request's handle at what this engine's store holds for it."""
+        tokens, handle = req.checkpointed_tokens, req.checkpoint
+        if handle is None and not tokens:
+            return
+        current = CheckpointHandle(self.checkpoint_store.name, req.request_id, tokens) if tokens else None
+        if handle != current:
+            req.checkpoint = current
 
     def _isolate(self, batch: ScheduledBatch, error: Exception) -> list[RequestOutput]:
         """Finish the requests whose forward fails alone with an error (see fault.py)."""
@@ -281,7 +326,6 @@ class Engine:
                 outputs.append(self._final_output(req, [token], delta))
             else:
                 text = detok.text[: detok.emitted] if detok is not None else ""
-                checkpoint = self._checkpoint_ref(req)
                 outputs.append(
                     RequestOutput(
                         req.request_id,
@@ -290,7 +334,7 @@ class Engine:
                         text,
                         delta,
                         request_class=req.request_class,
-                        checkpoint=checkpoint,
+                        checkpoint=req.checkpoint,
                     )
                 )
         sampled = [r for r in sampling if r.finish_reason is not FinishReason.ERROR]
@@ -300,8 +344,10 @@ class Engine:
             self.stats.generated_offline += req_count - online
         return outputs
 
-    def _record(self, batch: ScheduledBatch, start: float, restored: int, aborted: bool = False,
-                checkpointed: int = 0) -> None:  # fmt: skip
+    def _record(
+        self, batch: ScheduledBatch, start: float, aborted: bool = False, checkpointed: int = 0
+    ) -> None:
+        restored, self._restored = self._restored, 0
         elapsed = time.perf_counter() - start
         if not aborted and batch.shape.seqs:
             self.latency.observe(batch.shape, elapsed)
@@ -335,6 +381,7 @@ class Engine:
         return None
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        self.loader.cancel(req, drop=True)
         self.scheduler.finish(req)
         self.checkpointer.drop(req)
         req.status = RequestStatus.FINISHED
@@ -383,12 +430,6 @@ class Engine:
         )
         self.stats.observe_finished(req.request_class.value, output)
         return output
-
-    def _checkpoint_ref(self, req: Request) -> str | None:
-        """Where an offline request's KV checkpoint lives, as the string another engine adopts."""
-        if req.is_online or not req.checkpointed_tokens:
-            return None
-        return f"{self.checkpoint_store.handle(req.request_id)}#{req.checkpointed_tokens}"
 
     # ------------------------------------------------------------------ convenience
 

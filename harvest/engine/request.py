@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import asdict
 
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.engine.sampling import SamplingParams, request_seed
 from harvest.protocol.types import FinishReason, RequestClass, RequestOutput, RequestState
 
@@ -15,6 +16,7 @@ __all__ = ["FinishReason", "Request", "RequestClass", "RequestOutput", "RequestS
 
 class RequestStatus(str, enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # holds its blocks while a checkpoint is copied into them; not stepped
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -59,6 +61,9 @@ class Request:
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
+        # where this request resumes from: another engine's checkpoint until it is loaded, then
+        # this engine's (refreshed as blocks are saved); what progress records and exports carry
+        self.checkpoint: CheckpointHandle | None = None
 
     @property
     def order(self) -> tuple[float, int]:
@@ -101,7 +106,7 @@ class Request:
             params=asdict(self.params),
             request_class=self.request_class.value,
             arrival_time=self.arrival_time,
-            checkpointed_tokens=self.checkpointed_tokens,
+            checkpoint=self.checkpoint,
             num_preemptions=self.num_preemptions,
             seed=self.seed,
         )
@@ -112,7 +117,7 @@ class Request:
         req = cls(state.request_id, state.token_ids[: state.num_prompt_tokens], params, state.request_class,
                   state.arrival_time)  # fmt: skip
         req.token_ids = list(state.token_ids)
-        req.checkpointed_tokens = state.checkpointed_tokens
+        req.checkpoint = state.checkpoint
         req.num_preemptions = state.num_preemptions
         if state.seed is not None:
             req.seed = state.seed

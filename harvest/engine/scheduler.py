@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from harvest.engine.block_manager import BlockManager
@@ -18,8 +18,9 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # resume from a checkpoint this step, from the first block after its cached prefix
-    restored: list[tuple[Request, int]] = field(default_factory=list)
+    # admitted to load a checkpoint into their blocks from the first one after their cached
+    # prefix (the engine starts the loads; they join a batch once their blocks are in)
+    loads: list[tuple[Request, int]] = field(default_factory=list)
     shape: BatchShape = field(default_factory=BatchShape)
     latency_budget_s: float | None = None
     offline_token_budget: int = 0
@@ -44,14 +45,28 @@ class ScheduledBatch:
         return bool(self.requests)
 
 
+def _no_loads(req: Request) -> None:
+    pass
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, latency: LatencyModel) -> None:
+    """`cancel_load(req)` stops the checkpoint load of a LOADING request: when it returns, no
+    copy into the request's blocks is under way or to come, so they may be freed."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        latency: LatencyModel,
+        cancel_load: Callable[[Request], None] = _no_loads,
+    ) -> None:
         self.config = config
         self.blocks = blocks
         self.latency = latency
+        self.cancel_load = cancel_load
         self.online_waiting: deque[Request] = deque()
         self.waiting: deque[Request] = deque()  # offline, or everything under fcfs
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # everything holding blocks: RUNNING, or LOADING a checkpoint
 
     def add(self, request: Request) -> None:
         queue = self.online_waiting if request.is_online and self.config.has_classes else self.waiting
@@ -74,7 +89,8 @@ class Scheduler:
            SLOs while online requests are present (`_latency_budget`; none present: the
            best batch).
            An offline sequence that does not fit is paused (keeps its blocks); a waiting
-           one that held a checkpoint resumes from it.
+           one that holds a checkpoint gets its blocks and LOADS it, off the step, and
+           runs in a later step once it is in.
         `fcfs` has no classes: everything is the offline path without a latency budget.
         """
         batch = ScheduledBatch()
@@ -84,9 +100,9 @@ class Scheduler:
             for req in [r for r in by_arrival if r.is_online]:
                 budget -= self._schedule_running(req, budget, batch, online=True)
             while self.online_waiting and budget:
-                if not self._admit(self.online_waiting, budget, batch, online=True):
+                if (n := self._admit(self.online_waiting, budget, batch, online=True)) is None:
                     break
-                budget -= batch.num_new_tokens[-1]
+                budget -= n
         if self.config.policy is Policy.ONLINE_ONLY:
             return batch
         if self.config.policy is Policy.HARVEST:
@@ -95,9 +111,9 @@ class Scheduler:
         for req in [r for r in by_arrival if not (r.is_online and self.config.has_classes)]:
             budget -= self._schedule_running(req, budget, batch, online=False)
         while self.waiting and budget:
-            if not self._admit(self.waiting, budget, batch, online=False):
+            if (n := self._admit(self.waiting, budget, batch, online=False)) is None:
                 break
-            budget -= batch.num_new_tokens[-1]
+            budget -= n
         return batch
 
     def _latency_budget(self) -> float | None:
@@ -133,41 +149,45 @@ class Scheduler:
         batch.add(req, n)
         return n
 
-    def _admit(self, queue: deque[Request], budget: int, batch: ScheduledBatch, online: bool) -> bool:
+    def _admit(self, queue: deque[Request], budget: int, batch: ScheduledBatch, online: bool) -> int | None:
         """Start (or restart) the request at the head of `queue`: its longest cached prefix
-        is taken as computed; a checkpoint that reaches further is restored after it."""
+        is taken as computed. One whose checkpoint reaches further gets the blocks for it and
+        waits in LOADING (no tokens this step). Returns the tokens scheduled, None if it
+        could not start."""
         req = queue[0]
         if len(self.running) >= self.config.max_num_seqs and not (online and self._evict(batch, req)):
-            return False
+            return None
         hit = self.blocks.cached_prefix(req)
         cached = len(hit) * self.blocks.block_size
-        restore = req.checkpointed_tokens > cached and req.num_computed_tokens == 0
-        if restore and batch.latency_budget_s is not None:
-            # copying a checkpoint back happens inside the step and outside the latency
-            # model (a host-to-pool copy; once from the Ray object store after a worker
-            # died): resume once online work is gone
-            return False
+        load = req.checkpointed_tokens > cached and req.num_computed_tokens == 0
         before = req.num_computed_tokens
-        computed = req.checkpointed_tokens if restore else max(cached, before)
-        n = min(req.num_tokens - computed, budget)
-        if not online:
-            n = self._fit(n, computed, batch)
-        req.num_computed_tokens = computed
-        if n == 0 or not self._allocate(req, n, batch, online, hit):
-            req.num_computed_tokens = before
-            return False
+        if load:
+            n, computed = 0, 0  # the blocks its checkpoint fills; computed once they are in
+            if not self._allocate(req, req.checkpointed_tokens, batch, online, hit):
+                return None
+        else:
+            computed = max(cached, before)
+            n = min(req.num_tokens - computed, budget)
+            if not online:
+                n = self._fit(n, computed, batch)
+            req.num_computed_tokens = computed
+            if n == 0 or not self._allocate(req, n, batch, online, hit):
+                req.num_computed_tokens = before
+                return None
         queue.popleft()
-        req.status = RequestStatus.RUNNING
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
         self.running.append(req)
-        if restore:
-            batch.restored.append((req, len(hit)))
         if self.blocks.enable_prefix_caching:
             batch.prefix_queried_tokens += req.num_tokens
             batch.prefix_hit_tokens += cached
-        batch.add(req, n)
-        return True
+        if load:
+            req.status = RequestStatus.LOADING
+            batch.loads.append((req, len(hit)))
+        else:
+            req.status = RequestStatus.RUNNING
+            batch.add(req, n)
+        return n
 
     def _allocate(self, req: Request, n: int, batch: ScheduledBatch, online: bool,
                   cached: Sequence[int] = ()) -> bool:  # fmt: skip
@@ -201,9 +221,11 @@ class Scheduler:
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         self.running.remove(req)
+        if req.status is RequestStatus.LOADING:
+            self.cancel_load(req)  # before its blocks can go to anyone else
         self.blocks.free(req)
         kept = req.checkpointed_tokens if self.config.checkpoints else 0
-        batch.recomputed_tokens += req.num_computed_tokens - kept
+        batch.recomputed_tokens += max(0, req.num_computed_tokens - kept)
         req.num_computed_tokens = 0
         req.checkpointed_tokens = kept
         req.num_preemptions += 1
@@ -232,4 +254,6 @@ class Scheduler:
         for queue in (self.running, self.online_waiting, self.waiting):
             if req in queue:
                 queue.remove(req)
+        if req.status is RequestStatus.LOADING:
+            self.cancel_load(req)
         self.blocks.free(req)

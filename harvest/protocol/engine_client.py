@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.protocol.sampling_params import SamplingParams
 from harvest.protocol.types import RequestClass, RequestOutput, RequestState
 
@@ -91,7 +92,7 @@ class EngineClient(Protocol):
         request_id: str,
         token_ids: list[int],
         params: SamplingParams,
-        checkpoint: str,
+        checkpoint: CheckpointHandle,
         on_output: OutputSink | None = None,
         *,
         on_error: ErrorSink | None = None,

@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from harvest.checkpoint.handle import CheckpointHandle
+
 
 class RequestClass(str, enum.Enum):
     ONLINE = "online"
@@ -30,9 +32,7 @@ class RequestOutput:
     """What one step produced for one request, or (`finished`) the whole completion.
 
     `token_ids` and `text` are cumulative; `new_token_ids` and `delta_text` are this step's
-    part. Mid-stream `text` is filled only for requests that stream text. `checkpoint`
-    (offline requests, mid-stream) says where the request's KV checkpoint lives and how many
-    leading tokens it holds, as the string another engine adopts ("handle#tokens").
+    part. Mid-stream `text` is filled only for requests that stream text.
     """
 
     request_id: str
@@ -48,14 +48,13 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why a request finished with `FinishReason.ERROR`
     request_class: RequestClass = RequestClass.OFFLINE
-    checkpoint: str | None = None
+    checkpoint: CheckpointHandle | None = None  # where an unfinished request can resume from
 
 
 @dataclass
 class RequestState:
     """Everything needed to continue a request on another engine: tokens so far, sampling
-    parameters and seed, and how many leading tokens the checkpoint store holds (the store
-    is keyed by `request_id`)."""
+    parameters and seed, and the KV checkpoint it can resume from."""
 
     request_id: str
     token_ids: list[int]
@@ -63,6 +62,6 @@ class RequestState:
     params: dict[str, Any]
     request_class: str
     arrival_time: float
-    checkpointed_tokens: int = 0
+    checkpoint: CheckpointHandle | None = None
     num_preemptions: int = 0
     seed: int | None = None  # a request without its own seed keeps the random one it drew

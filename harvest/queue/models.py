@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from harvest.checkpoint.handle import CheckpointHandle
+
 
 class JobStatus(str, enum.Enum):
     """The OpenAI Batch API life cycle."""
@@ -129,22 +131,32 @@ _TIMES = (
 
 @dataclass
 class Progress:
-    """How far one request got: generated ids so far and, later, a KV checkpoint handle.
+    """How far one request got: generated ids so far and the KV checkpoint of their context.
 
     A resumed request feeds prompt + `token_ids` back as its prompt, so with greedy
-    sampling its output is identical to an uninterrupted run.
+    sampling its output is identical to an uninterrupted run; the checkpoint only saves
+    recomputing that context.
     """
 
     token_ids: list[int] = field(default_factory=list)
-    checkpoint: str | None = None  # opaque handle (e.g. a Ray object ref's id) set by co-serving
+    checkpoint: CheckpointHandle | None = None
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"token_ids": self.token_ids, "checkpoint": self.checkpoint})
+        checkpoint = self.checkpoint.to_dict() if self.checkpoint is not None else None
+        return orjson.dumps({"token_ids": self.token_ids, "checkpoint": checkpoint})
 
     @classmethod
     def from_json(cls, s: str | bytes) -> Progress:
         d = orjson.loads(s)
-        return cls(d.get("token_ids", []), d.get("checkpoint"))
+        return cls(d.get("token_ids", []), _handle(d.get("checkpoint")))
+
+
+def _handle(d: Any) -> CheckpointHandle | None:
+    """A stored handle; anything else (a record from before handles were typed) resumes without one."""
+    try:
+        return CheckpointHandle.from_dict(d) if isinstance(d, dict) else None
+    except ValueError:
+        return None
 
 
 @dataclass

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.protocol.engine_client import EngineClient, EngineLoopError, OutputSink
 from harvest.protocol.prepare import engine_inputs
 from harvest.protocol.sampling_params import SamplingParams
@@ -33,9 +34,9 @@ class _Running:
     resumed: list[int]  # output ids carried over from an earlier attempt
     started_at: float
     start_mono: float
-    resume_from: str = ""  # the KV checkpoint an earlier attempt left ("handle#tokens"), if any
+    resume_from: CheckpointHandle | None = None  # the KV checkpoint an earlier attempt left, if any
     output_ids: list[int] = field(default_factory=list)  # generated in this attempt, as last reported
-    checkpoint: str | None = None  # this attempt's KV checkpoint, as last reported
+    checkpoint: CheckpointHandle | None = None  # this attempt's KV checkpoint, as last reported
     saved: int = 0  # len(resumed + output_ids) at the last progress save
     ttft_s: float | None = None
 
@@ -82,7 +83,7 @@ class ShardRun:
                 progress = self.lease.progress.get(index, Progress())
                 run = _Running(index, spec, params, prompt_ids, list(progress.token_ids), now, mono)
                 run.saved = len(run.resumed)
-                run.resume_from = progress.checkpoint or ""
+                run.resume_from = progress.checkpoint
                 left = params.max_tokens - len(run.resumed)
                 if left <= 0:  # finished before the crash, result not yet written
                     self.results[index] = self._result(run, "length", mono)
@@ -107,7 +108,7 @@ class ShardRun:
         for rid, run, params in prepared:
             ids = run.prompt_ids + run.resumed
             try:
-                if run.resume_from:
+                if run.resume_from is not None:
                     self.client.resume_from_checkpoint(rid, ids, params, run.resume_from, sink)
                 else:
                     self.client.submit(ids, params, rid, RequestClass.OFFLINE, sink)

@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.engine import Engine, RequestClass, RequestOutput, RequestState, SamplingParams
 from harvest.engine.config import SLOConfig
 from harvest.protocol.engine_client import EngineLimits, EngineLoopError
@@ -149,20 +150,14 @@ class EngineLoop:
         request_id: str,
         token_ids: list[int],
         params: SamplingParams,
-        checkpoint: str,
+        checkpoint: CheckpointHandle,
         on_output: OutputCallback | None = None,
         *,
         on_error: ErrorCallback | None = None,
     ) -> str:
         """Continue an offline request from the checkpoint an earlier attempt reported
-        (`RequestOutput.checkpoint`, "handle#tokens"). Adopting its blocks into this engine's
-        store runs on the calling thread: it may wait on the store, never on the loop."""
-        handle, _, tokens = checkpoint.rpartition("#")
-        blocks = self.engine.checkpoint_store.adopt(handle, request_id)
-        checkpointed = min(int(tokens), blocks * self.limits.block_size)
-        if checkpointed <= 0:  # the blocks are gone: compute from the tokens
-            offline = RequestClass.OFFLINE
-            return self.submit(token_ids, params, request_id, offline, on_output, on_error=on_error)
+        (`RequestOutput.checkpoint`). The engine adopts and loads its blocks off the step (a
+        LOADING request); a checkpoint that is gone costs a recompute, never a wait here."""
         state = RequestState(
             request_id=request_id,
             token_ids=list(token_ids),
@@ -170,7 +165,7 @@ class EngineLoop:
             params=asdict(params),
             request_class=RequestClass.OFFLINE.value,
             arrival_time=time.monotonic(),
-            checkpointed_tokens=checkpointed,
+            checkpoint=checkpoint,
         )
         return self.resume(state, on_output, on_error=on_error)
 

@@ -1,74 +1,24 @@
 """Incremental KV checkpointing: full blocks of offline sequences are copied aside as they fill.
 
 When an offline sequence is evicted, only the tokens after its last checkpointed block
-are lost; on resume (here or on another engine sharing the store) the checkpointed
-blocks are copied back into fresh blocks and only that short tail is recomputed.
+are lost; on resume (here or on another engine sharing the store) the loader copies the
+checkpointed blocks back into fresh blocks and only that short tail is recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
-from harvest.engine.request import Request
+from harvest.checkpoint.store import CheckpointStore
+
+if TYPE_CHECKING:  # the engine imports this package, not the reverse
+    from harvest.engine.request import Request
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointStore(Protocol):
-    """Where checkpointed KV blocks live. Chunks arrive in block order, per request.
-
-    A chunk is a tensor [layers, 2, n_blocks, block_size, kv_heads, head_dim] holding the
-    request's blocks `first_block .. first_block + n_blocks - 1`.
-    """
-
-    def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None: ...
-
-    def get(self, key: str) -> torch.Tensor | None: ...  # all blocks from 0, concatenated
-
-    def num_blocks(self, key: str) -> int: ...
-
-    def drop(self, key: str) -> None: ...
-
-    def handle(self, key: str) -> str: ...  # a string another engine can `adopt`
-
-    def adopt(self, handle: str, key: str) -> int: ...  # move a checkpoint under `key`; its blocks
-
-
-class HostCheckpointStore:
-    """An in-memory host store: the engine's own, and the one engine tests share."""
-
-    def __init__(self) -> None:
-        self._chunks: dict[str, list[torch.Tensor]] = {}
-
-    def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
-        chunks = self._chunks.setdefault(key, [])
-        if first_block != sum(c.shape[2] for c in chunks):
-            raise ValueError(f"checkpoint {key!r}: chunk at block {first_block} is out of order")
-        chunks.append(chunk)
-
-    def get(self, key: str) -> torch.Tensor | None:
-        chunks = self._chunks.get(key)
-        return torch.cat(chunks, dim=2) if chunks else None
-
-    def num_blocks(self, key: str) -> int:
-        return sum(c.shape[2] for c in self._chunks.get(key, []))
-
-    def drop(self, key: str) -> None:
-        self._chunks.pop(key, None)
-
-    def handle(self, key: str) -> str:
-        return key
-
-    def adopt(self, handle: str, key: str) -> int:
-        self._chunks[key] = self._chunks.pop(handle, [])
-        return self.num_blocks(key)
-
-    def __len__(self) -> int:
-        return len(self._chunks)
 
 
 class Checkpointer:
@@ -138,25 +88,6 @@ class Checkpointer:
         with contextlib.suppress(Exception):
             self.store.drop(req.request_id)
         return False
-
-    def restore(self, req: Request, first_block: int = 0) -> bool:
-        """Copy the checkpoint back into the request's (new) blocks from `first_block` on.
-
-        The blocks before it came from the prefix cache: they hold the same KV and may be
-        shared with other requests, so they are never written."""
-        n = req.checkpointed_tokens // self.block_size
-        try:
-            data = self.store.get(req.request_id)
-        except Exception:
-            log.exception("checkpoint of %s could not be read: it recomputes", req.request_id)
-            return False
-        if data is None or data.shape[2] < n or len(req.block_table) < n:
-            return False
-        if first_block >= n:
-            return True
-        index = torch.tensor(req.block_table[first_block:n], device=self.blocks_view.device)
-        self.blocks_view.index_copy_(2, index, data[:, :, first_block:n].to(self.blocks_view.device))
-        return True
 
     def drop(self, req: Request) -> None:
         self._pending = [p for p in self._pending if p[0] is not req]
