@@ -10,10 +10,10 @@ import torch
 
 from harvest.engine.fault import sample_rows
 from harvest.engine.request import Request
-from harvest.engine.sampling import SamplingParams, row_key, sample, uniform_noise
+from harvest.engine.sampling import SamplingParams, row_keys, sample, uniform_noise
 
 LOGITS = [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]
-U64 = (1 << 64) - 1
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 
 
 def splitmix64(z: int) -> int:
@@ -21,6 +21,20 @@ def splitmix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & U64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & U64
     return z ^ (z >> 31)
+
+
+def lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & U32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & U32
+    return x ^ (x >> 16)
+
+
+def reference_uniform(seed: int, position: int, token: int) -> float:
+    key = splitmix64((seed + (position + 1) * 0x9E3779B97F4A7C15) & U64)
+    bits = lowbias32(((token * 0x9E3779B9 + key) & U32) ^ (key >> 32)) >> 9
+    return (bits + 0.5) / 2**23
 
 
 def expected_probs(logits: list[float], p: SamplingParams) -> list[float]:
@@ -55,15 +69,12 @@ def chi_square_bound(df: int) -> float:
     return df + 6 * math.sqrt(2 * df)
 
 
-def test_noise_is_splitmix64_of_seed_position_and_token():
+def test_noise_is_the_hash_of_seed_position_and_token():
     cases = [(0, 0), (5, 3), (-7, 1000), (2**63 - 1, 123456), (-(2**63), 2**31)]
-    keys = torch.tensor([row_key(seed, position) for seed, position in cases])
-    u = uniform_noise(keys, 1000)
+    u = uniform_noise(torch.tensor([row_keys(seed, position) for seed, position in cases]), 1000)
     for row, (seed, position) in enumerate(cases):
-        key = splitmix64((seed + (position + 1) * 0x9E3779B97F4A7C15) & U64)
         for token in (0, 1, 500, 999):
-            bits = splitmix64((key + (token + 1) * 0x9E3779B97F4A7C15) & U64) >> 41
-            assert u[row, token].item() == (bits + 0.5) / 2**23, (seed, position, token)
+            assert u[row, token].item() == reference_uniform(seed, position, token), (seed, position, token)
     assert u.min().item() > 0 and u.max().item() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
 
@@ -92,6 +103,20 @@ def test_draws_follow_the_filtered_distribution(params):
         assert chi_square(counts, plain) > chi_square_bound(len(LOGITS) - 1) or any(
             c == 0 for c, q in zip(counts, plain) if q > 0.01
         )
+
+
+@pytest.mark.parametrize("step", [(0, 1), (1, 0)], ids=["next_position", "next_seed"])
+def test_neighbouring_draws_are_independent(step):
+    """Pairs of draws one position (or one seed) apart fill a 4 x 4 table uniformly."""
+    n, vocab = 4096, 4
+    seeds, positions = [i // 64 for i in range(n)], [i % 64 * 2 for i in range(n)]
+    logits, params = torch.zeros(n, vocab), [SamplingParams()] * n
+    first = sample(logits, params, seeds, positions)
+    second = sample(logits, params, [s + step[0] for s in seeds], [p + step[1] for p in positions])
+    counts = [0] * vocab**2
+    for a, b in zip(first, second):
+        counts[a * vocab + b] += 1
+    assert chi_square(counts, [1 / vocab**2] * vocab**2) < chi_square_bound(vocab**2 - 1), counts
 
 
 def test_greedy_rows_take_the_argmax():
@@ -175,6 +200,6 @@ def test_a_non_finite_sampled_row_raises_and_only_its_request_fails():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_draws_the_same_tokens_as_the_cpu():
     logits, params, seeds, positions = mixed_batch(32000, rows=64)
-    keys = torch.tensor([row_key(s or 0, p) for s, p in zip(seeds, positions)])
+    keys = torch.tensor([row_keys(s or 0, p) for s, p in zip(seeds, positions)])
     assert torch.equal(uniform_noise(keys.cuda(), 32000).cpu(), uniform_noise(keys, 32000))
     assert sample(logits.cuda(), params, seeds, positions) == sample(logits, params, seeds, positions)

@@ -6,11 +6,11 @@ value per row (tokens below it are masked), and the draw is Gumbel-max,
 argmax(logits / T + g), which picks token i with probability softmax(logits / T)_i.
 
 The Gumbel noise g of a row is a pure function of (request seed, position, token id): a
-splitmix64 counter hash computed with int64 tensor ops. A row's token therefore depends
+counter-based integer hash computed with int32 tensor ops (`uniform_noise`). A row's token therefore depends
 only on its own logits, parameters, seed and position, never on the batch around it or on
 the path the request took: a request resumed anywhere (from a KV checkpoint, or re-queued
 with its output so far as part of its prompt) samples what an uninterrupted run would.
-Greedy rows take the argmax. The host sees one transfer per step: the chosen token ids.
+Greedy rows take the argmax. The only copy back to the host is the chosen token ids.
 """
 
 from __future__ import annotations
@@ -33,53 +33,62 @@ def request_seed(params: SamplingParams) -> int | None:
     return params.seed if params.seed is not None else secrets.randbits(63)
 
 
-_U64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's stream increment
-_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
+_GOLDEN64, _GOLDEN32 = 0x9E3779B97F4A7C15, 0x9E3779B9  # Weyl sequence increments
 _NOISE_BITS = 23  # (k + 0.5) / 2**23 is exact in float32: u is never 0 or 1
 
 
-def _int64(value: int) -> int:
-    """An unsigned 64-bit value as the int64 with the same bits."""
-    value &= _U64
-    return value - (1 << 64) if value >> 63 else value
+def _int32(value: int) -> int:
+    """An unsigned 32-bit value as the int32 with the same bits."""
+    value &= _U32
+    return value - (1 << 32) if value >> 31 else value
 
 
-def _splitmix64(z: int) -> int:
-    z = ((z ^ (z >> 30)) * _MIX1) & _U64
-    z = ((z ^ (z >> 27)) * _MIX2) & _U64
-    return z ^ (z >> 31)
-
-
-def row_key(seed: int, position: int) -> int:
-    """The noise stream of the token at `position` of a sequence drawn with `seed`."""
-    return _int64(_splitmix64((seed + (position + 1) * _GOLDEN) & _U64))
-
-
-def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 bits: torch shifts arithmetically, so the copied sign
-    bits are masked off."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
+def row_keys(seed: int, position: int) -> tuple[int, int]:
+    """The two int32 keys of the noise of the token at `position` of a sequence drawn with
+    `seed`: splitmix64 of (seed, position), cut in halves."""
+    z = (seed + (position + 1) * _GOLDEN64) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    z ^= z >> 31
+    return _int32(z), _int32(z >> 32)
 
 
 @cache
 def _counters(vocab: int, device: torch.device) -> torch.Tensor:
-    """(token id + 1) * golden, wrapped to int64: the splitmix64 counter of each token."""
-    ids = torch.arange(1, vocab + 1, dtype=torch.int64, device=device)
-    return ids * _int64(_GOLDEN)  # int64 multiplication wraps around, as uint64 would
+    """token id * golden, wrapped to int32: a Weyl sequence over the vocabulary."""
+    return torch.arange(vocab, dtype=torch.int32, device=device) * _int32(_GOLDEN32)
+
+
+def _xorshift_(z: torch.Tensor, bits: int, scratch: torch.Tensor) -> None:
+    """z ^= z >>> bits, in place. torch shifts arithmetically: the copied sign bits are
+    masked off to make the shift logical."""
+    torch.bitwise_right_shift(z, bits, out=scratch)
+    scratch &= (1 << (32 - bits)) - 1
+    z ^= scratch
 
 
 def uniform_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """u in (0, 1), float32 [rows, vocab]: splitmix64 output number `token id + 1` of the
-    stream `keys[row]` (int64 [rows]). Exact integer arithmetic, so any device agrees."""
-    z = keys[:, None] + _counters(vocab, keys.device)
-    z ^= _shift_right(z, 30)
-    z *= _int64(_MIX1)
-    z ^= _shift_right(z, 27)
-    z *= _int64(_MIX2)
-    z ^= _shift_right(z, 31)
-    top = _shift_right(z, 64 - _NOISE_BITS).float()
-    return (top + 0.5) * (1.0 / (1 << _NOISE_BITS))
+    """u in (0, 1), float32 [rows, vocab], from int32 keys [rows, 2] (see `row_keys`).
+
+    Token t of a row hashes (t * golden + key0) ^ key1 with lowbias32 (C. Wellons' 32-bit
+    integer hash), a bijection of t for each row. int32 rather
+    than int64 because CPUs have no vector 64-bit multiply, and GPUs no native one. Exact
+    integer arithmetic (multiplication wraps around), so every device draws the same."""
+    z = keys[:, :1] + _counters(vocab, keys.device)
+    z ^= keys[:, 1:]
+    scratch = torch.empty_like(z)
+    _xorshift_(z, 16, scratch)
+    z *= _int32(0x7FEB352D)
+    _xorshift_(z, 15, scratch)
+    z *= _int32(0x846CA68B)
+    _xorshift_(z, 16, scratch)
+    torch.bitwise_right_shift(z, 32 - _NOISE_BITS, out=scratch)
+    scratch &= (1 << _NOISE_BITS) - 1
+    u = scratch.float()
+    u += 0.5
+    u *= 1.0 / (1 << _NOISE_BITS)
+    return u
 
 
 def _cutoffs(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -126,7 +135,7 @@ def sample(
     drawn = _draw(
         logits if every_row else logits[index],
         [params[i] for i in rows],
-        [row_key(seeds[i], positions[i]) for i in rows],
+        [row_keys(seeds[i], positions[i]) for i in rows],
     )
     if every_row:
         tokens = drawn
@@ -139,23 +148,29 @@ def sample(
     return out
 
 
-def _draw(logits: torch.Tensor, params: list[SamplingParams], keys: list[int]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int]]) -> torch.Tensor:
     """Gumbel-max over the rows of `logits` (all sampled): the token ids, -1 where a row's
     logits are not finite."""
-    device = logits.device
+    device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     scaled = logits.float() / temperature[:, None]
-    filtered = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
-    if filtered:
-        top_k, top_p = [params[j].top_k for j in filtered], [params[j].top_p for j in filtered]
-        if len(filtered) == len(params):
-            cutoff = _cutoffs(scaled, top_k, top_p)
-        else:
-            at = torch.tensor(filtered, device=device)
-            cutoff = torch.full((len(params),), float("-inf"), device=device)
-            cutoff[at] = _cutoffs(scaled[at], top_k, top_p)
+    # rows with a top-k need only their k largest values (a partial sort); top-p alone needs
+    # the whole row sorted. Which group a row is in depends on its own parameters only.
+    top_k_rows = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
+    top_p_rows = [j for j, p in enumerate(params) if not 0 < p.top_k < vocab and p.top_p < 1]
+    if top_k_rows or top_p_rows:
+        cutoff = torch.full((len(params),), float("-inf"), device=device)
+        for group in (top_k_rows, top_p_rows):
+            if not group:
+                continue
+            top_k, top_p = [params[j].top_k for j in group], [params[j].top_p for j in group]
+            if len(group) == len(params):
+                cutoff = _cutoffs(scaled, top_k, top_p)
+            else:
+                at = torch.tensor(group, device=device)
+                cutoff[at] = _cutoffs(scaled[at], top_k, top_p)
         scaled.masked_fill_(scaled < cutoff[:, None], float("-inf"))
-    noise = uniform_noise(torch.tensor(keys, dtype=torch.int64, device=device), scaled.shape[-1])
-    gumbel = noise.log_().neg_().log_().neg_()  # -log(-log u)
-    best, drawn = (scaled + gumbel).max(dim=-1)
+    noise = uniform_noise(torch.tensor(keys, dtype=torch.int32, device=device), vocab)
+    scaled -= noise.log_().neg_().log_()  # + Gumbel noise, -log(-log u)
+    best, drawn = scaled.max(dim=-1)
     return drawn.masked_fill(~torch.isfinite(best), -1)
