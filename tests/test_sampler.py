@@ -14,6 +14,7 @@ from harvest.engine.sampling import SamplingParams, row_keys, sample, uniform_no
 
 LOGITS = [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
+Batch = tuple[torch.Tensor, list[SamplingParams], list[int | None], list[int]]  # sample()'s arguments
 
 
 def splitmix64(z: int) -> int:
@@ -128,9 +129,6 @@ def test_greedy_rows_take_the_argmax():
     assert 0 <= tokens[3] < 50
 
 
-Batch = tuple[torch.Tensor, list[SamplingParams], list[int | None], list[int]]
-
-
 def mixed_batch(vocab: int, rows: int = 24) -> Batch:
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(rows, vocab, generator=gen) * 3
@@ -149,23 +147,28 @@ def mixed_batch(vocab: int, rows: int = 24) -> Batch:
     return logits, params, seeds, [3 * i for i in range(rows)]
 
 
+def pick(batch: Batch, rows: list[int]) -> Batch:
+    logits, params, seeds, positions = batch
+    return logits[rows], [params[i] for i in rows], [seeds[i] for i in rows], [positions[i] for i in rows]
+
+
 @pytest.mark.parametrize("vocab", [64, 512])
 def test_a_row_samples_the_same_alone_and_in_any_mixed_batch(vocab):
-    logits, params, seeds, positions = mixed_batch(vocab)
-    batched = sample(logits, params, seeds, positions)
-    alone = [sample(logits[i : i + 1], params[i : i + 1], seeds[i : i + 1], positions[i : i + 1])[0]
-             for i in range(len(params))]  # fmt: skip
-    assert batched == alone
-    order = list(reversed(range(len(params))))
-    shuffled = sample(logits[order], [params[i] for i in order], [seeds[i] for i in order],
-                      [positions[i] for i in order])  # fmt: skip
-    assert shuffled == [batched[i] for i in order]
+    batch = mixed_batch(vocab)
+    n = len(batch[1])
+    tokens = sample(*batch)
+    assert [sample(*pick(batch, [i]))[0] for i in range(n)] == tokens
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+    assert sample(*pick(batch, shuffled)) == [tokens[i] for i in shuffled]
+    odd = list(range(1, n, 2))  # other neighbours, other widths for the top-k rows
+    assert sample(*pick(batch, odd)) == [tokens[i] for i in odd]
     # and the draws do depend on seed and position
+    logits, params, seeds, positions = batch
     moved = sample(logits, params, seeds, [p + 1 for p in positions])
     reseeded = sample(logits, params, [s and s + 1 for s in seeds], positions)
     sampled = [i for i, s in enumerate(seeds) if s is not None and params[i].top_p > 0.05]
-    assert any(moved[i] != batched[i] for i in sampled)
-    assert any(reseeded[i] != batched[i] for i in sampled)
+    assert any(moved[i] != tokens[i] for i in sampled)
+    assert any(reseeded[i] != tokens[i] for i in sampled)
 
 
 def test_top_p_below_the_top_tokens_mass_keeps_only_it():
@@ -203,3 +206,14 @@ def test_cuda_draws_the_same_tokens_as_the_cpu():
     keys = torch.tensor([row_keys(s or 0, p) for s, p in zip(seeds, positions)])
     assert torch.equal(uniform_noise(keys.cuda(), 32000).cpu(), uniform_noise(keys, 32000))
     assert sample(logits.cuda(), params, seeds, positions) == sample(logits, params, seeds, positions)
+
+
+def test_bench_measures_both_samplers_on_each_case():
+    from workloads.bench.sampler import measure_cases
+
+    cases = measure_cases([512], [1, 4], repeats=2, device="cpu")
+    shapes = [(c["batch"], c["mix"], c["sampled_rows"]) for c in cases]
+    assert shapes == [(1, "sampled", 1), (4, "mixed", 2), (4, "sampled", 4)]
+    for c in cases:
+        assert all(len(v) == 2 and min(v) > 0 for v in c["samples_ms"].values())
+        assert c["speedup"] == c["row_loop_ms"] / c["vectorised_ms"]

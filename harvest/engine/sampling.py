@@ -4,13 +4,14 @@ The whole batch is sampled with tensor ops on the logits' device, rows with diff
 parameters side by side: temperature scales a row, top-k and top-p turn into one cutoff
 value per row (tokens below it are masked), and the draw is Gumbel-max,
 argmax(logits / T + g), which picks token i with probability softmax(logits / T)_i.
+Greedy rows take the argmax. The only copy back to the host is the chosen token ids.
 
 The Gumbel noise g of a row is a pure function of (request seed, position, token id): a
-counter-based integer hash computed with int32 tensor ops (`uniform_noise`). A row's token therefore depends
-only on its own logits, parameters, seed and position, never on the batch around it or on
-the path the request took: a request resumed anywhere (from a KV checkpoint, or re-queued
-with its output so far as part of its prompt) samples what an uninterrupted run would.
-Greedy rows take the argmax. The only copy back to the host is the chosen token ids.
+counter-based integer hash computed with int32 tensor ops (`uniform_noise`), no generator
+state anywhere. A row's token therefore depends only on its own logits, parameters, seed
+and position, never on the batch around it or on the path the request took: a request
+resumed anywhere (from a KV checkpoint, or re-queued with its output so far as part of its
+prompt) samples what an uninterrupted run would.
 """
 
 from __future__ import annotations

@@ -86,11 +86,7 @@ def measure(case: tuple, repeats: int, device: str) -> dict[str, list[float]]:
     return samples
 
 
-def run(quick: bool, out: Path) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(1)
-    vocabs, batches, repeats = ([512, 32000], [1, 32], 3) if quick else ([512, 32000, 128256], [1, 32, 64], 7)
+def measure_cases(vocabs: list[int], batches: list[int], repeats: int, device: str) -> list[dict]:
     cases = []
     for vocab in vocabs:
         for batch in batches:
@@ -113,6 +109,19 @@ def run(quick: bool, out: Path) -> dict:
                     }
                 )
                 console.print(f"vocab {vocab} batch {batch} {mix}: {median}")
+    return cases
+
+
+def run(quick: bool, out: Path) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocabs, batches, repeats = ([512, 32000], [1, 32], 3) if quick else ([512, 32000, 128256], [1, 32, 64], 7)
+    threads = torch.get_num_threads()
+    try:
+        if device == "cpu":
+            torch.set_num_threads(1)
+        cases = measure_cases(vocabs, batches, repeats, device)
+    finally:
+        torch.set_num_threads(threads)
     columns = ["vocab", "batch", "mix", "sampled_rows", "row_loop_ms", "vectorised_ms", "speedup"]
     print_table(
         f"sampler cost per step on {device} (median of {repeats}, ms)",
@@ -128,7 +137,7 @@ def run(quick: bool, out: Path) -> dict:
             "vocabs": vocabs,
             "batches": batches,
             "settings": [vars(p) for p in SETTINGS],
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": 1 if device == "cpu" else threads,
         },
     }
     write_result(out, "sampler", result)
