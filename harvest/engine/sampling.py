@@ -70,12 +70,13 @@ def _xorshift_(z: torch.Tensor, bits: int, scratch: torch.Tensor) -> None:
 
 
 def uniform_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """u in (0, 1), float32 [rows, vocab], from int32 keys [rows, 2] (see `row_keys`).
+    """u in (0, 1), float32 [rows, vocab], from the keys [rows, 2] of `row_keys`.
 
     Token t of a row hashes (t * golden + key0) ^ key1 with lowbias32 (C. Wellons' 32-bit
-    integer hash), a bijection of t for each row. int32 rather
-    than int64 because CPUs have no vector 64-bit multiply, and GPUs no native one. Exact
-    integer arithmetic (multiplication wraps around), so every device draws the same."""
+    integer hash), a bijection of t for each row. int32 rather than int64 because CPUs
+    have no vector 64-bit multiply and GPUs no native one. Exact integer arithmetic
+    (multiplication wraps around), so every device draws the same."""
+    keys = keys.to(torch.int32)
     z = keys[:, :1] + _counters(vocab, keys.device)
     z ^= keys[:, 1:]
     scratch = torch.empty_like(z)
