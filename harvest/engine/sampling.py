@@ -135,7 +135,7 @@ def sample(
     every_row = len(rows) == len(params)
     index = None if every_row else torch.tensor(rows, device=device)
     drawn = _draw(
-        logits if every_row else logits[index],
+        logits if every_row else logits.index_select(0, index),
         [params[i] for i in rows],
         [row_keys(seeds[i], positions[i]) for i in rows],
     )
@@ -170,7 +170,7 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[i
                 cutoff = _cutoffs(scaled, top_k, top_p)
             else:
                 at = torch.tensor(group, device=device)
-                cutoff[at] = _cutoffs(scaled[at], top_k, top_p)
+                cutoff[at] = _cutoffs(scaled.index_select(0, at), top_k, top_p)
         scaled.masked_fill_(scaled < cutoff[:, None], float("-inf"))
     noise = uniform_noise(torch.tensor(keys, dtype=torch.int32, device=device), vocab)
     scaled -= noise.log_().neg_().log_()  # + Gumbel noise, -log(-log u)
