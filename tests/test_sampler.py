@@ -200,6 +200,22 @@ def test_a_non_finite_sampled_row_raises_and_only_its_request_fails():
     assert sorted(errors) == ["r1", "r2"]
 
 
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
+     SamplingParams(temperature=0.8, top_k=5)],
+    ids=["top_p", "top_k_top_p", "top_k"],
+)  # fmt: skip
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_row_under_top_k_or_top_p_is_an_error_of_its_own(params, bad):
+    logits = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    logits[1] = bad if bad == float("-inf") else logits[1].index_fill(0, torch.tensor([7]), bad)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+        sample(logits, [params] * 3, [0, 1, 2], [0, 0, 0])
+    good = sample(logits[[0, 2]], [params] * 2, [0, 2], [0, 0])
+    assert [sample(logits[i : i + 1], [params], [i], [0])[0] for i in (0, 2)] == good
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_draws_the_same_tokens_as_the_cpu():
     logits, params, seeds, positions = mixed_batch(32000, rows=64)

@@ -118,7 +118,9 @@ def _cutoffs(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torc
     probs = values.softmax(dim=-1, dtype=torch.float64)
     mass_before = probs.cumsum(dim=-1) - probs
     keep = (rank < k) & ((mass_before < p) | (p >= 1))
-    last_kept = keep.sum(dim=-1, keepdim=True) - 1  # the first token is always kept
+    # the first token is always kept, unless the row is nan: clamped, it still indexes in
+    # bounds (an out-of-bounds gather is a device-side assert on CUDA, fatal to the process)
+    last_kept = (keep.sum(dim=-1, keepdim=True) - 1).clamp_(min=0)
     return values.gather(1, last_kept).squeeze(1)
 
 
