@@ -202,10 +202,13 @@ def test_a_non_finite_sampled_row_raises_and_only_its_request_fails():
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
-     SamplingParams(temperature=0.8, top_k=5)],
+    [
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
+        SamplingParams(temperature=0.8, top_k=5),
+    ],
     ids=["top_p", "top_k_top_p", "top_k"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_a_non_finite_row_under_top_k_or_top_p_is_an_error_of_its_own(params, bad):
     logits = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
