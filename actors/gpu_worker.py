@@ -92,7 +92,7 @@ class GPUWorker:
         frozen_objects: int = 0,
     ) -> None:
         self.worker_id = worker_id
-        self.loop = engine
+        self.loop = engine  # the engine, seen as a client: an EngineLoop, or a mock in tests
         self.store = store
         self.labels = dict(labels or {})
         self.frozen_objects = frozen_objects
