@@ -2,12 +2,14 @@
 
 The offline side (OfflineWorker and ShardRun leasing from real Redis and writing results),
 the HTTP app over the worker's backend, the controller's levers, and a dying engine
-charging its shard: what a GPUWorker does around whatever engine it is handed.
+charging its shard: what a GPUWorker does around whatever engine it is handed. Last, over
+a real engine loop: the worker's stats are the figures the loop published, not the engine's.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -153,3 +155,31 @@ def test_a_dying_engine_charges_the_shard_a_stop_does_not(queue_client, mocks, e
         assert lease.attempt == 2 and lease.crashes == {0: 1, 1: 1}  # both were in the engine
     else:
         assert lease.attempt == 1 and lease.crashes == {}  # given back: nothing spent or charged
+
+
+def test_worker_stats_are_the_figures_the_loop_published(tiny_model, queue_store, loops):
+    # the one test here with a model: the real EngineLoop's figures, as the worker reports them
+    from harvest.serving import EngineLoop
+    from tests.helpers import make_engine
+    from tests.test_engine_loop import StepGate
+
+    engine = make_engine(tiny_model, num_blocks=40)
+    loop = EngineLoop(engine)
+    loops.append(loop)
+    worker = GPUWorker("worker-under-test", loop, queue_store, FAST)
+    gate = StepGate(engine)
+    done = threading.Event()
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        loop.submit("a b c d e f g h", params, on_output=lambda out: out.finished and done.set())
+        assert gate.entered.wait(30)  # the loop thread is parked in its first step's forward
+        assert engine.block_manager.num_used_blocks > 0  # the step has taken its blocks ...
+        stats = worker.stats()  # ... but the report is the loop's, as of its last finished step
+        assert stats["kv_blocks_used"] == 0 and stats["loop_steps"] == 0 and stats["totals"]["steps"] == 0
+    finally:
+        gate.remove()
+    assert done.wait(30)
+    stats = worker.stats()
+    assert stats["kv_blocks_total"] == 40 and stats["totals"]["generated_offline"] == 3
+    assert stats["last_step"]["kv_blocks_total"] == 40 and stats["loop_steps"] >= 3
+    worker.shutdown()
