@@ -1,4 +1,4 @@
-"""The worker's wiring over a mock engine (tests/mock_engine.py): no model, no Ray.
+"""The worker's wiring over a mock engine (tests/mock_engine.py): no model, no Ray cluster.
 
 The offline side (OfflineWorker and ShardRun leasing from real Redis and writing results),
 the HTTP app over the worker's backend, the controller's levers, and a dying engine
@@ -37,23 +37,25 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
 
 
 @pytest.fixture
-def mocks() -> Iterator[list[MockEngine]]:
-    """Mock engines made here are stopped after the test, whatever happened."""
-    made: list[MockEngine] = []
+def started(redis_server) -> Iterator[list[MockEngine | GPUWorker]]:
+    """Engines and workers put here are stopped after the test (before its Redis is),
+    whatever happened."""
+    made: list[MockEngine | GPUWorker] = []
     yield made
-    for engine in made:
-        engine.stop()
+    for thing in reversed(made):
+        thing.shutdown() if isinstance(thing, GPUWorker) else thing.stop()
 
 
-def make_worker(store, mocks: list[MockEngine], **mock_options) -> GPUWorker:
+def make_worker(store, started: list[MockEngine | GPUWorker], **mock_options) -> GPUWorker:
     engine = MockEngine(**mock_options)
-    mocks.append(engine)
-    return GPUWorker("worker-under-test", engine, store, FAST, labels={"node_id": "here"})
+    worker = GPUWorker("worker-under-test", engine, store, FAST, labels={"node_id": "here"})
+    started += [engine, worker]
+    return worker
 
 
-def test_the_mock_is_an_engine_client_that_fails_alone_or_dies(mocks):
+def test_the_mock_is_an_engine_client_that_fails_alone_or_dies(started):
     engine = MockEngine(fail_if=lambda rid: rid == "bad", token_delay_s=0.01)
-    mocks.append(engine)
+    started.append(engine)
     assert isinstance(engine, EngineClient)
     outputs: dict[str, list[RequestOutput]] = {"good": [], "bad": [], "long": []}
     errors: list[BaseException] = []
@@ -77,71 +79,62 @@ def test_the_mock_is_an_engine_client_that_fails_alone_or_dies(mocks):
         engine.submit("w1", SamplingParams(max_tokens=1))
 
 
-def test_an_offline_job_runs_through_the_worker(queue_client, mocks):
-    worker = make_worker(queue_client.store, mocks, fail_if=lambda rid: "/1/0@" in rid)
+def test_an_offline_job_runs_through_the_worker(queue_client, started):
+    worker = make_worker(queue_client.store, started, fail_if=lambda rid: "/1/0@" in rid)
     prompts = [f"w{i} w{i + 1} w{i + 2}" for i in range(5)]
     job = queue_client.submit(prompts, max_tokens=6, temperature=0, shard_size=2, model=MODEL)
-    try:
-        job = queue_client.wait(job.id, timeout=30, progress=False)
-        assert job.status is JobStatus.COMPLETED
-        assert (job.request_counts.completed, job.request_counts.failed) == (4, 1)
-        rows = queue_client.results(job.id).to_pylist()
-        tok = worker.loop.tokenizer
-        assert [r["custom_id"] for r in rows] == [f"request-{i}" for i in range(5)]  # one record each
-        for i, row in enumerate(rows):
-            if i == 2:  # shard 1, index 0: the engine failed it alone
-                assert row["status"] == "failed" and row["error_code"] == "engine_error"
-                continue
-            expected = expected_tokens(tok.encode(prompts[i]), 6)
-            assert row["output_token_ids"] == expected and row["output"] == tok.decode(expected)
-            assert row["worker"] == "worker-under-test"
-        stats = worker.stats()
-        assert stats["node_id"] == "here" and stats["worker_id"] == "worker-under-test"
-        assert stats["shards"] == [] and stats["offline_inflight"] == 0 and stats["loop_steps"] >= 6
-        assert stats["finished"] == {"length": 4, "error": 1}
-    finally:
-        worker.shutdown()
+    job = queue_client.wait(job.id, timeout=30, progress=False)
+    assert job.status is JobStatus.COMPLETED
+    assert (job.request_counts.completed, job.request_counts.failed) == (4, 1)
+    rows = queue_client.results(job.id).to_pylist()
+    tok = worker.loop.tokenizer
+    assert [r["custom_id"] for r in rows] == [f"request-{i}" for i in range(5)]  # one record each
+    for i, row in enumerate(rows):
+        if i == 2:  # shard 1, index 0: the engine failed it alone
+            assert row["status"] == "failed" and row["error_code"] == "engine_error"
+            continue
+        expected = expected_tokens(tok.encode(prompts[i]), 6)
+        assert row["output_token_ids"] == expected and row["output"] == tok.decode(expected)
+        assert row["worker"] == "worker-under-test"
+    stats = worker.stats()
+    assert stats["node_id"] == "here" and stats["worker_id"] == "worker-under-test"
+    assert stats["shards"] == [] and stats["offline_inflight"] == 0 and stats["loop_steps"] >= 6
+    assert stats["finished"] == {"length": 4, "error": 1}
 
 
-def test_the_controllers_levers_reach_the_engine(queue_store, mocks):
-    worker = make_worker(queue_store, mocks)
-    try:
-        worker.apply({"offline": False, "slo": [0.5, 0.05]})
-        assert worker.offline.leasing is False and worker.slo_target == (0.5, 0.05)
-        wait_for(lambda: worker.loop.slo == (0.5, 0.05))  # through the engine's inbox
-        with pytest.raises(ValueError):
-            worker.set_slo(-1.0, 0.05)
-        assert worker.stats()["slo"] == {"ttft_s": 0.5, "tpot_s": 0.05}
-    finally:
-        worker.shutdown()
+def test_the_controllers_levers_reach_the_engine(queue_store, started):
+    worker = make_worker(queue_store, started)
+    worker.apply({"offline": False, "slo": [0.5, 0.05]})
+    assert worker.offline.leasing is False and worker.slo_target == (0.5, 0.05)
+    wait_for(lambda: worker.loop.slo == (0.5, 0.05))  # through the engine's inbox
+    with pytest.raises(ValueError):
+        worker.set_slo(-1.0, 0.05)
+    assert worker.stats()["slo"] == {"ttft_s": 0.5, "tpot_s": 0.05}
 
 
-def test_http_streams_from_the_worker_backend(queue_store, mocks):
-    worker = make_worker(queue_store, mocks, token_delay_s=0.001)
+def test_http_streams_from_the_worker_backend(queue_store, started):
+    worker = make_worker(queue_store, started, token_delay_s=0.001)
     app = build_app(WorkerBackend(worker, [MODEL, "alias"]))
     body = {"model": "alias", "prompt": "w7 w8", "max_tokens": 5, "stream": True}
-    try:
-        with TestClient(app) as client:
-            r = client.post("/v1/completions", json=body)
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            lines = [x.removeprefix("data: ") for x in r.text.splitlines() if x.startswith("data: ")]
-            assert lines[-1] == "[DONE]"
-            chunks = [json.loads(x) for x in lines[:-1]]
-            assert client.get("/health").status_code == 200
-        tok = worker.loop.tokenizer
-        assert "".join(c["choices"][0]["text"] for c in chunks) == tok.decode(
-            expected_tokens(tok.encode("w7 w8"), 5)
-        )
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert len(worker.feedback.ttft) == 1  # the handler's latencies went to the SLO feedback
-        assert worker.loop.num_pending() == 0
-    finally:
-        worker.shutdown()
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [x.removeprefix("data: ") for x in r.text.splitlines() if x.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(x) for x in lines[:-1]]
+        assert client.get("/health").status_code == 200
+    tok = worker.loop.tokenizer
+    assert "".join(c["choices"][0]["text"] for c in chunks) == tok.decode(
+        expected_tokens(tok.encode("w7 w8"), 5)
+    )
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(worker.feedback.ttft) == 1  # the handler's latencies went to the SLO feedback
+    assert worker.loop.num_pending() == 0
 
 
 @pytest.mark.parametrize("end", ["engine died", "graceful stop"])
-def test_a_dying_engine_charges_the_shard_a_stop_does_not(queue_client, mocks, end):
-    worker = make_worker(queue_client.store, mocks, token_delay_s=0.02)
+def test_a_dying_engine_charges_the_shard_a_stop_does_not(queue_client, started, end):
+    worker = make_worker(queue_client.store, started, token_delay_s=0.02)
     job = queue_client.submit(["w1 w2", "w3 w4"], max_tokens=200, temperature=0, shard_size=2, model=MODEL)
     wait_for(lambda: worker.offline.inflight_requests == 2)  # both admitted and in the engine
     if end == "engine died":
@@ -157,7 +150,7 @@ def test_a_dying_engine_charges_the_shard_a_stop_does_not(queue_client, mocks, e
         assert lease.attempt == 1 and lease.crashes == {}  # given back: nothing spent or charged
 
 
-def test_worker_stats_are_the_figures_the_loop_published(tiny_model, queue_store, loops):
+def test_worker_stats_are_the_figures_the_loop_published(tiny_model, queue_store, loops, started):
     # the one test here with a model: the real EngineLoop's figures, as the worker reports them
     from harvest.serving import EngineLoop
     from tests.helpers import make_engine
@@ -167,6 +160,7 @@ def test_worker_stats_are_the_figures_the_loop_published(tiny_model, queue_store
     loop = EngineLoop(engine)
     loops.append(loop)
     worker = GPUWorker("worker-under-test", loop, queue_store, FAST)
+    started.append(worker)
     gate = StepGate(engine)
     done = threading.Event()
     try:
@@ -182,4 +176,3 @@ def test_worker_stats_are_the_figures_the_loop_published(tiny_model, queue_store
     stats = worker.stats()
     assert stats["kv_blocks_total"] == 40 and stats["totals"]["generated_offline"] == 3
     assert stats["last_step"]["kv_blocks_total"] == 40 and stats["loop_steps"] >= 3
-    worker.shutdown()
