@@ -422,7 +422,8 @@ class EngineLoop:
             return sum(s.request_class is wanted for s in self._sinks.values())
 
     def stats(self, max_stall_s: float = 30.0) -> dict[str, Any]:
-        """A JSON-friendly snapshot for the controller, health checks and /metrics."""
+        """A JSON-friendly snapshot for the controller, health checks and /metrics; the engine's
+        figures in it are those the loop thread published after its last step."""
         with self._lock:
             pending = Counter(s.request_class.value for s in self._sinks.values())
             finished = dict(self._finished)
