@@ -2,19 +2,19 @@
 
 The replica is the engine's HTTP front end too: HAProxy forwards each request to a
 replica's own server (Serve's direct ingress), and the OpenAI app there talks to the
-engine loop in the same process. There is no second process between the HTTP handler
-and the engine, which is the shape of a single-process server such as `transformers
-serve`: on the 2-core box each token crossing worker actor -> ingress replica had cost
-the serving path a Ray hop and its share of the cores (peers suite, harvest / peer P99:
-1.28x / 1.31x through the actor, 0.97x / 1.08x with the engine in the HTTP process).
+engine loop in the same process, the shape of a single-process server such as
+`transformers serve`: no Ray hop and no second process between a token and its HTTP
+stream (docs/BENCHMARKS.md, peers suite, measured what the hop cost).
 
-The engine's step loop runs in a background thread (`EngineLoop`), and everything here
-talks to it as an `EngineClient`. Offline shards are leased from the Redis job store by
+The replica's constructor is the entry point that wires it (Ray Serve LLM's `LLMServer`
+shape): an engine factory (`load_engine`: the model in an `EngineLoop`, this node's
+checkpoint keeper as its store, the device's `DeviceProfile` applied) builds the engine,
+and the worker gets it with its job store and queue settings. Everything here talks to
+the engine as an `EngineClient`. Offline shards are leased from the Redis job store by
 the same `OfflineWorker` that `harvest work --local` uses: it submits their requests
-through the loop with each shard as their sink, and its I/O thread does the Redis
+through the engine with each shard as their sink, and its I/O thread does the Redis
 traffic. A heartbeat thread reports the worker's stats to the controller and applies its
-answer: offline leasing on or off, and the SLO (through the loop's inbox). Host tuning
-comes from the device's `DeviceProfile`, applied here, at the worker's entry point.
+answer: offline leasing on or off, and the SLO (through the engine's inbox).
 """
 
 from __future__ import annotations
@@ -24,23 +24,25 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import ray
+from fastapi import FastAPI
 from ray import serve
 
 from harvest.api.app import build_app
-from harvest.api.backend import BackendUnavailable
 from harvest.api.local import LocalBackend
 from harvest.batch import BatchService
 from harvest.engine import Engine, RequestOutput, SamplingParams
 from harvest.names import CONTROLLER_NAME, NAMESPACE
+from harvest.protocol.engine_client import EngineClient
 from harvest.queue.config import WorkerConfig
 from harvest.queue.store import JobStore
 from harvest.queue.worker import OfflineWorker
 from harvest.serving import EngineLoop, freeze_heap, render_engine_metrics
 from harvest.serving.device_profile import DeviceProfile
+from harvest.serving.engine_loop import StepHook
 from harvest.serving.feedback import SLOFeedback
 
 log = logging.getLogger(__name__)
@@ -48,42 +50,57 @@ log = logging.getLogger(__name__)
 WORKER_DEPLOYMENT = "harvest-worker"
 
 
+class HostedEngine(EngineClient, Protocol):
+    """What a worker runs on: an engine client, and the levers of the one who runs it.
+
+    `EngineLoop` is one; tests run the worker over a mock (tests/mock_engine.py)."""
+
+    on_step: StepHook | None  # called on the engine's thread after every step and idle tick
+
+    @property
+    def slo(self) -> tuple[float, float]:
+        """The (TTFT, TPOT) targets the engine plans with now."""
+        ...
+
+    @property
+    def error(self) -> BaseException | None:
+        """What killed the engine's thread, if anything."""
+        ...
+
+    def stop(self, timeout: float | None = 10.0) -> bool: ...
+
+
+# builds the engine one worker runs: (worker id, the service's settings) -> engine
+EngineFactory = Callable[[str, dict[str, Any]], HostedEngine]
+
+
 class GPUWorker:
-    """An engine, its loop, the offline side and the controller's heartbeat, in this process."""
+    """An engine, the offline side that feeds it and the controller's heartbeat, in this process.
+
+    Built by its entry point (the Serve replica's constructor) with what it runs on: the
+    engine, the job store and the queue's settings. `labels` go into every stats report
+    (where the worker runs); `frozen_objects`: what the entry point froze out of GC."""
 
     def __init__(
         self,
         worker_id: str,
-        model: str,
-        redis_url: str,
-        engine_options: dict[str, Any] | None = None,
-        queue_options: dict[str, Any] | None = None,
+        engine: HostedEngine,
+        store: JobStore,
+        config: WorkerConfig | None = None,
+        *,
+        labels: dict[str, Any] | None = None,
+        frozen_objects: int = 0,
     ) -> None:
-        import torch
-
-        options = dict(engine_options or {})
-        options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-        profile = DeviceProfile.for_device(options["device"], cpus)
-        profile.apply()
-        # `engine_options["offline_yield"]` overrides the profile's pacing (0 turns it off)
-        offline_yield = options.pop("offline_yield", profile.offline_yield)
-        from actors.checkpoint_keeper import RayCheckpointStore, keeper_for_this_node
-
         self.worker_id = worker_id
-        self.engine = Engine.from_pretrained(
-            model, checkpoint_store=RayCheckpointStore(*keeper_for_this_node()), **options
-        )
-        self.store = JobStore.from_url(redis_url)
-        self.frozen_objects = freeze_heap()  # the model is loaded: no full GC walks it again
+        self.loop = engine  # the engine, seen as a client: an EngineLoop, or a mock in tests
+        self.store = store
+        self.labels = dict(labels or {})
+        self.frozen_objects = frozen_objects
         self.started = time.time()
-        self.loop = EngineLoop(
-            self.engine, idle_tick_s=0.05, offline_yield=offline_yield, name=f"engine-{worker_id}"
-        )
-        self.offline = OfflineWorker(self.store, self.loop, WorkerConfig(**(queue_options or {})), worker_id)
-        self.loop.on_step = self._on_step  # now that the offline side it ticks exists
+        self.offline = OfflineWorker(store, engine, config or WorkerConfig(), worker_id)
+        engine.on_step = self._on_step  # now that the offline side it ticks exists
         # the controller's SLO; the engine plans for `feedback.scale` of it
-        self.slo_target: tuple[float, float] = self.loop.slo
+        self.slo_target: tuple[float, float] = engine.slo
         self.feedback = SLOFeedback()
         self._feedback_lock = threading.Lock()
         self._stop = threading.Event()
@@ -146,19 +163,16 @@ class GPUWorker:
         return self.loop.healthy(max_stall_s)
 
     def stats(self) -> dict[str, Any]:
+        """The loop's own report (its figures as of its last step) and the worker's."""
         s = self.loop.stats()
-        ctx = ray.get_runtime_context()
         s.update(
+            self.labels,
             worker_id=self.worker_id,
             pid=os.getpid(),
-            node_id=ctx.get_node_id(),
-            actor_name=ctx.get_actor_name(),  # the Serve replica, in Serve's namespace
             offline_enabled=self.offline.leasing,
             offline_paused=self.offline.paused,  # e.g. "Redis unreachable since ...: cause"
             shards=sorted(self.offline.shards),
             offline_inflight=self.offline.inflight_requests,
-            kv_blocks_total=self.engine.block_manager.num_blocks,
-            kv_blocks_used=self.engine.block_manager.num_used_blocks,
             max_model_len=self.loop.limits.max_model_len,
             slo=dict(zip(("ttft_s", "tpot_s"), self.loop.slo)),
             slo_target=list(self.slo_target),
@@ -170,14 +184,12 @@ class GPUWorker:
         return s
 
     def shutdown(self) -> None:
-        """Give leased shards back (no attempt spent), stop the loop, leave the controller."""
+        """Give leased shards back (no attempt spent) and stop the engine."""
         self._stop.set()
         self.offline.leasing = False
         self.loop.stop()
-        # a loop that died in a step is a crash, not a graceful stop: its requests are charged
+        # an engine that died in a step is a crash, not a graceful stop: its requests are charged
         self.offline.release_all(crashed=self.loop.error is not None)
-        with contextlib.suppress(ValueError):  # no controller: nobody to tell
-            ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE).leave.remote(self.worker_id)
 
 
 class WorkerBackend(LocalBackend):
@@ -228,38 +240,37 @@ class WorkerBackend(LocalBackend):
         return render_engine_metrics(workers, status)
 
 
-_hosted: WorkerBackend | None = None  # the backend of the worker this replica process hosts
+def load_engine(worker_id: str, config: dict[str, Any]) -> EngineLoop:
+    """The model of `config` in an engine loop, with this node's checkpoint keeper as its store
+    and the device's host tuning applied to this process (a worker's entry point)."""
+    import torch
+
+    from actors.checkpoint_keeper import RayCheckpointStore, keeper_for_this_node
+
+    options = dict(config.get("engine_options") or {})
+    options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    profile = DeviceProfile.for_device(options["device"], cpus)
+    profile.apply()
+    # `engine_options["offline_yield"]` overrides the profile's pacing (0 turns it off)
+    offline_yield = options.pop("offline_yield", profile.offline_yield)
+    store = RayCheckpointStore(*keeper_for_this_node())
+    engine = Engine.from_pretrained(config["model"], checkpoint_store=store, **options)
+    return EngineLoop(engine, idle_tick_s=0.05, offline_yield=offline_yield, name=f"engine-{worker_id}")
 
 
-def _host(backend: WorkerBackend) -> None:
-    # a module-level function: the replica class is pickled by value, with globals of its own
-    global _hosted
-    _hosted = backend
-
-
-class HostedBackend:
-    """Stands in for `WorkerBackend` in the app that Serve pickles into each replica; the
-    replica's constructor sets the real one once its engine is up."""
-
-    def _get(self) -> WorkerBackend:
-        if _hosted is None:
-            raise BackendUnavailable("the worker is still starting")
-        return _hosted
-
-    def __getattr__(self, name: str) -> Any:  # tokenizer, max_model_len, generate, abort, health, metrics
-        if name.startswith("_"):  # pickling probes dunders before __dict__ is restored
-            raise AttributeError(name)
-        return getattr(self._get(), name)
-
-
-def worker_application(config: dict[str, Any], num_replicas: int, use_gpu: bool):
+def worker_application(
+    config: dict[str, Any], num_replicas: int, use_gpu: bool, engine_factory: EngineFactory = load_engine
+):
     """The Serve app: `num_replicas` workers, each one GPU (or one CPU) and its HTTP front end.
 
-    Every front end serves the Files and Batches APIs over the service's Redis; file bytes go
-    to `files_uri` (a pyarrow.fs URI every node reaches) or, by default, the data dir here.
+    Each replica builds its engine with `engine_factory` (Ray Serve LLM's `engine_cls`), its
+    worker over it, then its OpenAI app over that worker: the app is built in the replica
+    (`__serve_build_asgi_app__`, called by Serve after the constructor), so its routes hold
+    the replica's own backend and no stand-in is pickled in its place. Every front end
+    serves the Files and Batches APIs over the service's Redis; file bytes go to
+    `files_uri` (a pyarrow.fs URI every node reaches) or, by default, the data dir here.
     """
-    batch = BatchService(config["redis_url"], config.get("files_uri"))
-    app = build_app(HostedBackend(), config.get("api_key"), batch=batch)
     resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
 
     @serve.deployment(
@@ -268,14 +279,30 @@ def worker_application(config: dict[str, Any], num_replicas: int, use_gpu: bool)
         ray_actor_options=resources,
         max_ongoing_requests=1000,
     )
-    @serve.ingress(app)
+    @serve.ingress()
     class Worker:
         def __init__(self, config: dict[str, Any]) -> None:
-            replica = serve.get_replica_context().replica_id.unique_id
-            self.worker = GPUWorker(f"{WORKER_DEPLOYMENT}-{replica}", config["model"], config["redis_url"],
-                                    config.get("engine_options"), config.get("queue_options"))  # fmt: skip
-            _host(WorkerBackend(self.worker, [config["model_name"], *config.get("model_aliases", [])]))
+            self.config = config
+            worker_id = f"{WORKER_DEPLOYMENT}-{serve.get_replica_context().replica_id.unique_id}"
+            engine = engine_factory(worker_id, config)
+            frozen = freeze_heap()  # the model is loaded: no full GC walks it again
+            ctx = ray.get_runtime_context()  # the actor's name is in Serve's namespace
+            where = {"node_id": ctx.get_node_id(), "actor_name": ctx.get_actor_name()}
+            self.worker = GPUWorker(
+                worker_id,
+                engine,
+                JobStore.from_url(config["redis_url"]),
+                WorkerConfig(**(config.get("queue_options") or {})),
+                labels=where,
+                frozen_objects=frozen,
+            )
             self.worker.start_heartbeats(config.get("monitor_period_s", 0.25))
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            config = self.config
+            names = [config["model_name"], *config.get("model_aliases", [])]
+            batch = BatchService(config["redis_url"], config.get("files_uri"))
+            return build_app(WorkerBackend(self.worker, names), config.get("api_key"), batch=batch)
 
         def check_health(self) -> None:  # Serve replaces a replica whose check raises
             if not self.worker.health():
@@ -284,5 +311,7 @@ def worker_application(config: dict[str, Any], num_replicas: int, use_gpu: bool)
         def __del__(self) -> None:  # Serve's graceful shutdown
             if hasattr(self, "worker"):  # the constructor may have failed
                 self.worker.shutdown()
+                with contextlib.suppress(ValueError):  # no controller: nobody to tell
+                    ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE).leave.remote(self.worker.worker_id)
 
     return Worker.bind(config)

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from harvest.checkpoint.handle import CheckpointHandle
 from harvest.engine import Engine, RequestClass, RequestOutput, RequestState, SamplingParams
 from harvest.engine.config import SLOConfig
+from harvest.engine.metrics import EngineStats, StepMetrics
 from harvest.protocol.engine_client import EngineLimits, EngineLoopError
 from harvest.protocol.engine_client import ErrorSink as ErrorCallback
 from harvest.protocol.engine_client import OutputSink as OutputCallback
@@ -36,6 +37,31 @@ StepHook = Callable[[list[RequestOutput]], None]
 
 def _ignore(_: RequestOutput) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """The engine's figures as the loop thread saw them after its last step: other threads
+    (the heartbeat, /metrics, health checks) read these, never the engine.
+
+    Cheap to take every step: `step` is the engine's own `StepMetrics` of that step (a new
+    object each step, never changed after) and `totals` a shallow copy of its running totals'
+    fields; the latency histograms in them are shared, as they take their own lock.
+    """
+
+    step: StepMetrics
+    totals: dict[str, Any]  # EngineStats' fields
+    kv_blocks_used: int
+    has_work: bool  # requests in the engine, waiting or running
+
+    @classmethod
+    def of(cls, engine: Engine) -> _Figures:
+        return cls(
+            step=engine.last_step,
+            totals=dict(vars(engine.stats)),
+            kv_blocks_used=engine.block_manager.num_used_blocks,
+            has_work=engine.has_unfinished(),
+        )
 
 
 @dataclass
@@ -80,6 +106,7 @@ class EngineLoop:
             block_size=engine.block_manager.block_size,
         )
         self._tokenizer = engine.tokenizer
+        self._figures = _Figures.of(engine)  # replaced by the loop thread after every step
         slo = engine.scheduler.config.slo
         self._slo = (slo.ttft_s, slo.tpot_s)  # as applied by the loop thread
         self._commands: deque[Callable[[], None]] = deque()  # run on the loop thread between steps
@@ -282,6 +309,7 @@ class EngineLoop:
                 outputs = self.engine.step()
                 self.step_s += time.monotonic() - started
                 self._steps += 1
+                self._figures = _Figures.of(self.engine)  # before routing: a finished request is counted
                 self._route(outputs)
                 if self.on_step is not None:
                     self._call_hook(outputs)
@@ -378,7 +406,7 @@ class EngineLoop:
         # the age of an idle loop says nothing: it has been waiting, not stuck
         if self._idle or self.last_step_age_s() <= max_stall_s:
             return True
-        return not (self.num_pending() or self.engine.has_unfinished())
+        return not (self.num_pending() or self._figures.has_work)
 
     def num_pending(self, request_class: RequestClass | str | None = None) -> int:
         """Requests submitted through the loop and not finished, of one class or all."""
@@ -389,10 +417,12 @@ class EngineLoop:
             return sum(s.request_class is wanted for s in self._sinks.values())
 
     def stats(self, max_stall_s: float = 30.0) -> dict[str, Any]:
-        """A JSON-friendly snapshot for the controller, health checks and /metrics."""
+        """A JSON-friendly snapshot for the controller, health checks and /metrics; the engine's
+        figures in it are those the loop thread published after its last step."""
         with self._lock:
             pending = Counter(s.request_class.value for s in self._sinks.values())
             finished = dict(self._finished)
+        figures = self._figures
         return {
             "running": self.running,
             "healthy": self.healthy(max_stall_s),
@@ -402,6 +432,8 @@ class EngineLoop:
             "pending_online": pending[RequestClass.ONLINE.value],
             "pending_offline": pending[RequestClass.OFFLINE.value],
             "finished": finished,
-            "totals": self.engine.stats.as_dict(),
-            "last_step": self.engine.last_step.as_dict(),
+            "totals": EngineStats(**figures.totals).as_dict(),
+            "last_step": figures.step.as_dict(),
+            "kv_blocks_used": figures.kv_blocks_used,
+            "kv_blocks_total": self.limits.capacity_tokens // self.limits.block_size,
         }
