@@ -26,8 +26,8 @@ TOKENIZE_THREADS = 4
 class Tokenizing:
     """The app's tokenizer pool: `await tokenizing(body, tokenizer, max_model_len)`.
 
-    The pool starts on first use and is not pickled: Serve pickles the app (with this in
-    its routes' closures) to ship it to the replica, and threads do not travel.
+    The pool starts on first use, in the process that serves, and is never pickled with
+    an app that is shipped somewhere (threads do not travel).
     """
 
     def __init__(self, threads: int = TOKENIZE_THREADS) -> None:
