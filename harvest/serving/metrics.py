@@ -3,10 +3,10 @@
 Every series is rendered at scrape time from plain data, so nothing here keeps state. A
 one-process server renders its own loop's stats; in the service each worker's /metrics
 renders every worker's stats (reported to the controller in its heartbeats) and the
-controller's offline queue, so one scrape through HAProxy sees the fleet. Latency
-histograms travel as bucket counts inside each worker's stats (engine/metrics.py) and are
-emitted per `worker` label with shared bounds: `sum by (le)` over workers is the fleet's
-histogram. Every series is documented in docs/METRICS.md.
+controller's offline queue (jobs, tenants, depth by deadline), so one scrape through
+HAProxy sees the fleet. Latency histograms travel as bucket counts inside each worker's
+stats (engine/metrics.py) and are emitted per `worker` label with shared bounds: `sum by
+(le)` over workers is the fleet's histogram. Every series is documented in docs/METRICS.md.
 """
 
 from __future__ import annotations
