@@ -34,7 +34,7 @@ from ray import serve
 from harvest.api.app import build_app
 from harvest.api.local import LocalBackend
 from harvest.batch import BatchService
-from harvest.engine import Engine, RequestOutput, SamplingParams
+from harvest.engine import Engine, RequestClass, RequestOutput, SamplingParams
 from harvest.names import CONTROLLER_NAME, NAMESPACE
 from harvest.protocol.engine_client import EngineClient
 from harvest.queue.config import WorkerConfig
@@ -214,15 +214,20 @@ class WorkerBackend(LocalBackend):
         self.worker = worker
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        request_class: RequestClass = RequestClass.ONLINE,
     ) -> AsyncIterator[RequestOutput]:
         start, first = time.monotonic(), None
-        stream = super().generate(prompt_token_ids, params, request_id)
+        online = request_class is RequestClass.ONLINE  # a flex request is outside the online SLO
+        stream = super().generate(prompt_token_ids, params, request_id, request_class)
         try:
             async for out in stream:
                 if first is None and out.new_token_ids:
                     first = time.monotonic()
-                if out.finished and first is not None:
+                if out.finished and first is not None and online:
                     self.worker.observe(first - start, time.monotonic() - first, out.num_output_tokens)
                 yield out
         finally:

@@ -21,10 +21,33 @@ import ray
 import redis
 
 from controller.config_store import ConfigStore, public_settings
+from harvest.queue.models import Job, JobStatus
 from harvest.queue.store import JobStore, connect
 from harvest.redact import redact_url
 
 log = logging.getLogger(__name__)
+
+# time left to a job's deadline -> the `due_within` bucket its unfinished requests count in
+DUE_WITHIN = (("30m", 1800), ("1h", 3600), ("6h", 6 * 3600), ("24h", 86400), ("7d", 7 * 86400))
+
+
+def due_within(expires_at: float | None, now: float) -> str:
+    """The smallest bucket holding a deadline (an overdue one is in the first); "later" past
+    the last, "none" for a job without a completion window."""
+    if expires_at is None:
+        return "none"
+    left = expires_at - now
+    return next((name for name, seconds in DUE_WITHIN if left <= seconds), "later")
+
+
+def queued_by_deadline(jobs: list[Job], now: float) -> dict[str, int]:
+    """Unfinished requests of in-progress jobs, by how soon they are due."""
+    depth = dict.fromkeys([*(name for name, _ in DUE_WITHIN), "later", "none"], 0)
+    for job in jobs:
+        if job.status is JobStatus.IN_PROGRESS:
+            c = job.request_counts
+            depth[due_within(job.expires_at, now)] += c.total - c.finished
+    return depth
 
 
 def shown_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +75,8 @@ class HarvestController:
         self.redis_error: str | None = None  # why the monitor's last round failed (it retries)
         self._last_jobs = 0.0  # monotonic time of the last job sweep
         self.offline_requests_pending: int | None = None  # over all jobs, as of the last sweep
+        self.queued_by_deadline: dict[str, int] = {}  # ... of those in progress, by how soon due
+        self.tenants: dict[str, dict[str, int]] = {}  # tenant -> harvested and served tokens
         self.started = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -120,11 +145,11 @@ class HarvestController:
                 # a sweep: finalizing jobs complete, overdue ones expire and retired ones leave
                 # the job list even while no client looks and no worker leases
                 self.store.sweep()
-                pending = 0
-                for job in self.store.list_jobs(limit=100):
-                    c = job.request_counts
-                    pending += c.total - c.completed - c.failed
-                self.offline_requests_pending = pending  # the workers' /metrics export it
+                jobs = self.store.list_jobs(limit=100)
+                self.offline_requests_pending = sum(j.request_counts.total - j.request_counts.finished
+                                                    for j in jobs)  # fmt: skip
+                self.queued_by_deadline = queued_by_deadline(jobs, self.store.now())
+                self.tenants = self.store.tenant_tokens()  # the workers' /metrics export these
                 self._last_jobs = time.monotonic()
             self._check_silent()
         except redis.RedisError as exc:
@@ -161,7 +186,9 @@ class HarvestController:
         with self._lock:
             view = {name: dict(s) for name, s in self.view.items()}
         try:
-            jobs = [j.to_dict() for j in self.store.list_jobs(limit=20)]
+            listed = self.store.list_jobs(limit=20)
+            tokens = self.store.job_tokens(j.id for j in listed)
+            jobs = [{**j.to_dict(), "harvested_tokens": tokens[j.id]} for j in listed]
         except redis.RedisError:
             jobs = []  # the workers' view still stands; `redis_error` says why no jobs
         return {
@@ -171,6 +198,8 @@ class HarvestController:
             "jobs": jobs,
             "redis_error": self.redis_error,
             "offline_requests_pending": self.offline_requests_pending,
+            "queued_by_deadline": dict(self.queued_by_deadline),
+            "tenants": {tenant: dict(tokens) for tenant, tokens in self.tenants.items()},
             "uptime_s": time.time() - self.started,
         }
 

@@ -120,7 +120,9 @@ def test_completion_equals_engine_generate(api, reference):
     r = completion(api.client, prompt=prompt, max_tokens=12, temperature=0)
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"}
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage", "system_fingerprint",
+                         "service_tier"}  # fmt: skip
+    assert body["service_tier"] == "default"
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
     assert body["model"] == MODEL and isinstance(body["created"], int)
     assert body["choices"] == [{"index": 0, "text": text, "logprobs": None,

@@ -24,8 +24,11 @@ PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 WORKLOAD = {"worker-a": (3, 2), "worker-b": (2, 0)}
 CONTROLLER = {
     "offline_requests_pending": 7,
-    "jobs": [{"id": "batch_1", "request_counts": {"total": 10, "completed": 2, "failed": 1}}],
-}
+    "jobs": [{"id": "batch_1", "request_counts": {"total": 10, "completed": 2, "failed": 1},
+              "harvested_tokens": 36}],
+    "queued_by_deadline": {"30m": 7, "1h": 0, "6h": 0, "24h": 0, "7d": 0, "later": 0, "none": 0},
+    "tenants": {"alice": {"harvested": 36, "served": 80}, "": {"harvested": 5, "served": 5}},
+}  # fmt: skip
 
 
 def run_requests(loop: EngineLoop, n_online: int, n_offline: int) -> list[RequestOutput]:
@@ -136,6 +139,15 @@ def test_two_workers_aggregate_on_one_scrape(fleet):
     assert samples(text, "harvest_offline_requests_pending")[0].value == 7
     progress = {s.labels["state"]: s.value for s in samples(text, "harvest_job_requests", batch="batch_1")}
     assert progress == {"total": 10, "completed": 2, "failed": 1}
+    [job_tokens] = samples(text, "harvest_job_harvested_tokens", batch="batch_1")
+    assert job_tokens.value == 36
+    queued = {s.labels["due_within"]: s.value for s in samples(text, "harvest_offline_requests_queued")}
+    assert queued == CONTROLLER["queued_by_deadline"]
+    harvested = {s.labels.get("tenant", ""): s.value
+                 for s in samples(text, "harvest_tenant_harvested_tokens_total")}  # fmt: skip
+    assert harvested == {"alice": 36, "": 5}
+    [served] = samples(text, "harvest_tenant_served_tokens", tenant="alice")
+    assert served.value == 80
 
 
 def test_stats_from_a_worker_without_histograms_still_render(fleet):
@@ -188,3 +200,56 @@ def test_version_flag_prints_the_installed_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"harvest {version('harvest')}"
+
+
+def test_controller_reports_tokens_per_tenant_and_batch_and_the_queue_by_deadline(
+    queue_store, make_job, redis_server
+):
+    from controller.controller import HarvestController
+    from harvest.queue import Result
+
+    soon = make_job(4, shard_size=2, owner="alice", completion_window_s=1200)
+    later = make_job(2, shard_size=2, owner="bob", completion_window_s=86400)
+    make_job(2, shard_size=2)  # no window, no owner
+    (lease,) = queue_store.lease("w", 30)
+    assert lease.job_id == soon  # the earliest deadline first
+    results = {i: Result("completed", text="x", prompt_tokens=5, completion_tokens=7) for i in range(2)}
+    assert queue_store.write_results(lease, results) == ["ok", "ok"]
+    assert queue_store.write_results(lease, results) == ["dup", "dup"]  # counted once
+    controller = HarvestController({"redis_url": redis_server.url, "monitor_period_s": 60, "num_workers": 1})
+    try:
+        controller.monitor_round()
+        status = controller.status()
+    finally:
+        controller.shutdown()
+    tokens = {job["id"]: job["harvested_tokens"] for job in status["jobs"]}
+    assert tokens[soon] == 24 and tokens[later] == 0
+    # the lease charged an estimate; the results replaced it with their real 2 x 12 tokens
+    assert status["tenants"]["alice"] == {"harvested": 24, "served": 24}
+    assert status["tenants"].get("bob", {}).get("harvested", 0) == 0  # nothing leased yet
+    queued = {"30m": 2, "1h": 0, "6h": 0, "24h": 2, "7d": 0, "later": 0, "none": 2}
+    assert status["queued_by_deadline"] == queued
+    text = render_engine_metrics({}, status)
+    [alice] = samples(text, "harvest_tenant_harvested_tokens_total", tenant="alice")
+    assert alice.value == 24
+
+
+def test_harvest_status_shows_tenants_batches_and_the_queue_by_deadline(monkeypatch):
+    from rich.console import Console
+
+    from harvest import service
+    from harvest.cli import service as cli_service
+
+    snapshot = {**CONTROLLER, "workers": {}, "jobs": [{**CONTROLLER["jobs"][0], "status": "in_progress",
+                                                       "owner": "alice"}]}  # fmt: skip
+    monkeypatch.setattr(service, "connect", lambda address: None)  # no service runs here: its answer
+    monkeypatch.setattr(service, "status", lambda: snapshot)
+    console = Console(record=True, width=200)
+    monkeypatch.setattr(cli_service, "console", console)
+    cli_service.show_service_status("auto", as_json=False)
+    text = console.export_text()
+    [job_row] = [line for line in text.splitlines() if "batch_1" in line]
+    assert job_row.split("│")[2].strip() == "alice" and job_row.split("│")[-2].strip() == "36"
+    [alice] = [line.split("│") for line in text.splitlines() if "│ alice" in line and "batch_1" not in line]
+    assert [cell.strip() for cell in alice[1:-1]] == ["alice", "36", "80"]
+    assert "(no owner)" in text and "offline requests queued: 7 due within 30m" in text

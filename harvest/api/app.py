@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app: `build_app(backend)` gives a FastAPI app with no Ray in it.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (behind the API
-key when one is set), GET /health, GET /metrics. Every request through here is online.
+key when one is set), GET /health, GET /metrics. A request is online unless it asks for
+`service_tier: "flex"`: then it runs in the offline class, on harvested capacity.
 With a `BatchService` (a job store), also OpenAI's Files and Batches APIs (api/files.py,
 api/batches.py), whose batches run offline on harvested capacity; without one, those
 routes answer 501 saying so.
@@ -45,6 +46,7 @@ from harvest.api.streaming import SSEResponse, chat_events, completion_events
 from harvest.batch import BatchService
 from harvest.engine import RequestOutput
 from harvest.protocol import InvalidRequest
+from harvest.protocol.requests import request_class_of
 from harvest.serving import PROMETHEUS_CONTENT_TYPE
 
 # far above any prompt that fits a context window (a 128k-token prompt is ~0.5 MiB of
@@ -85,7 +87,7 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response | CompletionResponse:
         check_model(body.model)
         inputs = await tokenizing(body, backend.tokenizer, backend.max_model_len)
-        gen = await Generation.start(backend, f"cmpl-{uuid.uuid4().hex}", inputs)
+        gen = await Generation.start(backend, f"cmpl-{uuid.uuid4().hex}", inputs, request_class_of(body))
         if body.stream:
             return SSEResponse(completion_events(gen, body.model, _include_usage(body)), gen)
         final = await _collect(gen, request)
@@ -96,6 +98,7 @@ def build_app(
             model=body.model,
             choices=[choice],
             usage=Usage.of(*gen.usage_tokens()),
+            service_tier=gen.service_tier,
         )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
@@ -104,7 +107,7 @@ def build_app(
     ) -> Response | ChatCompletionResponse:
         check_model(body.model)
         inputs = await tokenizing(body, backend.tokenizer, backend.max_model_len)
-        gen = await Generation.start(backend, f"chatcmpl-{uuid.uuid4().hex}", inputs)
+        gen = await Generation.start(backend, f"chatcmpl-{uuid.uuid4().hex}", inputs, request_class_of(body))
         if body.stream:
             return SSEResponse(chat_events(gen, body.model, _include_usage(body)), gen)
         final = await _collect(gen, request)
@@ -115,6 +118,7 @@ def build_app(
             model=body.model,
             choices=[choice],
             usage=Usage.of(*gen.usage_tokens()),
+            service_tier=gen.service_tier,
         )
 
     if batch is not None:

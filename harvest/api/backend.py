@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 from transformers import PreTrainedTokenizerBase
 
 from harvest.protocol.sampling_params import SamplingParams
-from harvest.protocol.types import RequestOutput
+from harvest.protocol.types import RequestClass, RequestOutput
 
 
 class BackendUnavailable(Exception):
@@ -54,12 +54,18 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        request_class: RequestClass = RequestClass.ONLINE,
     ) -> AsyncIterator[RequestOutput]:
-        """Run one online request; yields its step outputs with `delta_text`, the last `finished`.
+        """Run one request; yields its step outputs with `delta_text`, the last `finished`.
 
+        `request_class` is online, or offline for a flex-tier request: it runs on harvested
+        capacity, preemptible, and stays out of the online queue, its limit and its SLO.
         Raises `BackendUnavailable` (before or during the stream) when it cannot serve it,
-        `BackendBusy` (before the first output) when its queue of online requests is full,
+        `BackendBusy` (before the first output) when the queue of its class is full,
         and `ValueError` for a request the engine refuses (answered as a 400).
         Closing or cancelling the iterator early must abort the request; the app also calls
         `abort` then, so both paths must be harmless when repeated.

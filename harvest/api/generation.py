@@ -18,7 +18,8 @@ from starlette.requests import Request
 from harvest.api.backend import Backend, BackendUnavailable
 from harvest.api.errors import APIError, invalid, unavailable
 from harvest.api.inputs import EngineInputs
-from harvest.engine import FinishReason, RequestOutput
+from harvest.engine import FinishReason, RequestClass, RequestOutput
+from harvest.protocol.requests import served_tier
 
 
 class ClientDisconnected(Exception):
@@ -35,18 +36,27 @@ class Generation:
         prompt_tokens: int,
         outputs: AsyncIterator[RequestOutput],
         first: RequestOutput,
+        request_class: RequestClass = RequestClass.ONLINE,
     ) -> None:
         self.backend = backend
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
+        self.service_tier = served_tier(request_class)  # echoed in every response body and chunk
         self.created = int(time.time())
         self.final: RequestOutput | None = None
         self._outputs = outputs
         self._first: RequestOutput | None = first
 
     @classmethod
-    async def start(cls, backend: Backend, request_id: str, inputs: EngineInputs) -> Generation:
-        outputs = backend.generate(inputs.prompt_token_ids, inputs.params, request_id)
+    async def start(
+        cls,
+        backend: Backend,
+        request_id: str,
+        inputs: EngineInputs,
+        request_class: RequestClass = RequestClass.ONLINE,
+    ) -> Generation:
+        """`request_class`: online, or offline for a flex-tier request."""
+        outputs = backend.generate(inputs.prompt_token_ids, inputs.params, request_id, request_class)
         try:
             first = await anext(outputs)
         except BackendUnavailable as exc:
@@ -61,7 +71,7 @@ class Generation:
         if first.finish_reason is FinishReason.ERROR:
             await outputs.aclose()
             raise engine_error(first)
-        return cls(backend, request_id, len(inputs.prompt_token_ids), outputs, first)
+        return cls(backend, request_id, len(inputs.prompt_token_ids), outputs, first, request_class)
 
     @property
     def finished(self) -> bool:

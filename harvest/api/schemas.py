@@ -73,6 +73,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    service_tier: str | None = None  # the tier that served it: "default" or "flex"
 
 
 class AssistantMessage(BaseModel):
@@ -96,6 +97,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    service_tier: str | None = None  # the tier that served it: "default" or "flex"
 
 
 class ChatChunkChoice(BaseModel):
@@ -113,6 +115,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    service_tier: str | None = None  # the tier that served it: "default" or "flex"
 
 
 class ModelCard(BaseModel):

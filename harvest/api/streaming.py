@@ -60,8 +60,8 @@ class SSEResponse(StreamingResponse):
 async def completion_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
     def chunk(text: str, finish_reason: str | None) -> str:
         choice = CompletionChoice(text=text, finish_reason=finish_reason)
-        return sse(CompletionResponse(id=gen.request_id, created=gen.created, model=model,
-                                      choices=[choice]), include_usage)  # fmt: skip
+        return sse(CompletionResponse(id=gen.request_id, created=gen.created, model=model, choices=[choice],
+                                      service_tier=gen.service_tier), include_usage)  # fmt: skip
 
     try:
         async for out in gen:
@@ -70,7 +70,7 @@ async def completion_events(gen: Generation, model: str, include_usage: bool) ->
         if include_usage:
             usage = Usage.of(*gen.usage_tokens())
             yield sse(CompletionResponse(id=gen.request_id, created=gen.created, model=model, choices=[],
-                                         usage=usage))  # fmt: skip
+                                         usage=usage, service_tier=gen.service_tier))  # fmt: skip
     except (BackendUnavailable, APIError) as exc:  # the server stopped, or failed on this request
         yield sse(error_event_body(exc))
     yield DONE
@@ -79,8 +79,8 @@ async def completion_events(gen: Generation, model: str, include_usage: bool) ->
 async def chat_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
     def chunk(delta: dict[str, str], finish_reason: str | None = None) -> str:
         choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
-        return sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=model,
-                                       choices=[choice]), include_usage)  # fmt: skip
+        return sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=model, choices=[choice],
+                                       service_tier=gen.service_tier), include_usage)  # fmt: skip
 
     yield chunk({"role": "assistant", "content": ""})
     try:
@@ -92,7 +92,7 @@ async def chat_events(gen: Generation, model: str, include_usage: bool) -> Async
         if include_usage:
             usage = Usage.of(*gen.usage_tokens())
             yield sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=model, choices=[],
-                                          usage=usage))  # fmt: skip
+                                          usage=usage, service_tier=gen.service_tier))  # fmt: skip
     except (BackendUnavailable, APIError) as exc:  # the server stopped, or failed on this request
         yield sse(error_event_body(exc))
     yield DONE

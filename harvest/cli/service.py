@@ -322,15 +322,26 @@ def show_service_status(address: str, as_json: bool) -> None:
             console.print(f"[yellow]{name}: offline paused: {s['offline_paused']}[/]")
     if snapshot.get("redis_error"):
         console.print(f"[yellow]controller: Redis failing ({snapshot['redis_error']}); no job list[/]")
-    jobs = Table("job", "name", "status", "completed", "failed", "total", title="jobs")
+    jobs = Table("job", "tenant", "name", "status", "completed", "failed", "total", "tokens", title="jobs")
     for j in snapshot["jobs"]:
         c = j.get("request_counts", {})
         jobs.add_row(
             j["id"],
+            j.get("owner", ""),
             j.get("name", ""),
             j["status"],
             str(c.get("completed")),
             str(c.get("failed")),
             str(c.get("total")),
+            str(j.get("harvested_tokens", "")),  # prompt + completion tokens of its results
         )
     console.print(jobs)
+    if tenants := snapshot.get("tenants"):
+        table = Table("tenant", "harvested tokens", "fair-share tokens", title="tenants")
+        for tenant, tokens in tenants.items():
+            table.add_row(tenant or "(no owner)", str(tokens["harvested"]), str(tokens["served"]))
+        console.print(table)
+    if queued := {due: n for due, n in snapshot.get("queued_by_deadline", {}).items() if n}:
+        words = {"none": "with no window", "later": "due later than 7d"}
+        due = ", ".join(f"{n} {words.get(d, f'due within {d}')}" for d, n in queued.items())
+        console.print(f"offline requests queued: {due}")

@@ -20,6 +20,8 @@ Bounds, each refused naming its field:
   a tokenizer nor a UTF-8 response or results file can hold).
 - chat roles: system, developer (read as system), user, assistant, tool (if the model's
   template takes it); content as a string or a list of text parts, joined.
+- service_tier: "auto", "default" (online) or "flex" (the offline class: harvested
+  capacity, preemptible, outside the online SLO); see `request_class_of`.
 
 Requests validate strictly (no "16" for 16) so that a wrong type is an error naming the
 field, as OpenAI does. Unknown fields are ignored, as vLLM does.
@@ -42,6 +44,7 @@ from harvest.protocol.sampling_params import (
     MAX_TOKEN_ID,
     MIN_TEMPERATURE,
 )
+from harvest.protocol.types import RequestClass
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -90,6 +93,8 @@ class SamplingFields(_Request):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    # OpenAI's tier: "flex" runs in the offline class (a batch line is offline whatever it says)
+    service_tier: Literal["auto", "default", "flex"] | None = None
 
     @field_validator("temperature")
     @classmethod
@@ -235,6 +240,16 @@ def translate(body: Body) -> PromptSpec:
     if body.best_of not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", "best_of")
     return PromptSpec(COMPLETIONS, prompt=body.prompt, params=params)
+
+
+def request_class_of(body: SamplingFields) -> RequestClass:
+    """The engine class an online body runs in: offline for `service_tier: "flex"`."""
+    return RequestClass.OFFLINE if body.service_tier == "flex" else RequestClass.ONLINE
+
+
+def served_tier(request_class: RequestClass) -> str:
+    """The `service_tier` a response echoes: the tier that served it, as OpenAI reports it."""
+    return "flex" if request_class is RequestClass.OFFLINE else "default"
 
 
 def parse_body(url: str, body: Any) -> PromptSpec:

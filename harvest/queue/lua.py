@@ -6,7 +6,8 @@ the prefix passed as ARGV[1] (single-instance Redis; a cluster would need hash t
 
 Layout (P = prefix, J = job id, N = shard number):
   P:jobs                zset  J -> created ms
-  P:job:J               hash  job record, counters (total/completed/failed/leased/shards_finished)
+  P:job:J               hash  job record, counters (total/completed/failed/leased/shards_finished,
+                              tokens: prompt + completion tokens of its results, the harvested work)
   P:job:J:ready         list  shard numbers waiting for a lease
   P:job:J:dead          zset  N -> dead-lettered ms (expires with the job)
   P:job:J:shard:N       hash  state, token, attempts, worker, size, requests (JSON), costs (JSON
@@ -21,6 +22,7 @@ Layout (P = prefix, J = job id, N = shard number):
                               least turn goes next, and takes a new one from P:turns)
   P:turns               counter of round-robin turns
   P:served              hash  tenant -> tokens served (estimated at lease, corrected by results)
+  P:harvested           hash  tenant -> prompt + completion tokens of its results (no estimates)
   P:active              list  (older harvest) jobs with ready shards; LEASE moves them into classes
   P:rate:B              hash  results written in the 10 s bucket B: r (requests), t (tokens); 10 min TTL
   P:leases              zset  "J/N" -> lease deadline ms
@@ -463,8 +465,9 @@ return 'ok'
 # ARGV: prefix, job, n, token, then (index, 'c'|'f', tokens, result JSON) quadruples
 # -> {'ok'|'dup', ...} per result, or 'lost' | 'closed' for all of them.
 # A handful of commands per call, not per result: Lua's per-call cost dominates otherwise.
-# New results correct their tenant's served tokens (the lease charged an estimate) and count
-# toward the fleet's recent throughput (P:rate, read for batch ETAs).
+# New results correct their tenant's served tokens (the lease charged an estimate), count
+# toward the fleet's recent throughput (P:rate, read for batch ETAs) and toward the harvested
+# tokens of their job and tenant (read for metrics and `harvest status`).
 WRITE_RESULTS = r"""
 local job, n, token = ARGV[2], ARGV[3], ARGV[4]
 if not holds(job, n, token) then return 'lost' end
@@ -494,6 +497,8 @@ if #new > 0 then
   chunked('HDEL', sk .. ':progress', indices, 1)
   local tenant = tenant_of(job)
   redis.call('HINCRBY', P .. ':served', tenant, correction)
+  redis.call('HINCRBY', P .. ':harvested', tenant, tokens)
+  redis.call('HINCRBY', jk, 'tokens', tokens)
   local class = class_of(job)
   if redis.call('ZSCORE', P .. ':class:' .. class, tenant) then
     redis.call('ZINCRBY', P .. ':class:' .. class, correction, tenant)

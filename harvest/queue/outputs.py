@@ -153,6 +153,7 @@ def batch_output_line(row: ResultRow, model: str) -> dict[str, Any]:
         "choices": [choice],
         "usage": usage,
         "system_fingerprint": None,
+        "service_tier": "flex",  # it ran in the offline class, on harvested capacity, as flex does
     }
     response = {"status_code": 200, "request_id": line_id, "body": body}
     return {"id": line_id, "custom_id": row.custom_id, "response": response, "error": None}

@@ -259,6 +259,24 @@ class JobStore:
         """Tokens each tenant (job owner; '' for none) has been served, the fair share's counters."""
         return {tenant: int(n) for tenant, n in self.r.hgetall(f"{self.prefix}:served").items()}
 
+    def tenant_tokens(self) -> dict[str, dict[str, int]]:
+        """Per tenant, in one round trip: `harvested` (prompt + completion tokens of its results)
+        and `served` (the fair share's counter: it also holds estimates for leased work)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(f"{self.prefix}:harvested")
+            pipe.hgetall(f"{self.prefix}:served")
+            harvested, served = pipe.execute()
+        return {tenant: {"harvested": int(harvested.get(tenant, 0)), "served": int(served.get(tenant, 0))}
+                for tenant in sorted({*harvested, *served})}  # fmt: skip
+
+    def job_tokens(self, job_ids: Iterable[str]) -> dict[str, int]:
+        """Prompt + completion tokens of each job's results so far, in one round trip."""
+        job_ids = list(job_ids)
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.job_key(job_id), "tokens")
+            return {job_id: int(n or 0) for job_id, n in zip(job_ids, pipe.execute(), strict=True)}
+
     # ------------------------------------------------------------------ worker verbs
 
     def lease(self, worker: str, visibility_s: float, max_shards: int = 1) -> list[Lease]:

@@ -3,10 +3,10 @@
 Every series is rendered at scrape time from plain data, so nothing here keeps state. A
 one-process server renders its own loop's stats; in the service each worker's /metrics
 renders every worker's stats (reported to the controller in its heartbeats) and the
-controller's offline queue, so one scrape through HAProxy sees the fleet. Latency
-histograms travel as bucket counts inside each worker's stats (engine/metrics.py) and are
-emitted per `worker` label with shared bounds: `sum by (le)` over workers is the fleet's
-histogram. Every series is documented in docs/METRICS.md.
+controller's offline queue (jobs, tenants, depth by deadline), so one scrape through
+HAProxy sees the fleet. Latency histograms travel as bucket counts inside each worker's
+stats (engine/metrics.py) and are emitted per `worker` label with shared bounds: `sum by
+(le)` over workers is the fleet's histogram. Every series is documented in docs/METRICS.md.
 """
 
 from __future__ import annotations
@@ -142,10 +142,30 @@ class _StatsCollector:
         # the list, so the series count stays bounded however many jobs the queue has seen
         doc = "Requests of a listed batch job (`batch`: its id), by state (total, completed, failed)."
         jobs = GaugeMetricFamily("harvest_job_requests", doc, labels=["batch", "state"])
+        doc = "Prompt + completion tokens of a listed batch job's results: its harvested work."
+        job_tokens = GaugeMetricFamily("harvest_job_harvested_tokens", doc, labels=["batch"])
         for job in controller.get("jobs", []):
             for state in ("total", "completed", "failed"):
                 jobs.add_metric([job["id"], state], job["request_counts"][state])
+            if "harvested_tokens" in job:  # absent from an older controller
+                job_tokens.add_metric([job["id"]], job["harvested_tokens"])
         yield jobs
+        yield job_tokens
+        doc = "Unfinished requests of in-progress jobs, by how soon their completion window ends."
+        queued = GaugeMetricFamily("harvest_offline_requests_queued", doc, labels=["due_within"])
+        for due, n in controller.get("queued_by_deadline", {}).items():
+            queued.add_metric([due], n)
+        yield queued
+        # tenants are the configured API keys' names (never the keys): a bounded label set
+        doc = "Prompt + completion tokens of a tenant's batch results: its harvested work."
+        harvested = CounterMetricFamily("harvest_tenant_harvested_tokens", doc, labels=["tenant"])
+        doc = "A tenant's fair-share counter: tokens charged at lease (estimated), corrected by results."
+        served = GaugeMetricFamily("harvest_tenant_served_tokens", doc, labels=["tenant"])
+        for tenant, tokens in controller.get("tenants", {}).items():
+            harvested.add_metric([tenant], tokens["harvested"])
+            served.add_metric([tenant], tokens["served"])
+        yield harvested
+        yield served
 
 
 def render_engine_metrics(workers: Mapping[str, Stats], controller: Stats | None = None) -> str:
