@@ -97,7 +97,7 @@ class Reporters:
             period = period_s
             while not self.stopped.is_set():
                 await asyncio.sleep(period)  # the heartbeat thread's `stop.wait(period_s)`
-                stats["uptime_s"] += period_s
+                stats["uptime_s"] += period
                 stats["last_step"]["time"] = time.monotonic()
                 now, sent = time.time(), time.perf_counter()
                 try:
