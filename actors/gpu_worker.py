@@ -156,6 +156,7 @@ class GPUWorker:
                 controller = None  # gone for good, or not started yet: look it up again
                 continue
             self.apply(reply)
+            period_s = reply.get("period_s", period_s)  # a large fleet reports less often
 
     # ------------------------------------------------------------------ views
 

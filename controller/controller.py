@@ -1,7 +1,8 @@
 """HarvestController: one named, detached, restartable actor that supervises the workers.
 
 Serve starts the workers (one replica each, restarted when they die); each reports its
-stats to the controller a few times a second and gets its orders in the answer: offline
+stats to the controller a few times a second (less often in a fleet of hundreds, so that
+the controller's share of a core stays small: `heartbeat_period`) and gets its orders in the answer: offline
 leasing on or off (off on a worker that is unhealthy or drowning in online work; the
 engine's own latency budget does the fine-grained work) and the online SLO. A worker
 whose reports stop is asked whether it is still alive; a dead one's shards go back to
@@ -69,6 +70,10 @@ class HarvestController:
         self.config = {**config, **self.config_store.get()}
         self.config_store.put(self.config)
         self.period_s = self.config.get("monitor_period_s", 0.25)
+        # the fleet's heartbeats, all together, at most this often: each costs the controller
+        # a Ray call (~100 µs of its core), so past `max_heartbeats_per_s` x period workers
+        # each one reports less often than every period (see `heartbeat_period`)
+        self.max_heartbeats_per_s = self.config.get("max_heartbeats_per_s", 400.0)
         self.view: dict[str, dict[str, Any]] = {}  # worker -> its last report, and when it came
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
         self.deaths: list[dict[str, Any]] = []
@@ -85,14 +90,20 @@ class HarvestController:
 
     # ------------------------------------------------------------------ workers
 
+    @ray.method(concurrency_group="heartbeats")
     def heartbeat(self, name: str, stats: dict[str, Any], actor: Any) -> dict[str, Any]:
-        """A worker's report; the answer is what it should do now."""
+        """A worker's report; the answer is what it should do now, and when to report next."""
         with self._lock:
             self.view[name] = {**stats, "seen": time.time()}
             self.actors[name] = actor
         slo = self._slo()
         target = (slo["ttft_s"], slo["tpot_s"]) if slo else None
-        return {"offline": self._offline_allowed(stats), "slo": target}
+        return {"offline": self._offline_allowed(stats), "slo": target, "period_s": self.heartbeat_period()}
+
+    def heartbeat_period(self) -> float:
+        """Seconds between a worker's heartbeats: the monitor period while the fleet is small,
+        longer once its reports would pass `max_heartbeats_per_s` (1,000 workers: 2.5 s)."""
+        return max(self.period_s, len(self.view) / self.max_heartbeats_per_s)
 
     def _offline_allowed(self, stats: dict[str, Any]) -> bool:
         """Offline leasing on while the worker is healthy and not drowning in online work."""
@@ -110,7 +121,7 @@ class HarvestController:
 
     def _check_silent(self) -> None:
         """A worker silent for a while is asked if it lives; a dead one's shards go back."""
-        cutoff = time.time() - 4 * self.period_s
+        cutoff = time.time() - 4 * self.heartbeat_period()
         with self._lock:
             silent = [(n, self.actors[n]) for n, s in self.view.items() if s["seen"] < cutoff]
         for name, actor in silent:
@@ -215,7 +226,14 @@ class HarvestController:
 
 
 def controller_actor():
-    # no task events: each worker's heartbeats (4 a second) would pile up in the GCS
-    return ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=16, enable_task_events=False)(
-        HarvestController
-    )
+    # no task events: each worker's heartbeats (4 a second) would pile up in the GCS.
+    # Heartbeats never block, so one thread serves them all: more would only contend for the
+    # GIL and Ray's deserialization lock. The other calls (status, set_slo waiting for the
+    # workers' reports) run on their own threads and never hold the heartbeats up.
+    return ray.remote(
+        num_cpus=0,
+        max_restarts=-1,
+        max_concurrency=16,
+        concurrency_groups={"heartbeats": 1},
+        enable_task_events=False,
+    )(HarvestController)

@@ -98,7 +98,8 @@ def ray_cluster():
     from harvest.serve_env import use_serve_env
 
     use_serve_env(private_ports=True)  # the same Serve front end as `harvest up`
-    ray.init(num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    # "local": a new instance even where a `ray start` (harvest up) runs on this machine
+    ray.init(address="local", num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -32,6 +32,10 @@ def bench(
     minutes: float | None = typer.Option(
         None, "--minutes", min=0.5, help="soak only: how long to run (default 10, --quick 2)."
     ),
+    model: str | None = typer.Option(
+        None, "--model", help="engine and coserve only: a model directory instead of the built tiny one."
+    ),
+    device: str = typer.Option("cpu", "--device", help="engine and coserve only: cpu or cuda[:N]."),
 ) -> None:
     """Run a benchmark suite: prints a table, writes OUT/SUITE.json and PNG plots."""
     if suite not in SUITES:
@@ -43,5 +47,9 @@ def bench(
     out.mkdir(parents=True, exist_ok=True)
     if minutes is not None and suite != "soak":
         raise typer.BadParameter("only the soak suite takes --minutes", param_hint="--minutes")
+    if (model is not None or device != "cpu") and suite not in ("engine", "coserve"):
+        raise typer.BadParameter("only the engine and coserve suites take --model and --device")
     options = {"repeat": repeat} if suite == "peers" else {"minutes": minutes} if suite == "soak" else {}
+    if suite in ("engine", "coserve"):
+        options = {"model": model, "device": device}
     import_module(SUITES[suite]).run(quick=quick, out=out, **options)

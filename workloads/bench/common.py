@@ -52,6 +52,9 @@ def local_ray(num_cpus: int | None = None):
     if owned:
         use_serve_env(private_ports=True)
         ray.init(
+            # "local": a new instance even where another `ray start` runs on this machine
+            # (a bare init() would join it, and be cancelled when it stops)
+            address="local",
             namespace=NAMESPACE,
             num_cpus=num_cpus,
             include_dashboard=False,

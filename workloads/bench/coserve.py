@@ -59,6 +59,8 @@ class CoserveConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     seed: int = 0
+    model: str | None = None  # a model directory instead of the built tiny one
+    device: str = "cpu"  # or cuda[:N]: then the checkpoint's dtype
 
 
 def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, engine: Engine) -> dict:
@@ -97,6 +99,8 @@ def make_engine(model_dir: Path, cfg: CoserveConfig, policy: str, slo: dict | No
         num_blocks=cfg.num_blocks,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
+        device=cfg.device,
+        dtype="float32" if cfg.device == "cpu" else "auto",
         **({"slo": slo} if slo else {}),
     )
 
@@ -151,8 +155,12 @@ def run(quick: bool, out: Path, **overrides) -> dict:
     transformers.logging.set_verbosity_error()
     cfg = CoserveConfig(**{**(QUICK if quick else {}), **overrides})
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny(
-            Path(tmp) / "coserve-llama", "llama", hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads
+        model_dir = (
+            Path(cfg.model)
+            if cfg.model
+            else make_tiny(
+                Path(tmp) / "coserve-llama", "llama", hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads
+            )
         )
         vocab = 500
         rate = cfg.rate or calibrate_rate(model_dir, cfg, vocab)

@@ -38,8 +38,8 @@ def bare_loop_run(model, prompts: list[list[int]], max_tokens: int) -> int:
     from transformers import DynamicCache
 
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     cache = DynamicCache()
     out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     for _ in range(max_tokens - 1):
@@ -67,7 +67,9 @@ def _best_rate(fn, repeats: int) -> tuple[float, list[float]]:
     return max(rates), rates
 
 
-def run(quick: bool, out: Path) -> dict:
+def run(quick: bool, out: Path, model: str | None = None, device: str = "cpu") -> dict:
+    """`model`: a model directory to measure instead of the built tiny one; `device`: cpu or
+    cuda[:N] (on CUDA, both the engine and transformers run in the checkpoint's dtype)."""
     import logging
 
     import transformers
@@ -85,12 +87,17 @@ def run(quick: bool, out: Path) -> dict:
         if quick
         else dict(num_prompts=64, min_len=32, max_len=128, max_tokens=64, hidden=256, layers=4, repeats=3)
     )
+    dtype = "float32" if device == "cpu" else "auto"
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny(Path(tmp) / "bench-llama", "llama", hidden=cfg["hidden"], layers=cfg["layers"])
+        model_dir = model or make_tiny(
+            Path(tmp) / "bench-llama", "llama", hidden=cfg["hidden"], layers=cfg["layers"]
+        )
         prompts = _prompts(cfg["num_prompts"], cfg["min_len"], cfg["max_len"], vocab=500)
         n, repeats = cfg["max_tokens"], cfg["repeats"]
-        engine = Engine.from_pretrained(str(model_dir), max_num_seqs=cfg["num_prompts"])
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        engine = Engine.from_pretrained(
+            str(model_dir), max_num_seqs=cfg["num_prompts"], device=device, dtype=dtype
+        )
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         systems = {
             "engine": lambda: engine_run(engine, prompts, n),
             "bare_loop": lambda: bare_loop_run(hf_model, prompts, n),
@@ -112,7 +119,7 @@ def run(quick: bool, out: Path) -> dict:
         "engine_vs_hf_cb": rates["engine"] / rates["hf_cb"],
         "samples_tokens_per_s": samples,
         "median_tokens_per_s": {k: statistics.median(v) for k, v in samples.items()},
-        "config": {**cfg, "quick": quick, "arch": "llama", "device": "cpu"},
+        "config": {**cfg, "quick": quick, "arch": "llama", "device": device, "model": model or "tiny"},
         "targets": {"engine_vs_bare_loop": 0.8, "engine_vs_hf_cb": 1.0},
     }
     print_table(
@@ -120,12 +127,12 @@ def run(quick: bool, out: Path) -> dict:
         ["system", "tokens/s (best)", "median", "vs engine"],
         [[k, rates[k], result["median_tokens_per_s"][k], rates[k] / rates["engine"]] for k in rates],
     )
-    _plot(rates, out / "engine.png")
+    _plot(rates, out / "engine.png", device)
     write_result(out, "engine", result)
     return result
 
 
-def _plot(rates: dict[str, float], path: Path) -> None:
+def _plot(rates: dict[str, float], path: Path, device: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +142,7 @@ def _plot(rates: dict[str, float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([labels[k] for k in rates], list(rates.values()), color=["tab:green", "tab:gray", "tab:blue"])
     ax.set_ylabel("output tokens/s")
-    ax.set_title("Offline throughput at saturation (CPU)")
+    ax.set_title(f"Offline throughput at saturation ({device})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,6 +17,9 @@
    (`workloads.bench.queue.drain_fake`). `queue_requests_per_s` (target >= 10,000) is
    requests / (submit + drain wall); Redis's own CPU per request bounds what one Redis could
    do with faster clients.
+3. The controller under 1,000 simulated workers (full: 100, 300 and 1,000):
+   `workloads.bench.controller_load`. `controller_cpu_fraction_1000` (target <= 0.1 of a
+   core), heartbeat round trips, the reporters' own CPU and the staleness of its view.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import matplotlib.pyplot as plt
 
 from harvest.local_redis import private_redis
 from harvest.queue import JobStore
-from workloads.bench.common import console, print_table, write_result
+from workloads.bench.common import console, local_ray, print_table, write_result
+from workloads.bench.controller_load import CPU_TARGET, measure_fleet
 from workloads.bench.queue import _throughput_client, make_job, redis_cpu
 
 PROFILE = "sim:h100-8b"
@@ -244,6 +248,36 @@ def plot_scale(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def measure_controller(url: str, counts: list[int], window_s: float) -> dict[str, Any]:
+    with local_ray():
+        fleets = [measure_fleet(url, n, window_s) for n in counts]
+    top = fleets[-1]
+    return {
+        "fleets": fleets,
+        "controller_cpu_fraction_1000": top["controller_cpu_fraction"],
+        "target": CPU_TARGET,
+        "meets_target": top["controller_cpu_fraction"] <= CPU_TARGET,
+    }
+
+
+def plot_controller(report: dict[str, Any], path: Path) -> None:
+    fleets = report["controller"]["fleets"]
+    workers = [f["workers"] for f in fleets]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    controller = [f["controller_cpu_fraction"] for f in fleets]
+    reporters = [f["reporter_cpu_fraction"] for f in fleets]
+    ax.plot(workers, controller, "o-", color="tab:red", label="controller")
+    ax.plot(workers, reporters, "s:", color="tab:blue", label="fake reporters")
+    ax.axhline(CPU_TARGET, color="tab:gray", linestyle="--", linewidth=1, label="target")
+    ax.set(xlabel="simulated workers", ylabel="CPU (cores)", xscale="log", title="controller CPU")
+    ax.set_xticks(workers, [str(n) for n in workers])
+    ax.minorticks_off()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(quick: bool, out: Path) -> dict[str, Any]:
     from harvest.models.tiny import make_tiny
 
@@ -255,8 +289,13 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
             scaling = measure_scaling(model, url, counts, repeats=2 if quick else 3)
         with console.status("one Redis, null engine..."):
             queue = measure_queue(url, 10_000 if quick else 60_000)
-    report = {"quick": quick, "scaling": scaling, "queue": queue}
+        fleet_sizes = [1000] if quick else [100, 300, 1000]
+        with console.status(f"the controller under {fleet_sizes} fake workers..."):
+            controller = measure_controller(url, fleet_sizes, 20.0 if quick else 30.0)
+    report = {"quick": quick, "scaling": scaling, "queue": queue, "controller": controller}
     plot_scale(report, out / "scale.png")
+    if not quick:
+        plot_controller(report, out / "scale-controller.png")
     write_result(out, "scale", report)
     one = scaling["rounds"][0]["requests_per_s"]
     rows = [
@@ -292,6 +331,17 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
             ["requests/s Redis's CPU allows", queue["redis_bound_requests_per_s"] or 0.0],
         ],
     )
+    print_table(
+        "the controller under fake workers",
+        ["workers", "period s", "heartbeats/s", "ctrl CPU", "µs/heartbeat", "RTT P50 ms", "RTT P99 ms",
+         "reporters CPU", "oldest entry s"],
+        [
+            [f["workers"], f["heartbeat_period_s"], f["heartbeats_per_s"], f["controller_cpu_fraction"],
+             f["controller_cpu_us_per_heartbeat"], f["heartbeat_rtt_p50_ms"], f["heartbeat_rtt_p99_ms"],
+             f["reporter_cpu_fraction"], f["staleness_max_s"] or 0.0]
+            for f in controller["fleets"]
+        ],
+    )  # fmt: skip
     verdict = "meets" if scaling["meets_target"] else "misses"
     console.print(
         f"scaling efficiency at {scaling['max_workers']} workers: "
