@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ CHILD_TIMEOUT_S = 420
 # ---------------------------------------------------------------------- the child: the cluster
 
 
-def _wait(what: str, ready, timeout_s: float, period_s: float = 0.05):
+def _wait(what: str, ready: Callable[[], Any], timeout_s: float, period_s: float = 0.05):
     deadline = time.monotonic() + timeout_s
     while not (value := ready()):
         if time.monotonic() > deadline:
@@ -43,7 +44,7 @@ def _wait(what: str, ready, timeout_s: float, period_s: float = 0.05):
     return value
 
 
-def _holder(status_fn, job_id: str) -> dict[str, Any] | None:
+def _holder(status_fn: Callable[[], dict[str, Any]], job_id: str) -> dict[str, Any] | None:
     for name, s in status_fn()["workers"].items():
         if any(k.startswith(job_id) for k in s.get("shards", [])):
             return {**s, "name": name}
@@ -213,11 +214,19 @@ def seen(tiny_model, tmp_path_factory) -> dict[str, Any]:
 
 
 def greedy(model: Path, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    import torch
+
     from harvest.engine import Engine, SamplingParams
 
     engine = Engine.from_pretrained(str(model), profile_latency=False)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return [list(o.token_ids) for o in engine.generate([engine.tokenizer.encode(p) for p in prompts], params)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # next to the child's workers, a second thread only waits for a core
+    try:
+        outs = engine.generate([engine.tokenizer.encode(p) for p in prompts], params)
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session runs as it would have
+    return [list(o.token_ids) for o in outs]
 
 
 def check_exactly_once(part: dict[str, Any], prompts: list[str], expected: list[list[int]]) -> None:
