@@ -1,0 +1,273 @@
+"""The service across two Ray nodes on this machine (`ray.cluster_utils.Cluster`): one worker
+per node, a shard taken over across nodes with its KV checkpoint restored from the dead
+worker's node keeper, and a whole node lost mid-job without losing an offline request.
+
+A pytest process holds one Ray (the session's `ray_cluster` fixture) and a driver cannot
+join a second one, so the cluster runs in a child process (this file run as a script). The
+child drives the scenarios in order and writes what it saw as JSON; each test below judges
+one part of it. Each node has one CPU and a worker takes one, so Serve puts one worker on
+each node, and a replaced worker lands on the node its predecessor left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_NAME = "tiny"
+TAKEOVER_PROMPTS = [f"a long tale of the river, part {i}" for i in range(4)]
+TAKEOVER_TOKENS = 512  # 32 blocks of 16: checkpoints ship while it decodes
+NODE_LOSS_PROMPTS = [f"the mill by night, chapter {i}" for i in range(8)]
+NODE_LOSS_TOKENS = 200
+CHILD_TIMEOUT_S = 420
+
+
+# ---------------------------------------------------------------------- the child: the cluster
+
+
+def _wait(what: str, ready: Callable[[], Any], timeout_s: float, period_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while not (value := ready()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(period_s)
+    return value
+
+
+def _holder(status_fn: Callable[[], dict[str, Any]], job_id: str) -> dict[str, Any] | None:
+    for name, s in status_fn()["workers"].items():
+        if any(k.startswith(job_id) for k in s.get("shards", [])):
+            return {**s, "name": name}
+    return None
+
+
+def run_cluster(model: str, work: Path) -> dict[str, Any]:
+    """Start a two-node cluster and the service on it, run the scenarios, report what happened."""
+    import httpx
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from actors.checkpoint_keeper import keeper_name
+    from harvest import service
+    from harvest.client import HarvestClient
+    from harvest.local_redis import free_port
+    from harvest.names import NAMESPACE
+    from harvest.serve_env import use_serve_env
+    from tests.conftest import RedisServer
+
+    seen: dict[str, Any] = {"timings": {}}
+    t0 = time.monotonic()
+
+    def mark(step: str) -> None:
+        seen["timings"][step] = round(time.monotonic() - t0, 1)
+        print(f"{step}: {seen['timings'][step]} s", file=sys.stderr, flush=True)
+
+    use_serve_env(private_ports=True)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="error")
+    seen["nodes"] = {"head": cluster.head_node.node_id, "second": second.node_id}
+    mark("cluster")
+    (work / "redis").mkdir(exist_ok=True)
+    redis = RedisServer(work / "redis")
+    redis.start()
+    port = free_port()
+    try:
+        service.start(
+            service.ServiceConfig(
+                model=model,
+                redis_url=redis.url,
+                model_name=MODEL_NAME,
+                num_workers=2,
+                port=port,
+                engine_options={"profile_latency": False, "block_size": 16},
+                queue_options={
+                    "visibility_timeout_s": 5,
+                    "progress_interval_s": 0.1,
+                    "idle_poll_s": 0.05,
+                    "max_shards": 1,
+                },  # one shard at a time: the idle worker takes the next
+            ),
+            ready_timeout_s=180,
+        )
+        mark("service")
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait("the service's /health", healthy, 60, 0.2)
+        body = {"model": MODEL_NAME, "prompt": "hello across nodes", "max_tokens": 6, "ignore_eos": True}
+        seen["online"] = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+        seen["workers_at_start"] = {n: s["node_id"] for n, s in service.status()["workers"].items()}
+        # each node's keeper is a process of its own, started with its worker: wait for both,
+        # or the first checkpoints reach a keeper only after the shard is done
+        keepers = {n: ray.get_actor(keeper_name(n), namespace=NAMESPACE) for n in seen["nodes"].values()}
+        ray.get([k.stats.remote() for k in keepers.values()], timeout=120)
+        mark("online")
+
+        # 1. SIGKILL the worker holding the only shard: the other node's worker takes it over
+        client = HarvestClient(redis.url)
+        job = client.submit(TAKEOVER_PROMPTS, model=MODEL_NAME, max_tokens=TAKEOVER_TOKENS,
+                            temperature=0, shard_size=len(TAKEOVER_PROMPTS),
+                            defaults={"ignore_eos": True})  # fmt: skip
+        victim = _wait("a worker to lease the shard", lambda: _holder(service.status, job.id), 60)
+        mark("leased")
+        keeper = keepers[victim["node_id"]]
+        _wait("a checkpoint at the victim's keeper",
+              lambda: ray.get(keeper.stats.remote())["bytes_put"] > 0, 60)  # fmt: skip
+        mark("checkpointed")
+        victim = _holder(service.status, job.id)
+        assert victim is not None, "the shard finished before the kill: make it longer"
+        seen["takeover"] = {"victim": victim["name"], "victim_node": victim["node_id"],
+                            "victim_keeper": ray.get(keeper.stats.remote())}  # fmt: skip
+        os.kill(victim["pid"], signal.SIGKILL)
+        mark("takeover_kill")
+        client.wait(job.id, timeout=180, progress=False)
+        mark("takeover_done")
+        seen["takeover"]["job"] = client.get(job.id).to_dict()
+        seen["takeover"]["rows"] = client.results(job.id).to_pylist()
+        status = service.status()
+        seen["takeover"]["workers"] = {n: {"node_id": s["node_id"], "totals": s["totals"]}
+                                       for n, s in status["workers"].items()}  # fmt: skip
+        seen["takeover"]["deaths"] = status["deaths"]
+
+        # 2. lose the second node (its raylet, worker and keeper) while it holds shards
+        _wait("both workers back", lambda: len(service.status()["workers"]) == 2, 120, 0.2)
+        mark("replaced")
+        job = client.submit(NODE_LOSS_PROMPTS, model=MODEL_NAME, max_tokens=NODE_LOSS_TOKENS,
+                            temperature=0, shard_size=2, defaults={"ignore_eos": True})  # fmt: skip
+
+        def second_node_holds() -> dict[str, Any] | None:
+            for name, s in service.status()["workers"].items():
+                if s["node_id"] == second.node_id and any(k.startswith(job.id) for k in s["shards"]):
+                    return {**s, "name": name}
+            return None
+
+        doomed = _wait("the second node's worker to lease a shard", second_node_holds, 60)
+        cluster.remove_node(second, allow_graceful=False)
+        mark("node_removed")
+        client.wait(job.id, timeout=240, progress=False)
+        mark("node_loss_done")
+
+        def head_worker_reports() -> dict[str, Any] | None:
+            try:  # the controller (no CPU of its own) may have lived on the lost node: it restarts
+                status = service.status()
+            except ray.exceptions.RayError:
+                return None
+            return status if status["workers"] else None
+
+        status = _wait("the head's worker in the controller's view", head_worker_reports, 60, 0.2)
+        seen["node_loss"] = {
+            "doomed": doomed["name"],
+            "doomed_shards": doomed["shards"],
+            "job": client.get(job.id).to_dict(),
+            "rows": client.results(job.id).to_pylist(),
+            "workers": {n: s["node_id"] for n, s in status["workers"].items()},
+        }
+    finally:  # no graceful stop (Serve's took 25 s here): the whole cluster goes
+        ray.shutdown()
+        cluster.shutdown()
+        redis.stop()
+    mark("stopped")
+    return seen
+
+
+# ---------------------------------------------------------------------- the tests: judge it
+
+
+@pytest.fixture(scope="module")
+def seen(tiny_model, tmp_path_factory) -> dict[str, Any]:
+    """What the child saw, and under "expected" each prompt's tokens from one engine with no
+    interruption (what every result must equal), computed while the child runs."""
+    work = tmp_path_factory.mktemp("multinode")
+    out = work / "seen.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = work / "child.log"  # a file, not a pipe: Ray's logs would fill a pipe nobody reads yet
+    with log.open("w") as sink:
+        command = [sys.executable, __file__, str(tiny_model), str(work), str(out)]
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            expected = {
+                "takeover": greedy(tiny_model, TAKEOVER_PROMPTS, TAKEOVER_TOKENS),
+                "node_loss": greedy(tiny_model, NODE_LOSS_PROMPTS, NODE_LOSS_TOKENS),
+            }
+            child.wait(timeout=CHILD_TIMEOUT_S)
+        finally:
+            child.kill()  # a no-op once it has exited
+    assert child.returncode == 0 and out.exists(), log.read_text()[-6000:]
+    return {**json.loads(out.read_text()), "expected": expected}
+
+
+def greedy(model: Path, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    import torch
+
+    from harvest.engine import Engine, SamplingParams
+
+    engine = Engine.from_pretrained(str(model), profile_latency=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # next to the child's workers, a second thread only waits for a core
+    try:
+        outs = engine.generate([engine.tokenizer.encode(p) for p in prompts], params)
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session runs as it would have
+    return [list(o.token_ids) for o in outs]
+
+
+def check_exactly_once(part: dict[str, Any], prompts: list[str], expected: list[list[int]]) -> None:
+    """One result per custom_id, no error, and each one the uninterrupted greedy output."""
+    job, rows = part["job"], part["rows"]
+    assert job["status"] == "completed", job
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"request-{i}" for i in range(len(prompts)))
+    by_prompt = {r["prompt"]: r for r in rows}
+    for prompt, tokens in zip(prompts, expected, strict=True):
+        row = by_prompt[prompt]
+        assert row["error_code"] is None, (row["error_code"], row["error_message"])
+        assert row["output_token_ids"] == tokens, f"{row['custom_id']} differs from an uninterrupted run"
+
+
+def test_the_service_serves_online_with_one_worker_on_each_node(seen):
+    assert seen["online"]["usage"]["completion_tokens"] == 6, seen["online"]
+    # the controller's view: two workers, on the two distinct nodes of the cluster
+    assert sorted(seen["workers_at_start"].values()) == sorted(seen["nodes"].values())
+
+
+def test_a_shard_taken_over_on_the_other_node_restores_the_dead_workers_checkpoint(seen):
+    part = seen["takeover"]
+    assert part["victim_keeper"]["bytes_put"] > 0  # the victim's node keeper held its checkpoint
+    check_exactly_once(part, TAKEOVER_PROMPTS, seen["expected"]["takeover"])
+    assert any(d["worker"] == part["victim"] for d in part["deaths"])  # the controller saw it die
+    takers = {r["worker"] for r in part["rows"]}
+    other_node = [n for n, w in part["workers"].items() if w["node_id"] != part["victim_node"]]
+    assert takers == set(other_node), (takers, part["workers"])  # finished on the other node ...
+    assert all(r["resumed_tokens"] > 0 for r in part["rows"])  # ... from the recorded progress
+    restored = part["workers"][other_node[0]]["totals"]["restored_tokens"]
+    assert restored > 0  # ... with the KV fetched from the dead worker's node keeper, not recomputed
+
+
+def test_losing_a_whole_node_mid_job_loses_no_offline_request(seen):
+    part = seen["node_loss"]
+    assert any(k.startswith(part["job"]["id"]) for k in part["doomed_shards"])  # it held work
+    check_exactly_once(part, NODE_LOSS_PROMPTS, seen["expected"]["node_loss"])
+    assert seen["nodes"]["second"] not in part["workers"].values()  # the node and its worker are gone
+    assert part["workers"]  # the head's worker finished the job and still reports
+
+
+if __name__ == "__main__":
+    model_dir, work_dir, out_file = sys.argv[1:4]
+    Path(out_file).write_text(json.dumps(run_cluster(model_dir, Path(work_dir)), default=str))
