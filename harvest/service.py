@@ -84,8 +84,17 @@ def application(config: ServiceConfig) -> Any:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = config.num_workers or max(1, gpus)
     settings = {**asdict(config), "num_workers": workers, "use_gpu": gpus > 0}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on the node that starts the service (the head, for `harvest up` there): a controller
+    # that landed on a GPU node would restart whenever that node goes (spot, drain, failure)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     controller_actor().options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=CONTROLLER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy=here,
     ).remote(settings)
     return worker_application(settings, workers, gpus > 0)
 
