@@ -62,6 +62,7 @@ class ShardRun:
         self.running: dict[str, _Running] = {}  # engine request id -> state
         self.results: dict[int, Result] = {}  # produced, not yet written
         self.pending = set(range(len(lease.requests))) - lease.done  # indices without a stored result
+        self.followers: dict[int, list[int]] = {}  # index -> identical requests that take its result
 
     def request_id(self, index: int) -> str:
         # the token makes ids unique across attempts, in case a stale copy is still in the engine
@@ -70,29 +71,63 @@ class ShardRun:
     def prepare(self) -> list[Prepared]:
         """Tokenize the pending requests (slow, touches no shared state): what `expect` and
         `start` add. Bad requests become error results at once: the same model-dependent
-        checks as the HTTP routes (`engine_inputs`), with the context the engine can hold."""
-        tok, prepared = self.client.tokenizer, []
-        max_model_len = self.client.limits.max_request_tokens
-        for index in sorted(self.pending):
-            spec = RequestSpec.from_payload(self.lease.requests[index])
-            now, mono = time.time(), time.monotonic()
-            try:
-                inputs = engine_inputs(spec.prompt_spec(), tok, max_model_len)
-                params, prompt_ids = inputs.params, inputs.prompt_token_ids
-                progress = self.lease.progress.get(index, Progress())
-                run = _Running(index, spec, params, prompt_ids, list(progress.token_ids), now, mono)
-                run.saved = len(run.resumed)
-                run.resume_from = progress.checkpoint or ""
-                left = params.max_tokens - len(run.resumed)
-                if left <= 0:  # finished before the crash, result not yet written
-                    self.results[index] = self._result(run, "length", mono)
+        checks as the HTTP routes (`engine_inputs`), with the context the engine can hold.
+
+        The rest come back sorted by prompt ids, so that requests sharing a prefix enter the
+        engine side by side and hit its prefix cache while the shared blocks are still held
+        (a whole shard goes in at once, so the order delays none of its requests). Identical
+        deterministic requests (see `dedup_key`) are computed once: the first is prepared,
+        the others follow it and get a copy of its result."""
+        runs = [run for index in sorted(self.pending) if (run := self._prepare_one(index)) is not None]
+        prepared: list[Prepared] = []
+        leaders: dict[tuple[object, ...], int] = {}
+        for run in sorted(runs, key=lambda run: run.prompt_ids):  # stable: the lowest index leads
+            key = self.dedup_key(run)
+            if key is not None:
+                leader = leaders.setdefault(key, run.index)
+                if leader != run.index and not run.resumed and not run.resume_from:
+                    self.followers.setdefault(leader, []).append(run.index)
                     continue
-                prepared.append((self.request_id(index), run, replace(params, max_tokens=left)))
-            except Exception as exc:  # a bad request fails alone, never its shard
-                self.results[index] = Result.error(
-                    "invalid_request", str(exc), started_at=now, finished_at=time.time(),
-                    worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+            left = run.params.max_tokens - len(run.resumed)
+            if left <= 0:  # finished before the crash, result not yet written
+                self._set_result(run.index, self._result(run, "length", run.start_mono))
+                continue
+            prepared.append((self.request_id(run.index), run, replace(run.params, max_tokens=left)))
         return prepared
+
+    def _prepare_one(self, index: int) -> _Running | None:
+        spec = RequestSpec.from_payload(self.lease.requests[index])
+        now, mono = time.time(), time.monotonic()
+        try:
+            limit = self.client.limits.max_request_tokens
+            inputs = engine_inputs(spec.prompt_spec(), self.client.tokenizer, limit)
+        except Exception as exc:  # a bad request fails alone, never its shard
+            self.results[index] = Result.error(
+                "invalid_request", str(exc), started_at=now, finished_at=time.time(),
+                worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+            return None
+        progress = self.lease.progress.get(index, Progress())
+        resumed = list(progress.token_ids)
+        run = _Running(index, spec, inputs.params, inputs.prompt_token_ids, resumed, now, mono)
+        run.saved = len(run.resumed)
+        run.resume_from = progress.checkpoint or ""
+        return run
+
+    def dedup_key(self, run: _Running) -> tuple[object, ...] | None:
+        """What makes two requests of this job give the same output, or None when they may
+        differ: sampling that is neither greedy nor seeded, or a job submitted with dedup off."""
+        if not self.lease.requests[run.index].get("dedup", True):
+            return None
+        if not run.params.greedy and run.params.seed is None:
+            return None
+        return (tuple(run.prompt_ids), repr(run.params))
+
+    def _set_result(self, index: int, result: Result) -> None:
+        """A request's result, copied to the requests that follow it (lock held, or before the
+        shard is shared): each keeps its own record, marked as computed once."""
+        self.results[index] = result
+        for follower in self.followers.pop(index, []):
+            self.results[follower] = replace(result, deduplicated=True)
 
     def expect(self, prepared: list[Prepared]) -> None:
         """Count prepared requests as running (lock held), before `start` submits them: no
@@ -119,7 +154,7 @@ class ShardRun:
                     worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
                 with self.lock:
                     if self.running.pop(rid, None) is not None:
-                        self.results[run.index] = error
+                        self._set_result(run.index, error)
 
     def on_output(self, out: RequestOutput) -> bool:
         """One output of this shard's requests, on the engine's thread: remember how far the
@@ -143,12 +178,12 @@ class ShardRun:
             run.ttft_s = out.metrics["first_token_time"] - run.start_mono
         reason = out.finish_reason.value if out.finish_reason is not None else None
         if out.finish_reason is FinishReason.ERROR:  # the engine failed on this request alone
-            self.results[run.index] = Result.error(
+            self._set_result(run.index, Result.error(
                 "engine_error", out.error or "the engine failed on this request", started_at=run.started_at,
                 finished_at=time.time(), ttft_s=run.ttft_s, latency_s=mono - run.start_mono,
-                worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+                worker=self.worker, attempt=self.lease.attempt))  # fmt: skip
             return
-        self.results[run.index] = self._result(run, reason, mono, out.text)
+        self._set_result(run.index, self._result(run, reason, mono, out.text))
 
     def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None) -> Result:
         ids = run.all_output_ids
