@@ -95,3 +95,21 @@ def test_prepare_puts_requests_sharing_a_prefix_side_by_side(queue_engine):
     starts = [tuple(prompts[i].split()[:2]) for i in order]
     assert starts.count(starts[0]) == 2 and starts[0] == starts[1]  # same prefix: adjacent
     assert run.followers == {0: [4]}
+
+
+def test_a_leader_finished_before_a_crash_still_answers_its_followers(queue_engine):
+    from harvest.queue.models import Lease, Progress
+    from harvest.queue.shard import ShardRun
+    from harvest.serving.engine_loop import EngineLoop
+
+    lease = Lease("job", 0, 2, 2, [payload("r0", "The miller"), payload("r1", "The miller")])
+    lease.progress = {0: Progress([5, 6])}  # max_tokens 2: r0 was done, its result not yet written
+    loop = EngineLoop(queue_engine, name="engine-resume-test")
+    try:
+        run = ShardRun(lease, loop, "w", threading.Lock())
+        assert run.prepare() == []  # nothing left to compute
+    finally:
+        loop.stop()
+    results = run.take_results()
+    assert results[0].token_ids == results[1].token_ids == [5, 6]
+    assert [results[0].deduplicated, results[1].deduplicated] == [False, True]

@@ -79,8 +79,8 @@ class ShardRun:
         deterministic requests (see `dedup_key`) are computed once: the first is prepared,
         the others follow it and get a copy of its result."""
         runs = [run for index in sorted(self.pending) if (run := self._prepare_one(index)) is not None]
-        prepared: list[Prepared] = []
         leaders: dict[tuple[object, ...], int] = {}
+        heads: list[_Running] = []  # the requests that run: all but the followers
         for run in sorted(runs, key=lambda run: run.prompt_ids):  # stable: the lowest index leads
             key = self.dedup_key(run)
             if key is not None:
@@ -88,6 +88,9 @@ class ShardRun:
                 if leader != run.index and not run.resumed and not run.resume_from:
                     self.followers.setdefault(leader, []).append(run.index)
                     continue
+            heads.append(run)
+        prepared: list[Prepared] = []
+        for run in heads:  # after grouping: a leader's result reaches every follower
             left = run.params.max_tokens - len(run.resumed)
             if left <= 0:  # finished before the crash, result not yet written
                 self._set_result(run.index, self._result(run, "length", run.start_mono))
