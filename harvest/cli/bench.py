@@ -17,6 +17,7 @@ SUITES = {
     "chaos": "workloads.bench.chaos",
     "soak": "workloads.bench.soak",
     "scale": "workloads.bench.scale",
+    "prefix": "workloads.bench.prefix",
 }
 
 
