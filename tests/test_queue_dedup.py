@@ -113,3 +113,25 @@ def test_a_leader_finished_before_a_crash_still_answers_its_followers(queue_engi
     results = run.take_results()
     assert results[0].token_ids == results[1].token_ids == [5, 6]
     assert [results[0].deduplicated, results[1].deduplicated] == [False, True]
+
+
+def test_prefix_primers_pick_one_request_per_shared_first_block():
+    from harvest.queue.shard import prefix_primers
+
+    a, b = list(range(100, 104)), list(range(200, 204))
+    prompts = [[*a, 1], [*a, 2], [*b, 1], [9] * 5, [*a, 3], [*b, 2], a]  # block size 4
+    assert prefix_primers(prompts, 4) == [0, 2]  # [9]*5 alone; `a` itself has no token past its block
+    assert prefix_primers([[*a, 1], [*b, 1]], 4) == []  # nothing shared: nothing waits
+
+
+def test_worker_admits_a_primer_per_prefix_before_the_rest(queue_client, queue_engine):
+    shared = "Answer with one word. " * 6  # several full blocks
+    requests = [line(f"r{i}", shared + f"question {i}?", max_tokens=2) for i in range(5)]
+    requests.append(line("alone", "Nothing in common here", max_tokens=2))
+    before = queue_engine.stats.prefix_hit_tokens
+    _, rows, generated = run_job(queue_client, queue_engine, requests)
+    assert len(rows) == 6 and all(r.result.ok for r in rows.values()) and generated == 12
+    shared_rows = sorted((rows[f"r{i}"].result for i in range(5)), key=lambda r: r.ttft_s)
+    primer, others = shared_rows[0], shared_rows[1:]
+    assert all(r.ttft_s >= primer.latency_s for r in others)  # the others went in once it was done
+    assert queue_engine.stats.prefix_hit_tokens - before >= 4 * 16  # each of those hit a block at least

@@ -44,6 +44,21 @@ class _Running:
         return self.resumed + self.output_ids
 
 
+def prefix_primers(prompts: list[list[int]], block_size: int) -> list[int]:
+    """Positions of the requests to admit before the rest: the first of each group of two or
+    more prompts that share their first full block. The engine's prefix cache holds a block
+    only once it is computed, so requests that enter side by side all compute the shared
+    prefix; once a primer has run, the rest of its group find it cached."""
+    first: dict[tuple[int, ...], int] = {}
+    members: dict[tuple[int, ...], int] = {}
+    for position, ids in enumerate(prompts):
+        if len(ids) > block_size:  # the last token is always computed: a block short of it is useless
+            key = tuple(ids[:block_size])
+            first.setdefault(key, position)
+            members[key] = members.get(key, 0) + 1
+    return sorted(first[key] for key, n in members.items() if n > 1)
+
+
 # an engine request ready to add: its id, state and parameters (max_tokens: what is left)
 Prepared = tuple[str, _Running, SamplingParams]
 

@@ -1,10 +1,10 @@
 """`harvest bench prefix`: what the prefix cache and the prefix-aware offline order buy.
 
 Offline: each job as one batch of offline requests on two engines built from one tiny
-model: the prefix cache on, with the prompts in the order `ShardRun.prepare` gives a leased
-shard (sorted by token ids), against the cache off in input order. The engine alone, not
-the queue around it: the queue's cost is `harvest bench queue`'s, and on a loaded 2-core box
-its polling adds noise to short jobs that hides the ratio. Jobs:
+model: the prefix cache on, with the prompts in the order the worker gives a leased
+shard (sorted by token ids, one per shared prefix first), against the cache off in input
+order. The engine alone, not the queue around it: the queue's cost is `harvest bench
+queue`'s, and on a loaded 2-core box its polling adds noise that hides the ratio. Jobs:
 - few-shot eval: the bundled MC questions behind a block of solved examples (one shared prefix);
 - classify: the bundled tickets behind one long instruction with label definitions;
 - unshared: prompts of the same lengths with no common prefix (the cache must cost nothing).
@@ -65,19 +65,25 @@ def _unshared(prompts: list[str]) -> list[str]:
 def offline_rate(engine: Any, prompts: list[str], max_tokens: int, ordered: bool) -> tuple[float, float]:
     """Output tokens/s of one offline batch, and the engine's prefix hit rate during it.
 
-    `ordered`: the prompts go in sorted by token ids, the order `ShardRun.prepare` gives a
-    leased shard; otherwise in input order."""
+    `ordered`: the order the worker gives a leased shard (`ShardRun.prepare` sorts by token
+    ids, then `prefix_primers` go in first and the rest once they are done); otherwise all
+    at once in input order."""
     from harvest.engine import SamplingParams
+    from harvest.queue.shard import prefix_primers
 
     ids = [engine.tokenizer.encode(p) for p in prompts]
+    groups = [ids]
     if ordered:
         ids.sort()
+        first = set(prefix_primers(ids, engine.block_manager.block_size))
+        primers = [p for i, p in enumerate(ids) if i in first]
+        groups = [primers, [p for i, p in enumerate(ids) if i not in first]]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     queried, hit = engine.stats.prefix_queried_tokens, engine.stats.prefix_hit_tokens
-    start = time.perf_counter()
-    outs = engine.generate(ids, params)
+    start, tokens = time.perf_counter(), 0
+    for group in groups:
+        tokens += sum(o.num_output_tokens for o in engine.generate(group, params)) if group else 0
     wall = time.perf_counter() - start
-    tokens = sum(o.num_output_tokens for o in outs)
     queried = engine.stats.prefix_queried_tokens - queried
     return tokens / wall, (engine.stats.prefix_hit_tokens - hit) / queried if queried else 0.0
 
@@ -117,12 +123,13 @@ def run(quick: bool, out: Path) -> dict:
 
     transformers.logging.set_verbosity_error()
     cfg = (
-        dict(hidden=64, layers=2, repeats=3, max_tokens=2, online=8)
+        dict(hidden=64, layers=2, repeats=3, max_tokens=2, online=8, prompts=16)
         if quick
-        else dict(hidden=256, layers=4, repeats=3, max_tokens=4, online=32)
+        else dict(hidden=256, layers=4, repeats=3, max_tokens=4, online=32, prompts=64)
     )
-    jobs = {"few_shot_eval": _prompts("mc_eval"), "classify": _prompts("classify")}
-    jobs["unshared"] = _unshared(jobs["few_shot_eval"] + jobs["classify"])
+    n = cfg["prompts"]
+    jobs = {"few_shot_eval": _prompts("mc_eval")[:n], "classify": _prompts("classify")[:n]}
+    jobs["unshared"] = _unshared(jobs["few_shot_eval"][: n // 2] + jobs["classify"][: n // 2])
     rates: dict[str, dict[str, list[float]]] = {j: {"on": [], "off": []} for j in jobs}
     hit_rates: dict[str, list[float]] = {j: [] for j in jobs}
     ttft: dict[str, list[float]] = {"on": [], "off": []}
