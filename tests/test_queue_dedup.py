@@ -135,3 +135,22 @@ def test_worker_admits_a_primer_per_prefix_before_the_rest(queue_client, queue_e
     primer, others = shared_rows[0], shared_rows[1:]
     assert all(r.ttft_s >= primer.latency_s for r in others)  # the others went in once it was done
     assert queue_engine.stats.prefix_hit_tokens - before >= 4 * 16  # each of those hit a block at least
+
+
+def test_submit_flag_turns_dedup_off_per_job(redis_server, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from harvest.cli import app
+    from harvest.client import HarvestClient
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line(f"r{i}", "The miller")) + "\n" for i in range(3)))
+    env = {"HARVEST_REDIS_URL": redis_server.url}
+    store = HarvestClient(redis_server.url).store
+    for flag, stored in (("--no-dedup", [False] * 3), ("--dedup", [True] * 3)):
+        result = CliRunner().invoke(app, ["submit", str(path), flag], env=env)
+        assert result.exit_code == 0, result.output
+        job_id = result.stdout.strip().splitlines()[-1]
+        assert [r.get("dedup", True) for r in store.shard_requests(job_id, 0)] == stored
