@@ -90,7 +90,8 @@ class ShardRun:
 
         The rest come back sorted by prompt ids, so that requests sharing a prefix enter the
         engine side by side and hit its prefix cache while the shared blocks are still held
-        (a whole shard goes in at once, so the order delays none of its requests). Identical
+        (the worker admits `prefix_primers` of them first, the rest of the shard together
+        after). Identical
         deterministic requests (see `dedup_key`) are computed once: the first is prepared,
         the others follow it and get a copy of its result."""
         runs = [run for index in sorted(self.pending) if (run := self._prepare_one(index)) is not None]
