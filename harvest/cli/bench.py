@@ -18,6 +18,7 @@ SUITES = {
     "soak": "workloads.bench.soak",
     "scale": "workloads.bench.scale",
     "sampler": "workloads.bench.sampler",
+    "prefix": "workloads.bench.prefix",
 }
 
 

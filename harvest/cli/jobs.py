@@ -117,6 +117,9 @@ def submit(
     ),
     window: str | None = typer.Option(None, "--completion-window", help="Expire after e.g. 24h, 30m."),
     allow_invalid: bool = typer.Option(False, "--allow-invalid", help="Submit valid lines, skip bad ones."),
+    dedup: bool = typer.Option(
+        True, "--dedup/--no-dedup", help="Compute identical greedy (or same-seed) requests once."
+    ),
     wait: bool = typer.Option(False, "--wait", help="Wait with a progress bar until the job ends."),
     redis_url: str | None = RedisUrl,
 ) -> None:
@@ -139,6 +142,7 @@ def submit(
                     completion_window=window,
                     shard_size=shard_size,
                     max_attempts=max_attempts,
+                    dedup=dedup,
                 )
             elif file is None:
                 raise ValueError("give FILE, or --workload KIND (synthetic needs no FILE)")
@@ -157,6 +161,7 @@ def submit(
                     shard_size=shard_size,
                     max_attempts=max_attempts,
                     allow_invalid=allow_invalid,
+                    dedup=dedup,
                 )
         except ValueError as exc:
             if isinstance(exc, InvalidInputError):

@@ -36,6 +36,9 @@ class JobOptions:
     max_attempts: int = 3  # leases a shard may use up (failures + expired leases) before it is dead
     completion_window_s: float | None = None  # None: never expires
     allow_invalid: bool = False  # submit the valid lines and skip bad ones instead of rejecting
+    # identical prompts with deterministic sampling (greedy, or one explicit seed) are computed
+    # once per shard and the result copied to each custom_id (marked deduplicated)
+    dedup: bool = True
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:

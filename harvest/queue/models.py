@@ -196,6 +196,9 @@ class Result:
     attempt: int = 0
     error_code: str | None = None
     error_message: str | None = None
+    # a copy of an identical deterministic request's result in the same job (dedup): its usage
+    # counts the tokens the answer stands for, though the engine computed them only once
+    deduplicated: bool = False
 
     @classmethod
     def error(cls, code: str, message: str, **kwargs: Any) -> Result:

@@ -40,6 +40,7 @@ SCHEMA = pa.schema(
         ("attempt", pa.int32()),
         ("error_code", pa.string()),
         ("error_message", pa.string()),
+        ("deduplicated", pa.bool_()),
     ]
 )
 CLOSED_ERRORS = {JobStatus.CANCELLED: "batch_cancelled", JobStatus.EXPIRED: "batch_expired"}
@@ -73,6 +74,7 @@ class ResultRow:
             "attempt": r.attempt,
             "error_code": r.error_code,
             "error_message": r.error_message,
+            "deduplicated": r.deduplicated,
         }
 
 
@@ -155,6 +157,8 @@ def batch_output_line(row: ResultRow, model: str) -> dict[str, Any]:
         "system_fingerprint": None,
         "service_tier": "flex",  # it ran in the offline class, on harvested capacity, as flex does
     }
+    if r.deduplicated:  # harvest's own extension, only where it says something
+        body["x_harvest"] = {"deduplicated": True}
     response = {"status_code": 200, "request_id": line_id, "body": body}
     return {"id": line_id, "custom_id": row.custom_id, "response": response, "error": None}
 

@@ -45,6 +45,21 @@ class _Running:
         return self.resumed + self.output_ids
 
 
+def prefix_primers(prompts: list[list[int]], block_size: int) -> list[int]:
+    """Positions of the requests to admit before the rest: the first of each group of two or
+    more prompts that share their first full block. The engine's prefix cache holds a block
+    only once it is computed, so requests that enter side by side all compute the shared
+    prefix; once a primer has run, the rest of its group find it cached."""
+    first: dict[tuple[int, ...], int] = {}
+    members: dict[tuple[int, ...], int] = {}
+    for position, ids in enumerate(prompts):
+        if len(ids) > block_size:  # the last token is always computed: a block short of it is useless
+            key = tuple(ids[:block_size])
+            first.setdefault(key, position)
+            members[key] = members.get(key, 0) + 1
+    return sorted(first[key] for key, n in members.items() if n > 1)
+
+
 # an engine request ready to add: its id, state and parameters (max_tokens: what is left)
 Prepared = tuple[str, _Running, SamplingParams]
 
@@ -63,6 +78,7 @@ class ShardRun:
         self.running: dict[str, _Running] = {}  # engine request id -> state
         self.results: dict[int, Result] = {}  # produced, not yet written
         self.pending = set(range(len(lease.requests))) - lease.done  # indices without a stored result
+        self.followers: dict[int, list[int]] = {}  # index -> identical requests that take its result
 
     def request_id(self, index: int) -> str:
         # the token makes ids unique across attempts, in case a stale copy is still in the engine
@@ -71,29 +87,71 @@ class ShardRun:
     def prepare(self) -> list[Prepared]:
         """Tokenize the pending requests (slow, touches no shared state): what `expect` and
         `start` add. Bad requests become error results at once: the same model-dependent
-        checks as the HTTP routes (`engine_inputs`), with the context the engine can hold."""
-        tok, prepared = self.client.tokenizer, []
-        max_model_len = self.client.limits.max_request_tokens
-        for index in sorted(self.pending):
-            spec = RequestSpec.from_payload(self.lease.requests[index])
-            now, mono = time.time(), time.monotonic()
-            try:
-                inputs = engine_inputs(spec.prompt_spec(), tok, max_model_len)
-                params, prompt_ids = inputs.params, inputs.prompt_token_ids
-                progress = self.lease.progress.get(index, Progress())
-                run = _Running(index, spec, params, prompt_ids, list(progress.token_ids), now, mono)
-                run.saved = len(run.resumed)
-                run.resume_from = progress.checkpoint
-                left = params.max_tokens - len(run.resumed)
-                if left <= 0:  # finished before the crash, result not yet written
-                    self.results[index] = self._result(run, "length", mono)
+        checks as the HTTP routes (`engine_inputs`), with the context the engine can hold.
+
+        The rest come back sorted by prompt ids, so that requests sharing a prefix enter the
+        engine side by side and hit its prefix cache while the shared blocks are still held
+        (the worker admits `prefix_primers` of them first, the rest of the shard together
+        after). Identical deterministic requests (see `dedup_key`) are computed once: the
+        first is prepared, the others follow it and get a copy of its result."""
+        runs = [run for index in sorted(self.pending) if (run := self._prepare_one(index)) is not None]
+        leaders: dict[tuple[object, ...], int] = {}
+        heads: list[_Running] = []  # the requests that run: all but the followers
+        for run in sorted(runs, key=lambda run: run.prompt_ids):  # stable: the lowest index leads
+            key = self.dedup_key(run)
+            if key is not None:
+                leader = leaders.setdefault(key, run.index)
+                if leader != run.index and not run.resumed and run.resume_from is None:
+                    self.followers.setdefault(leader, []).append(run.index)
                     continue
-                prepared.append((self.request_id(index), run, replace(params, max_tokens=left)))
-            except Exception as exc:  # a bad request fails alone, never its shard
-                self.results[index] = Result.error(
-                    "invalid_request", str(exc), started_at=now, finished_at=time.time(),
-                    worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+            heads.append(run)
+        prepared: list[Prepared] = []
+        for run in heads:  # after grouping: a leader's result reaches every follower
+            left = run.params.max_tokens - len(run.resumed)
+            if left <= 0:  # finished before the crash, result not yet written
+                self._set_result(run.index, self._result(run, "length", run.start_mono))
+                continue
+            prepared.append((self.request_id(run.index), run, replace(run.params, max_tokens=left)))
         return prepared
+
+    def _prepare_one(self, index: int) -> _Running | None:
+        spec = RequestSpec.from_payload(self.lease.requests[index])
+        now, mono = time.time(), time.monotonic()
+        try:
+            limit = self.client.limits.max_request_tokens
+            inputs = engine_inputs(spec.prompt_spec(), self.client.tokenizer, limit)
+        except Exception as exc:  # a bad request fails alone, never its shard
+            self.results[index] = Result.error(
+                "invalid_request",
+                str(exc),
+                started_at=now,
+                finished_at=time.time(),
+                worker=self.worker,
+                attempt=self.lease.attempt,
+            )
+            return None
+        progress = self.lease.progress.get(index, Progress())
+        resumed = list(progress.token_ids)
+        run = _Running(index, spec, inputs.params, inputs.prompt_token_ids, resumed, now, mono)
+        run.saved = len(run.resumed)
+        run.resume_from = progress.checkpoint
+        return run
+
+    def dedup_key(self, run: _Running) -> tuple[object, ...] | None:
+        """What makes two requests of this job give the same output, or None when they may
+        differ: sampling that is neither greedy nor seeded, or a job submitted with dedup off."""
+        if not self.lease.requests[run.index].get("dedup", True):
+            return None
+        if not run.params.greedy and run.params.seed is None:
+            return None
+        return (tuple(run.prompt_ids), repr(run.params))
+
+    def _set_result(self, index: int, result: Result) -> None:
+        """A request's result, copied to the requests that follow it (lock held, or before the
+        shard is shared): each keeps its own record, marked as computed once."""
+        self.results[index] = result
+        for follower in self.followers.pop(index, []):
+            self.results[follower] = replace(result, deduplicated=True)
 
     def expect(self, prepared: list[Prepared]) -> None:
         """Count prepared requests as running (lock held), before `start` submits them: no
@@ -116,11 +174,16 @@ class ShardRun:
                 log.warning("the engine is not running; %s stays with its lease", rid)
             except Exception as exc:
                 error = Result.error(
-                    "invalid_request", str(exc), started_at=run.started_at, finished_at=time.time(),
-                    worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+                    "invalid_request",
+                    str(exc),
+                    started_at=run.started_at,
+                    finished_at=time.time(),
+                    worker=self.worker,
+                    attempt=self.lease.attempt,
+                )
                 with self.lock:
                     if self.running.pop(rid, None) is not None:
-                        self.results[run.index] = error
+                        self._set_result(run.index, error)
 
     def on_output(self, out: RequestOutput) -> bool:
         """One output of this shard's requests, on the engine's thread: remember how far the
@@ -144,23 +207,41 @@ class ShardRun:
             run.ttft_s = out.metrics["first_token_time"] - run.start_mono
         reason = out.finish_reason.value if out.finish_reason is not None else None
         if out.finish_reason is FinishReason.ERROR:  # the engine failed on this request alone
-            self.results[run.index] = Result.error(
-                "engine_error", out.error or "the engine failed on this request", started_at=run.started_at,
-                finished_at=time.time(), ttft_s=run.ttft_s, latency_s=mono - run.start_mono,
-                worker=self.worker, attempt=self.lease.attempt)  # fmt: skip
+            self._set_result(
+                run.index,
+                Result.error(
+                    "engine_error",
+                    out.error or "the engine failed on this request",
+                    started_at=run.started_at,
+                    finished_at=time.time(),
+                    ttft_s=run.ttft_s,
+                    latency_s=mono - run.start_mono,
+                    worker=self.worker,
+                    attempt=self.lease.attempt,
+                ),
+            )
             return
-        self.results[run.index] = self._result(run, reason, mono, out.text)
+        self._set_result(run.index, self._result(run, reason, mono, out.text))
 
     def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None) -> Result:
         ids = run.all_output_ids
         if text is None or run.resumed:
             text = self._decode(run.prompt_ids, ids, run.params, reason)
         return Result(
-            status="completed", text=text, token_ids=ids, finish_reason=reason,
-            prompt_tokens=len(run.prompt_ids), completion_tokens=len(ids), resumed_tokens=len(run.resumed),
-            started_at=run.started_at, finished_at=time.time(), ttft_s=run.ttft_s,
-            latency_s=mono - run.start_mono, worker=self.worker, attempt=self.lease.attempt,
-        )  # fmt: skip
+            status="completed",
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=len(run.prompt_ids),
+            completion_tokens=len(ids),
+            resumed_tokens=len(run.resumed),
+            started_at=run.started_at,
+            finished_at=time.time(),
+            ttft_s=run.ttft_s,
+            latency_s=mono - run.start_mono,
+            worker=self.worker,
+            attempt=self.lease.attempt,
+        )
 
     def _decode(self, prompt: list[int], ids: list[int], params: SamplingParams, reason: str | None) -> str:
         """Text of a resumed request: its stop strings may straddle the resume point."""

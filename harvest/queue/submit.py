@@ -163,7 +163,7 @@ def _fill(store: JobStore, job_id: str, source: Source, options: JobOptions) -> 
     if v.num_errors:
         errors = json.dumps([e.to_dict() for e in v.errors])
         store.r.hset(store.job_key(job_id), mapping={"errors": errors, "num_errors": v.num_errors})
-    _write_shards(store, job_id, source, options.shard_size)
+    _write_shards(store, job_id, source, options.shard_size, options.dedup)
 
 
 def _give_up(store: JobStore, job_id: str, errors: list[InputError], num_errors: int) -> None:
@@ -201,14 +201,17 @@ def _with_heartbeat(store: JobStore, job_id: str, source: Source) -> Source:
     return items
 
 
-def _write_shards(store: JobStore, job_id: str, source: Source, shard_size: int) -> None:
+def _write_shards(store: JobStore, job_id: str, source: Source, shard_size: int, dedup: bool = True) -> None:
     shards: list[list[dict[str, Any]]] = []
     current: list[dict[str, Any]] = []
     written = 0
     for _, item in without_duplicates(source()):
         if isinstance(item, InputError):
             continue
-        current.append(item.to_payload())
+        payload = item.to_payload()
+        if not dedup:  # the worker reads it per request: a lease carries payloads, not job options
+            payload["dedup"] = False
+        current.append(payload)
         if len(current) == shard_size:
             shards.append(current)
             current = []

@@ -39,7 +39,7 @@ from harvest.protocol.engine_client import EngineClient
 from harvest.protocol.types import RequestOutput
 from harvest.queue.config import WorkerConfig
 from harvest.queue.pause import Pause, describe_error
-from harvest.queue.shard import Prepared, ShardRun
+from harvest.queue.shard import Prepared, ShardRun, prefix_primers
 from harvest.queue.store import JobStore
 
 if TYPE_CHECKING:  # the engine pulls in torch: only run_local's caller has one
@@ -102,8 +102,9 @@ class OfflineWorker:
         self._last_flush = time.monotonic()
         self._loop_seen = time.monotonic()  # the engine loop's last tick
         self._pause: Pause | None = None  # set while Redis fails; only the I/O side touches it
-        # lease key -> groups of a shard's prepared requests still to admit: the first group
-        # is every request with no crash on record; each suspect (a request that was in a
+        # lease key -> groups of a shard's prepared requests still to admit: first one request
+        # of each group sharing a prefix (`prefix_primers`), then every other request with no
+        # crash on record; each suspect (a request that was in a
         # crashed lease) follows alone, once the group before it has finished, so a request
         # that crashes the engine again takes only itself (and other shards' requests) down
         self._waiting: dict[str, list[list[Prepared]]] = {}
@@ -229,9 +230,13 @@ class OfflineWorker:
                 prepared = run.prepare()  # tokenizing: off the lock
                 suspects = [[p] for p in prepared if lease.crashes.get(p[1].index)]
                 clean = [p for p in prepared if not lease.crashes.get(p[1].index)]
+                # one request per shared prefix first, so the others find it in the prefix cache
+                first = set(prefix_primers([p[1].prompt_ids for p in clean], self.client.limits.block_size))
+                primers = [p for i, p in enumerate(clean) if i in first]
+                rest = [p for i, p in enumerate(clean) if i not in first]
                 with self._lock:
                     self.shards[lease.key] = run
-                    self._waiting[lease.key] = ([clean] if clean else []) + suspects
+                    self._waiting[lease.key] = [g for g in (primers, rest) if g] + suspects
                 leased += 1
             self.queue_empty = False
             self._admit_waiting()
