@@ -23,8 +23,11 @@ console = Console()
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _flags(**flags: Any) -> dict[str, Any]:
-    """The flags a person gave (typer hands the rest as None or [])."""
+def _flags(options: dict[str, Any]) -> dict[str, Any]:
+    """The config flags a person gave to `up` or `config show` (`options`: the command's
+    parameters; typer hands the ones not given as None or [])."""
+    flags = {**options, "api_key": _api_keys(options.get("api_key"))}
+    flags.pop("config_file", None)
     return {key: value for key, value in flags.items() if value not in (None, [])}
 
 
@@ -109,6 +112,7 @@ def up(
 ) -> None:
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
+    options = dict(locals())  # the parameters, before anything else is bound
     from harvest import local_ray, local_redis, service
     from harvest.config import ConfigError, redis_url_of
     from harvest.models.resolve import ModelUnavailable, resolve_model
@@ -117,23 +121,7 @@ def up(
     from harvest.queue.store import connect as connect_redis
     from harvest.redact import redact_url
 
-    flags = _flags(
-        address=address,
-        model=model,
-        served_model_name=served_model_name,
-        workers=workers,
-        dtype=dtype,
-        kv_cache_memory=kv_cache_memory,
-        max_model_len=max_model_len,
-        policy=policy,
-        slo_ttft_ms=slo_ttft_ms,
-        slo_tpot_ms=slo_tpot_ms,
-        port=port,
-        host=host,
-        api_key=_api_keys(api_key),
-        api_key_file=api_key_file,
-        job_ttl=job_ttl,
-    )
+    flags = _flags(options)
     config = _effective_config(config_file, flags)
     try:
         api_key = config.resolved_api_key()
@@ -222,25 +210,10 @@ def config_show(
 ) -> None:
     """Print the config `harvest up` would run with these flags (file, then flags) as YAML,
     secrets masked; nothing is started and no model is fetched."""
+    options = dict(locals())  # the parameters, before anything else is bound
     import yaml
 
-    flags = _flags(
-        address=address,
-        model=model,
-        served_model_name=served_model_name,
-        workers=workers,
-        dtype=dtype,
-        kv_cache_memory=kv_cache_memory,
-        max_model_len=max_model_len,
-        policy=policy,
-        slo_ttft_ms=slo_ttft_ms,
-        slo_tpot_ms=slo_tpot_ms,
-        port=port,
-        host=host,
-        api_key=_api_keys(api_key),
-        api_key_file=api_key_file,
-        job_ttl=job_ttl,
-    )
+    flags = _flags(options)
     config = _effective_config(config_file, flags)
     from harvest.config import redis_url_of
 
