@@ -180,3 +180,22 @@ def test_a_request_aborted_while_adopting_leaves_nothing_behind(tiny_model):
         assert time.monotonic() < deadline, f"left behind: {list(store._chunks)}"
         time.sleep(0.01)
     assert not second.has_unfinished() and not second.loader.pending
+
+
+def test_a_save_from_an_earlier_block_supersedes_what_the_store_held():
+    """A request that adopted a checkpoint trusts only the blocks its handle promised; when it
+    saves again from there, the store cuts its copy at that block instead of refusing."""
+    import torch
+
+    store = HostCheckpointStore()
+    block = lambda value, n=1: torch.full((1, 2, n, 4, 1, 2), float(value))  # noqa: E731
+    store.put("r", 0, block(0, 2))
+    store.put("r", 2, block(2, 2))  # 4 blocks held
+    store.put("r", 3, block(9))  # supersedes block 3 only
+    assert store.num_blocks("r") == 4
+    assert store.get("r")[0, 0, :, 0, 0, 0].tolist() == [0, 0, 2, 9]
+    store.put("r", 1, block(7, 2))  # cuts inside the first chunk
+    assert store.num_blocks("r") == 3
+    assert store.get("r")[0, 0, :, 0, 0, 0].tolist() == [0, 7, 7]
+    with pytest.raises(ValueError, match="out of order"):
+        store.put("r", 5, block(1))  # a gap is still refused

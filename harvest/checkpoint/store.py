@@ -45,8 +45,13 @@ class HostCheckpointStore:
 
     def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None:
         chunks = self._chunks.setdefault(key, [])
-        if first_block != sum(c.shape[2] for c in chunks):
+        held = sum(c.shape[2] for c in chunks)
+        if first_block > held:
             raise ValueError(f"checkpoint {key!r}: chunk at block {first_block} is out of order")
+        if first_block < held:
+            # a request that adopted this checkpoint trusts fewer blocks than it holds (its
+            # handle lagged the store) and saves again from there: the new chunk supersedes
+            chunks[:] = _first_blocks(chunks, first_block)
         chunks.append(chunk)
 
     def get(self, key: str) -> torch.Tensor | None:
@@ -66,3 +71,14 @@ class HostCheckpointStore:
 
     def __len__(self) -> int:
         return len(self._chunks)
+
+
+def _first_blocks(chunks: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The chunks that hold blocks 0 .. n-1, the last one cut at block n."""
+    kept, held = [], 0
+    for chunk in chunks:
+        if held >= n:
+            break
+        kept.append(chunk if held + chunk.shape[2] <= n else chunk[:, :, : n - held])
+        held += kept[-1].shape[2]
+    return kept
