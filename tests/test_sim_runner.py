@@ -165,10 +165,17 @@ def test_layer_abort_stops_the_sleep_and_writes_nothing(tiny_model):
 
 def record_batches(engine) -> list[tuple]:
     batches: list[tuple] = []
-    schedule = engine.scheduler.schedule
+    schedule, finish_loads = engine.scheduler.schedule, engine._finish_loads
+
+    def settled_finish_loads():
+        # a load started in one step is in by the next, on every run: the step takes in
+        # finished loads before it schedules, so settle before that, not in schedule()
+        engine.loader.settle()
+        finish_loads()
+
+    engine._finish_loads = settled_finish_loads
 
     def recording():
-        engine.loader.settle()  # a load ends at the same step on every run
         batch = schedule()
         # (id, tokens this step, tokens it still had to compute) per row, and whether a
         # latency budget applied
