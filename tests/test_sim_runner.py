@@ -241,7 +241,8 @@ def test_simulated_workers_drain_a_job_through_the_real_queue(queue_store, make_
         queue_store.sweep()  # hands the crashed worker's expired lease back to the queue
         return queue_store.get_job(job_id).status is JobStatus.COMPLETED
 
-    config = WorkerConfig(idle_poll_s=0.02)
+    # one shard at a time each: the first worker cannot take the whole job before the second starts
+    config = WorkerConfig(idle_poll_s=0.02, max_shards=1)
     workers: list = []
     threads = [
         threading.Thread(target=lambda: workers.append(run_local(queue_store, make_sim(tiny_model), config,
