@@ -181,7 +181,7 @@ class RayCheckpointStore(HostCheckpointStore):
             # a chunk of a request that finished meanwhile is not worth shipping
             items = [item for item in queued if item[1] is not None and self.num_blocks(item[0])]
             if items:
-                self.keeper.put_many.remote([(k, first, *_pack(c)) for k, first, c in _join_runs(items)])
+                self.keeper.put_many.remote(_join_runs([(k, first, *_pack(c)) for k, first, c in items]))
             if drops:  # a put of these still in flight finds them closed
                 self.keeper.drop_many.remote(drops)
 
@@ -226,17 +226,22 @@ class RayCheckpointStore(HostCheckpointStore):
         self.keeper.put.remote(key, 0, data)  # for whoever resumes it after this worker dies
 
 
-def _join_runs(items: list[tuple[str, int, torch.Tensor]]) -> list[tuple[str, int, torch.Tensor]]:
-    """Join each run of one request's consecutive chunks into one chunk (order kept)."""
+def _join_runs(items: list[tuple[str, int, np.ndarray, str]]) -> list[tuple[str, int, np.ndarray, str]]:
+    """Join each run of one request's consecutive packed chunks into one (order kept).
+
+    In numpy, not torch: this runs on the shipper thread, and on the CPU a torch op big enough
+    to go parallel there starts a second OpenMP team that slows every later step of the engine
+    (1.7x on the coserve bench's offline steps)."""
     runs: dict[str, list] = {}
     out: list[list] = []
-    for key, first, chunk in items:
+    for key, first, data, dtype in items:
         run = runs.get(key)
-        if run is not None and run[1] + sum(c.shape[2] for c in run[2]) == first:
-            run[2].append(chunk)
+        if run is not None and run[1] + sum(a.shape[2] for a in run[2]) == first and run[3] == dtype:
+            run[2].append(data)
         else:
-            runs[key] = run = [key, first, [chunk]]
+            runs[key] = run = [key, first, [data], dtype]
             out.append(run)
     return [
-        (key, first, torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]) for key, first, chunks in out
+        (key, first, np.concatenate(arrays, axis=2) if len(arrays) > 1 else arrays[0], dtype)
+        for key, first, arrays, dtype in out
     ]

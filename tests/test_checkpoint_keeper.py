@@ -16,6 +16,8 @@ from actors.checkpoint_keeper import (
     CheckpointKeeper,
     RayCheckpointStore,
     _join_runs,
+    _pack,
+    _unpack,
     keeper_for_this_node,
 )
 from harvest.checkpoint import CheckpointHandle
@@ -121,9 +123,10 @@ def test_restores_read_the_host_copy_and_shipping_joins_runs(ray_cluster):
 
 def test_join_runs_keeps_order_and_gaps():
     a, b, c, d = (torch.full((1, 2, 1, 4, 1, 2), float(i)) for i in range(4))
-    joined = _join_runs([("x", 0, a), ("y", 5, b), ("x", 1, c), ("x", 3, d)])
-    assert [(k, first, t.shape[2]) for k, first, t in joined] == [("x", 0, 2), ("y", 5, 1), ("x", 3, 1)]
-    assert torch.equal(joined[0][2], torch.cat([a, c], dim=2))
+    packed = [(k, first, *_pack(t)) for k, first, t in [("x", 0, a), ("y", 5, b), ("x", 1, c), ("x", 3, d)]]
+    joined = _join_runs(packed)
+    assert [(k, first, t.shape[2]) for k, first, t, _ in joined] == [("x", 0, 2), ("y", 5, 1), ("x", 3, 1)]
+    assert torch.equal(_unpack(*joined[0][2:]), torch.cat([a, c], dim=2))
 
 
 def test_keeper_forgets_closed_requests_once_no_put_can_be_in_flight():

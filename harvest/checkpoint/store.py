@@ -26,7 +26,9 @@ class CheckpointStore(Protocol):
 
     def put(self, key: str, first_block: int, chunk: torch.Tensor) -> None: ...
 
-    def get(self, key: str) -> torch.Tensor | None: ...  # all blocks from 0, concatenated
+    # all blocks from 0, concatenated; a local read (it may run on the step thread): what is
+    # slow (another node's keeper) is `adopt`'s, which runs on the loader's thread
+    def get(self, key: str) -> torch.Tensor | None: ...
 
     def num_blocks(self, key: str) -> int: ...
 
