@@ -300,3 +300,28 @@ def test_the_budget_shrinks_by_the_models_overrun_margin():
     batch = step(sched)
     assert batch.latency_budget_s == pytest.approx(SLO.tpot_s * SLO.headroom / 2)
     assert batch.num_tokens == 40
+
+
+def test_a_decoding_request_keeps_the_learned_reserve_before_lending_slack():
+    """Steps with online work that overran the TPOT target teach a reserve; a decoding
+    request lends offline work only the slack it holds beyond it."""
+    sched = make_scheduler("harvest")
+    online = make_request(8, max_tokens=50, online=True)
+    sched.add(online)
+    for r in make_requests(2, 100):
+        sched.add(r)
+    step(sched)  # the online request's prefill: its first token
+    with_online = sched.schedule()  # not run: the batch only teaches the reserve
+    for overrun_s in [0.001] * 7 + [0.004]:  # eight long steps: the quantile is learned
+        sched.observe(with_online, SLO.tpot_s + overrun_s)
+    sched.observe(with_online, SLO.tpot_s / 2)  # a step within target teaches nothing
+    assert sched.reserve_s == pytest.approx(0.001)  # the 0.9 quantile of the 8 overruns
+    offline_only = ScheduledBatch(requests=make_requests(1, 8))
+    sched.observe(offline_only, 1.0)  # an offline-only step has no online request to delay
+    assert len(sched._overruns) == 8
+    # the next token is due one TPOT after the first: the budget is that less the reserve
+    online.first_token_time = time.monotonic()
+    budget = sched._latency_budget()
+    assert budget == pytest.approx((SLO.tpot_s - 0.001) * SLO.headroom, rel=0.05)
+    online.first_token_time = time.monotonic() + SLO.tpot_s  # one that banked a TPOT of slack
+    assert sched._latency_budget() == pytest.approx(SLO.tpot_s * SLO.headroom)

@@ -43,12 +43,17 @@ class SLOConfig:
     ttft_s: float = 1.0
     tpot_s: float = 0.1
     headroom: float = 0.8  # plan steps to this fraction of the targets: predictions and clocks are noisy
+    # offline work leaves each decoding request the slack to absorb this quantile of how far
+    # the steps with online work that overran the TPOT target overran it (scheduler.observe)
+    reserve_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if self.ttft_s <= 0 or self.tpot_s <= 0:
             raise ValueError(f"SLO targets must be > 0, got ttft_s={self.ttft_s}, tpot_s={self.tpot_s}")
         if not 0 < self.headroom <= 1:
             raise ValueError(f"headroom must be in (0, 1], got {self.headroom}")
+        if not 0 <= self.reserve_quantile <= 1:
+            raise ValueError(f"reserve_quantile must be in [0, 1], got {self.reserve_quantile}")
 
 
 @dataclass

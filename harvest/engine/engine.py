@@ -351,6 +351,7 @@ class Engine:
         elapsed = time.perf_counter() - start
         if not aborted and batch.shape.seqs:
             self.latency.observe(batch.shape, elapsed)
+            self.scheduler.observe(batch, elapsed)
         sched = self.scheduler
         predicted = self.latency.predict(batch.shape)
         blocks = self.block_manager.num_blocks

@@ -67,6 +67,10 @@ class Scheduler:
         self.online_waiting: deque[Request] = deque()
         self.waiting: deque[Request] = deque()  # offline, or everything under fcfs
         self.running: list[Request] = []  # everything holding blocks: RUNNING, or LOADING a checkpoint
+        # how far recent steps with online work that overran the TPOT target overran it (observe)
+        self._overruns: deque[float] = deque(maxlen=64)
+        self._since_reserve = 0
+        self.reserve_s = 0.0
 
     def add(self, request: Request) -> None:
         queue = self.online_waiting if request.is_online and self.config.has_classes else self.waiting
@@ -124,8 +128,9 @@ class Scheduler:
 
         Deadlines are per request: the TTFT target for one still waiting for its first
         token, and for a decoding one the time by which its next token keeps its mean TPOT
-        within target. A request that lost time to other requests' prefills has none left
-        to lend: its steps carry no offline work until it is back on schedule."""
+        within target, less the reserve it keeps for a long step (`observe`). A request that
+        lost time to other requests' prefills has none left to lend: its steps carry no
+        offline work until it is back on schedule."""
         online = [r for r in (*self.running, *self.online_waiting) if r.is_online]
         if not online:
             return None
@@ -135,8 +140,31 @@ class Scheduler:
             if r.first_token_time is None:
                 budget = min(budget, r.arrival_time + slo.ttft_s - now)
             else:
-                budget = min(budget, r.first_token_time + r.num_output_tokens * slo.tpot_s - now)
+                due = r.first_token_time + r.num_output_tokens * slo.tpot_s
+                budget = min(budget, due - self.reserve_s - now)
         return max(0.0, budget * slo.headroom / self.latency.margin())
+
+    def observe(self, batch: ScheduledBatch, seconds: float) -> None:
+        """Learn the reserve: how far the steps with online work that overran the TPOT target
+        overran it.
+
+        Some steps run long whatever offline work they carry: an online prompt's prefill
+        (an online-only engine's own tail), a slow spell of the machine. A decoding request
+        absorbs such a step only from the slack it banked ahead of its TPOT deadline, and
+        offline work planned up to the deadline leaves it none: the coserve bench's misses
+        were short requests that met one or two such steps. So offline work may only use the
+        slack a request holds beyond `reserve_s`, a high quantile of the recent overruns:
+        rare or not, one is likely within a request's life. Learned, so a device whose
+        prefills are short keeps little."""
+        tpot = self.config.slo.tpot_s
+        if self.config.policy is not Policy.HARVEST or batch.offline_only or seconds <= tpot:
+            return
+        self._overruns.append(seconds - tpot)
+        self._since_reserve += 1
+        if self._since_reserve >= 8:
+            ordered = sorted(self._overruns)
+            self.reserve_s = ordered[int(self.config.slo.reserve_quantile * (len(ordered) - 1))]
+            self._since_reserve = 0
 
     def _schedule_running(self, req: Request, budget: int, batch: ScheduledBatch, online: bool) -> int:
         if req not in self.running or req.status is not RequestStatus.RUNNING:
