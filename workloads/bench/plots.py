@@ -208,7 +208,7 @@ def plot_tenants(result: dict, path: Path) -> None:
                   for s in fair["timeline"] if sum(s["tokens"].values())]  # fmt: skip
         if points:
             bottom.plot(*zip(*points), marker=".", label=tenant)
-    bottom.axvline(fair["judged_at_s"], color="black", linestyle="--", linewidth=1, label="judged here")
+    bottom.axvspan(fair["judged_from_s"], fair["judged_at_s"], color="black", alpha=0.08, label="judged")
     bottom.set_ylim(0, 1)
     bottom.set_xlabel("seconds since both batches were created")
     bottom.set_ylabel("share of harvested tokens")
