@@ -36,6 +36,7 @@ class ServiceConfig:
     queue_options: dict[str, Any] = field(default_factory=dict)
     monitor_period_s: float = 0.25
     job_ttl_s: float | None = None  # how long finished jobs are kept (None: as the store has it, 7 days)
+    files_uri: str | None = None  # Batch API file bytes: a directory or pyarrow.fs URI (None: the data dir)
 
     def __post_init__(self) -> None:
         if self.num_workers is not None and self.num_workers < 1:

@@ -87,6 +87,33 @@ def test_bench_peers_quick(tmp_path):
     assert len(ttft["ratio_per_round"]) == 2 and ttft["met"] == (ttft["ratio_median"] <= 1.0)
 
 
+# 1.5-2 minutes on the 2-core box (a service, three phases): run it with `pytest -m slow`;
+# test_service's batch test covers the Batch API on the service in CI
+@pytest.mark.slow
+def test_bench_batch_quick(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "batch", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "batch.json").read_text())
+    _finite(data["online_alone"], LATENCY)
+    _finite(data["with_batches"], LATENCY)
+    assert data["with_batches"]["failed"] == 0
+    tenants = data["tenants"]
+    assert set(tenants) == {"bulk", "urgent", "fair-a", "fair-b"}
+    for name, t in tenants.items():
+        assert t["harvested_tokens"] > 0 and math.isfinite(t["tokens_per_s"]), name
+    assert tenants["urgent"]["completed"] == tenants["urgent"]["requests"]  # its batch finished
+    assert tenants["fair-a"]["share"] + tenants["fair-b"]["share"] == pytest.approx(1.0)
+    assert set(data["targets"]) == {
+        "urgent_window_met",
+        "fair_share_within_10pct",
+        "online_ttft_p99_within_1_3x",
+        "online_tpot_p99_within_1_3x",
+    }
+    assert all(isinstance(t["met"], bool) for t in data["targets"].values())
+    for plot in ("batch_latency_cdf.png", "batch_tenants.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+
+
 def test_bench_repeat_is_for_peers_only(tmp_path):
     result = CliRunner().invoke(app, ["bench", "engine", "--repeat", "2", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "--repeat" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,8 +12,10 @@ import httpx
 import openai
 import pytest
 import ray
+from typer.testing import CliRunner
 
 from harvest import service
+from harvest.cli import app
 from harvest.client import HarvestClient
 from harvest.engine import Engine, SamplingParams
 from harvest.local_redis import free_port
@@ -33,6 +36,7 @@ def svc(tiny_model, tmp_path_factory, ray_cluster):
         num_workers=2,
         port=port,
         engine_options={"profile_latency": False, "block_size": 16},
+        files_uri=str(tmp_path_factory.mktemp("svc-files")),  # Batch API files: not the runner's data dir
         queue_options={
             "visibility_timeout_s": 5,
             "progress_interval_s": 0.1,
@@ -177,6 +181,43 @@ def test_a_poison_batch_line_costs_its_own_record_and_health_never_fails(svc, oa
     assert all(rows[f"request-{i}"]["error_code"] is None for i in (*range(6), *range(8, 14)))
     assert health and all(code == 200 for code, _ in health), health
     assert oai.completions.create(model=MODEL_NAME, prompt="still here", max_tokens=2).usage.completion_tokens
+
+
+def test_a_batch_through_the_openai_client_agrees_with_harvest_results(svc, oai, tmp_path):
+    """Upload, create, poll and download with the openai client against the service's workers;
+    the batch's output and error files hold exactly the lines `harvest results` exports for the
+    same job (a batch id is its job's id)."""
+
+    def batch_line(custom_id: str, prompt: str | list[int]) -> dict:
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
+
+    lines = [batch_line(f"b-{i}", f"Batch line {i}: the miller said") for i in range(6)]
+    lines.append(batch_line("b-poison", [5, 10**6]))  # a token id past the model's: its own error line
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    uploaded = oai.files.create(file=("lines.jsonl", data), purpose="batch")
+    batch = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="1h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)  # polling, as a batch client does
+        batch = oai.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (6, 1)
+    output = oai.files.content(batch.output_file_id).text.splitlines()
+    errors = oai.files.content(batch.error_file_id).text.splitlines()
+
+    exported = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        app, ["results", batch.id, "-o", str(exported), "--redis-url", svc["redis"].url]
+    )
+    assert result.exit_code == 0, result.output
+    assert output == exported.read_text().splitlines()
+    assert errors == (tmp_path / "out.errors.jsonl").read_text().splitlines()
+    answers = {x["custom_id"]: x["response"]["body"] for x in map(json.loads, output)}
+    assert sorted(answers) == [f"b-{i}" for i in range(6)]
+    assert all(a["usage"]["completion_tokens"] == 6 for a in answers.values())
+    assert json.loads(errors[0])["error"]["code"] == "invalid_request"
 
 
 def test_one_scrape_sees_every_worker_and_the_offline_queue(svc, oai):

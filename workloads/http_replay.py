@@ -24,9 +24,11 @@ async def replay_http(
     seed: int,
     ignore_eos: bool = True,
     results: list[dict] | None = None,
+    api_key: str | None = None,
 ) -> list[dict]:
     """Stream each arrival's completion at its trace time; one dict per request (ttft_s,
-    tpot_s, tokens, ok), appended to `results` as each finishes (a live view can watch it)."""
+    tpot_s, tokens, ok), appended to `results` as each finishes (a live view can watch it).
+    `api_key`: sent as a bearer token, for a server that checks keys."""
     import httpx
 
     # this client shares its process with a Ray driver and torch: a full GC pass over that
@@ -69,7 +71,8 @@ async def replay_http(
         results.append({"ttft_s": first - t0, "tpot_s": tpot, "ok": r.status_code == 200, "tokens": tokens})
 
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits, headers=headers) as client:
         start = time.monotonic() + 0.05
         await asyncio.gather(*(one(client, a, start) for a in arrivals))
     return results

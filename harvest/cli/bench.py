@@ -19,6 +19,7 @@ SUITES = {
     "scale": "workloads.bench.scale",
     "sampler": "workloads.bench.sampler",
     "prefix": "workloads.bench.prefix",
+    "batch": "workloads.bench.batch",
 }
 
 

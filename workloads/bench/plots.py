@@ -1,8 +1,10 @@
-"""PNG plots for the co-serving benchmarks: latency CDFs, throughput over time, offline budget."""
+"""PNG plots for the co-serving benchmarks: latency CDFs, throughput over time, offline budget,
+harvested work per tenant."""
 
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import matplotlib
@@ -162,6 +164,58 @@ def plot_queue(report: dict, path: Path) -> None:
     right.set_ylabel("% of engine time")
     right.set_title("tiny model through the local worker")
     right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rates(timeline: list[dict], tenant: str) -> tuple[list[float], list[float]]:
+    """A tenant's harvested tokens/s between consecutive samples, once its batch exists."""
+    times, rates = [], []
+    for a, b in pairwise(timeline):
+        if tenant in b["tokens"]:
+            times.append(b["t"])
+            rates.append((b["tokens"][tenant] - a["tokens"].get(tenant, 0)) / (b["t"] - a["t"]))
+    return times, rates
+
+
+def plot_tenants(result: dict, path: Path) -> None:
+    """The batch suite: each tenant's harvested tokens/s beside online traffic, then the fair
+    tenants' cumulative shares over time."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7))
+    mixed, tenants = result["beside_online"], result["tenants"]
+    top.axvspan(0, mixed["trace_s"], color="tab:gray", alpha=0.12, label="online trace")
+    for tenant, color in (("bulk", "tab:blue"), ("urgent", "tab:orange")):
+        times, rates = _rates(mixed["timeline"][::2], tenant)  # 1 s steps: results land in bursts
+        top.step(
+            times, rates, where="pre", color=color, label=f"{tenant} ({tenants[tenant]['window']} window)"
+        )
+    urgent = tenants["urgent"]
+    top.axvline(
+        urgent["created_after_s"], color="tab:orange", linestyle="--", linewidth=1, label="urgent created"
+    )
+    if urgent["seconds"]:
+        done = urgent["created_after_s"] + urgent["seconds"]
+        top.axvline(done, color="tab:orange", linestyle=":", linewidth=1, label="urgent completed")
+    top.set_xlabel("seconds since the trace started")
+    top.set_ylabel("harvested tokens/s")
+    top.set_title("two tenants' batches beside online traffic")
+    fair = result["fairness"]
+    bound = result["targets"]["fair_share_within_10pct"]["bound"]
+    bottom.axhspan(0.5 * (1 - bound), 0.5 * (1 + bound), color="tab:green", alpha=0.15, label="target band")
+    for tenant in fair["timeline"][0]["tokens"]:
+        points = [(s["t"], s["tokens"][tenant] / sum(s["tokens"].values()))
+                  for s in fair["timeline"] if sum(s["tokens"].values())]  # fmt: skip
+        if points:
+            bottom.plot(*zip(*points), marker=".", label=tenant)
+    bottom.axvspan(fair["judged_from_s"], fair["judged_at_s"], color="black", alpha=0.08, label="judged")
+    bottom.set_ylim(0, 1)
+    bottom.set_xlabel("seconds since both batches were created")
+    bottom.set_ylabel("share of harvested tokens")
+    bottom.set_title("two tenants, equal batches: cumulative shares")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
