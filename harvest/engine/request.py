@@ -60,6 +60,9 @@ class Request:
         self.first_scheduled_time: float | None = None  # the queue time's end (engine/metrics.py)
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        # the engine's step time attributed to this request (engine.py `_update`): on whatever
+        # device the engine runs, so not called GPU seconds
+        self.device_seconds = 0.0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
         # where this request resumes from: another engine's checkpoint until it is loaded, then
         # this engine's (refreshed as blocks are saved); what progress records and exports carry
@@ -109,6 +112,7 @@ class Request:
             checkpoint=self.checkpoint,
             num_preemptions=self.num_preemptions,
             seed=self.seed,
+            device_seconds=self.device_seconds,
         )
 
     @classmethod
@@ -119,6 +123,7 @@ class Request:
         req.token_ids = list(state.token_ids)
         req.checkpoint = state.checkpoint
         req.num_preemptions = state.num_preemptions
+        req.device_seconds = state.device_seconds
         if state.seed is not None:
             req.seed = state.seed
         return req

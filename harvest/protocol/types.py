@@ -45,6 +45,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_preemptions: int = 0
+    device_seconds: float = 0.0  # of the finished output: the engine's step time spent on it
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why a request finished with `FinishReason.ERROR`
     request_class: RequestClass = RequestClass.OFFLINE
@@ -65,3 +66,4 @@ class RequestState:
     checkpoint: CheckpointHandle | None = None
     num_preemptions: int = 0
     seed: int | None = None  # a request without its own seed keeps the random one it drew
+    device_seconds: float = 0.0  # spent on it so far: a resumed request keeps counting

@@ -259,23 +259,36 @@ class JobStore:
         """Tokens each tenant (job owner; '' for none) has been served, the fair share's counters."""
         return {tenant: int(n) for tenant, n in self.r.hgetall(f"{self.prefix}:served").items()}
 
-    def tenant_tokens(self) -> dict[str, dict[str, int]]:
-        """Per tenant, in one round trip: `harvested` (prompt + completion tokens of its results)
-        and `served` (the fair share's counter: it also holds estimates for leased work)."""
+    def tenant_usage(self) -> dict[str, dict[str, float]]:
+        """Per tenant, in one round trip: `harvested` (prompt + completion tokens of its results),
+        `device_seconds` (the engine time they took) and `served` (the fair share's counter: it
+        also holds estimates for leased work)."""
         with self.r.pipeline(transaction=False) as pipe:
             pipe.hgetall(f"{self.prefix}:harvested")
+            pipe.hgetall(f"{self.prefix}:device_seconds")
             pipe.hgetall(f"{self.prefix}:served")
-            harvested, served = pipe.execute()
-        return {tenant: {"harvested": int(harvested.get(tenant, 0)), "served": int(served.get(tenant, 0))}
-                for tenant in sorted({*harvested, *served})}  # fmt: skip
+            harvested, seconds, served = pipe.execute()
+        return {
+            tenant: {
+                "harvested": int(harvested.get(tenant, 0)),
+                "device_seconds": float(seconds.get(tenant, 0)),
+                "served": int(served.get(tenant, 0)),
+            }
+            for tenant in sorted({*harvested, *seconds, *served})
+        }
 
-    def job_tokens(self, job_ids: Iterable[str]) -> dict[str, int]:
-        """Prompt + completion tokens of each job's results so far, in one round trip."""
+    def job_usage(self, job_ids: Iterable[str]) -> dict[str, dict[str, float]]:
+        """Each job's `harvested_tokens` (prompt + completion tokens of its results so far) and
+        `device_seconds` (the engine time they took), in one round trip."""
         job_ids = list(job_ids)
         with self.r.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hget(self.job_key(job_id), "tokens")
-            return {job_id: int(n or 0) for job_id, n in zip(job_ids, pipe.execute(), strict=True)}
+                pipe.hmget(self.job_key(job_id), "tokens", "device_seconds")
+            rows = pipe.execute()
+        return {
+            job_id: {"harvested_tokens": int(tokens or 0), "device_seconds": float(seconds or 0)}
+            for job_id, (tokens, seconds) in zip(job_ids, rows, strict=True)
+        }
 
     # ------------------------------------------------------------------ worker verbs
 
@@ -315,6 +328,7 @@ class JobStore:
                 index,
                 "c" if result.ok else "f",
                 result.prompt_tokens + result.completion_tokens,
+                f"{result.device_seconds:.6f}",
                 result.to_json(),
             ]
         return self._run("WRITE_RESULTS", lease.job_id, lease.shard, lease.token, *args, client=client)
