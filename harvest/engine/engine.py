@@ -132,15 +132,17 @@ class Engine:
         request_class: RequestClass | str = RequestClass.OFFLINE,
         stream_text: bool = False,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
-        """Queue a request; returns its id. `stream_text` adds text deltas to step outputs."""
+        """Queue a request; returns its id. `stream_text` adds text deltas to step outputs;
+        `priority` orders it within its class, lower first (`FLEX_PRIORITY`)."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         limit = min(self.max_model_len, self.capacity_tokens)
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; this engine takes at most {limit - 1}")
         request_id = request_id or f"req-{next(self._ids)}"
-        req = Request(request_id, ids, params, RequestClass(request_class), arrival_time)
+        req = Request(request_id, ids, params, RequestClass(request_class), arrival_time, priority)
         self._enqueue(req, stream_text)
         return request_id
 

@@ -38,6 +38,7 @@ class Request:
         params: SamplingParams,
         request_class: RequestClass = RequestClass.OFFLINE,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: empty prompt")
@@ -45,6 +46,7 @@ class Request:
         self.params = params
         self.request_class = RequestClass(request_class)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority  # lower first, within the request's class (protocol/types.py)
         self._created = next(_creation)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -69,9 +71,10 @@ class Request:
         self.checkpoint: CheckpointHandle | None = None
 
     @property
-    def order(self) -> tuple[float, int]:
-        """Arrival order; ties (a backlog queued at once) broken by creation order."""
-        return (self.arrival_time, self._created)
+    def order(self) -> tuple[int, float, int]:
+        """Priority, then arrival order; ties (a backlog queued at once) broken by creation
+        order. The scheduler runs, admits and keeps requests in this order within a class."""
+        return (self.priority, self.arrival_time, self._created)
 
     @property
     def num_tokens(self) -> int:
@@ -113,13 +116,14 @@ class Request:
             num_preemptions=self.num_preemptions,
             seed=self.seed,
             device_seconds=self.device_seconds,
+            priority=self.priority,
         )
 
     @classmethod
     def from_state(cls, state: RequestState) -> Request:
         params = SamplingParams(**state.params)
         req = cls(state.request_id, state.token_ids[: state.num_prompt_tokens], params, state.request_class,
-                  state.arrival_time)  # fmt: skip
+                  state.arrival_time, state.priority)  # fmt: skip
         req.token_ids = list(state.token_ids)
         req.checkpoint = state.checkpoint
         req.num_preemptions = state.num_preemptions
