@@ -203,10 +203,11 @@ def test_online_requests_claim_seats_from_offline():
 def test_a_flex_request_takes_the_first_free_seat_before_waiting_batch_lines():
     sched = make_scheduler("harvest", max_num_seqs=2, ms_per_token=None)
     batch_lines = [make_request(4, max_tokens=n) for n in (3, 8, 8, 8)]
-    flex = make_request(4, max_tokens=2, priority=FLEX_PRIORITY)
-    for r in [*batch_lines, flex]:
+    for r in batch_lines:
         sched.add(r)
     assert ids(step(sched).requests) == ids(batch_lines[:2])
+    flex = make_request(4, max_tokens=2, priority=FLEX_PRIORITY)
+    sched.add(flex)  # behind two waiting batch lines
     while flex.status is RequestStatus.WAITING:
         step(sched)
     assert batch_lines[0].is_finished  # the first seat to come free
