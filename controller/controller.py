@@ -81,7 +81,7 @@ class HarvestController:
         self._last_jobs = 0.0  # monotonic time of the last job sweep
         self.offline_requests_pending: int | None = None  # over all jobs, as of the last sweep
         self.queued_by_deadline: dict[str, int] = {}  # ... of those in progress, by how soon due
-        self.tenants: dict[str, dict[str, int]] = {}  # tenant -> harvested and served tokens
+        self.tenants: dict[str, dict[str, float]] = {}  # tenant -> harvested/served tokens, device seconds
         self.started = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -160,7 +160,7 @@ class HarvestController:
                 self.offline_requests_pending = sum(j.request_counts.total - j.request_counts.finished
                                                     for j in jobs)  # fmt: skip
                 self.queued_by_deadline = queued_by_deadline(jobs, self.store.now())
-                self.tenants = self.store.tenant_tokens()  # the workers' /metrics export these
+                self.tenants = self.store.tenant_usage()  # the workers' /metrics export these
                 self._last_jobs = time.monotonic()
             self._check_silent()
         except redis.RedisError as exc:
@@ -198,8 +198,8 @@ class HarvestController:
             view = {name: dict(s) for name, s in self.view.items()}
         try:
             listed = self.store.list_jobs(limit=20)
-            tokens = self.store.job_tokens(j.id for j in listed)
-            jobs = [{**j.to_dict(), "harvested_tokens": tokens[j.id]} for j in listed]
+            usage = self.store.job_usage(j.id for j in listed)
+            jobs = [{**j.to_dict(), **usage[j.id]} for j in listed]
         except redis.RedisError:
             jobs = []  # the workers' view still stands; `redis_error` says why no jobs
         return {

@@ -122,6 +122,7 @@ class MockEngine:
         *,
         on_error: ErrorSink | None = None,
         stream_text: bool = False,
+        priority: int = 0,  # the mock runs everything at once: no order to keep
     ) -> str:
         request_id = request_id or uuid.uuid4().hex
         ids = self._tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -145,6 +146,7 @@ class MockEngine:
         request_id: str | None = None,
         request_class: RequestClass | str = RequestClass.ONLINE,
         stream_text: bool = True,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()

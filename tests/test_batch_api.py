@@ -475,6 +475,38 @@ def test_the_eta_follows_recent_throughput(api, redis_server, queue_engine):
     assert not day_eta["at_risk"] and short_eta["eta"] < day_eta["eta"] <= day.expires_at
 
 
+def test_reading_a_batch_recomputes_its_eta_from_the_work_left(api, queue_store):
+    from harvest.queue import Result
+
+    day = api.client.batches.create(
+        input_file_id=upload(api.client, [line(f"d{i}") for i in range(4)]).id,
+        endpoint=COMPLETIONS,
+        completion_window="24h",
+    )
+    assert day.model_extra["x_harvest"]["eta"] is None  # created with no throughput to judge by
+    (lease,) = queue_store.lease("w", 30)
+    done = Result("completed", text="x", prompt_tokens=1, completion_tokens=1)
+    assert queue_store.write_results(lease, {0: done, 1: done}) == ["ok", "ok"]
+    # two results in one 10 s bucket: at most 0.2 requests/s, two requests left
+    now = queue_store.now()
+    fresh = api.client.batches.retrieve(day.id).model_extra["x_harvest"]
+    assert fresh["eta"] >= int(now + 2 / 0.2) and not fresh["at_risk"]
+    # a 5m batch of 80 is leased first: the day batch now waits behind it, which cannot make
+    # its own window at this rate
+    short = api.client.batches.create(
+        input_file_id=upload(api.client, [line(f"s{i}") for i in range(80)]).id,
+        endpoint=COMPLETIONS,
+        completion_window="5m",
+    )
+    later = api.client.batches.retrieve(day.id).model_extra["x_harvest"]
+    assert later["eta"] >= fresh["eta"] + 80 / 0.2 - 1 and not later["at_risk"]
+    short_eta = api.client.batches.retrieve(short.id).model_extra["x_harvest"]
+    assert short_eta["at_risk"] and short_eta["eta"] > short_eta["deadline"]
+    # a list shows the estimate stored at creation
+    listed = {b.id: b.model_extra["x_harvest"]["eta"] for b in api.client.batches.list()}
+    assert listed[day.id] is None
+
+
 def test_an_expired_window_keeps_the_finished_lines(api, redis_server, queue_engine, queue_store):
     lines = [line(f"short-{i}", max_tokens=1) for i in range(3)] + [line("long", max_tokens=64)]
     f = upload(api.client, lines)

@@ -178,3 +178,23 @@ def test_streamed_text_equals_decoding_the_output(engine):
         (streamed,) = run_checked(engine).values()
         assert streamed.token_ids == expected.token_ids
         assert streamed.text == expected.text
+
+
+def test_device_seconds_share_each_step_by_tokens(engine):
+    """Both requests run in one step (prefill and their only token): their device seconds
+    split that step 4 : 12, and add up to no more than the step took."""
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    short, long = engine.generate(make_prompts(engine, [4, 12], start=600), one)
+    assert short.device_seconds > 0
+    assert long.device_seconds == pytest.approx(3 * short.device_seconds)
+    assert short.device_seconds + long.device_seconds <= engine.last_step.measured_latency_s
+
+
+def test_device_seconds_follow_a_request_through_its_steps(engine):
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (2, 10)]
+    short, long = engine.generate(make_prompts(engine, [8, 8], start=700), params)
+    # equal shares while both run, then eight steps of the longer one alone
+    assert 0 < short.device_seconds < long.device_seconds
+    req = Request("r", [1, 2, 3], SamplingParams())
+    req.device_seconds = 0.5
+    assert Request.from_state(req.export_state()).device_seconds == 0.5  # a resume keeps counting

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -98,6 +99,34 @@ def test_the_openai_sdk_sends_flex(flex):
     assert reply.service_tier == "flex" and reply.choices[0].message.content
     assert {c.service_tier for c in chunks} == {"flex"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+
+
+def test_a_flex_request_goes_ahead_of_a_batch_backlog(flex):
+    """Four waves of batch lines are in the engine (8 seats): the flex request takes the
+    first seat that comes free and finishes before the second wave does."""
+    [prompt] = make_prompts(flex.loop.engine, [9], start=300)
+    backlog, done, all_done = 32, [], threading.Event()
+
+    def on_output(out) -> None:
+        if out.finished:
+            done.append(out.request_id)
+            if len(done) == backlog:
+                all_done.set()
+
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ids = [
+        flex.loop.submit(prompt, params, f"batch-{i}", RequestClass.OFFLINE, on_output)
+        for i in range(backlog)
+    ]
+    try:
+        r = flex.client.post("/v1/completions", json={"prompt": prompt, "service_tier": "flex", **GREEDY})
+        finished_before = len(done)
+    finally:
+        for rid in ids:
+            flex.loop.abort(rid)
+        assert all_done.wait(60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    assert finished_before <= 8, f"{finished_before} batch lines finished before the flex request"
 
 
 # ---------------------------------------------------------------------- the backend's queues

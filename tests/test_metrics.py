@@ -25,9 +25,10 @@ WORKLOAD = {"worker-a": (3, 2), "worker-b": (2, 0)}
 CONTROLLER = {
     "offline_requests_pending": 7,
     "jobs": [{"id": "batch_1", "request_counts": {"total": 10, "completed": 2, "failed": 1},
-              "harvested_tokens": 36}],
+              "harvested_tokens": 36, "device_seconds": 1.5}],
     "queued_by_deadline": {"30m": 7, "1h": 0, "6h": 0, "24h": 0, "7d": 0, "later": 0, "none": 0},
-    "tenants": {"alice": {"harvested": 36, "served": 80}, "": {"harvested": 5, "served": 5}},
+    "tenants": {"alice": {"harvested": 36, "served": 80, "device_seconds": 1.5},
+                "": {"harvested": 5, "served": 5, "device_seconds": 0.25}},
 }  # fmt: skip
 
 
@@ -141,6 +142,8 @@ def test_two_workers_aggregate_on_one_scrape(fleet):
     assert progress == {"total": 10, "completed": 2, "failed": 1}
     [job_tokens] = samples(text, "harvest_job_harvested_tokens", batch="batch_1")
     assert job_tokens.value == 36
+    [job_seconds] = samples(text, "harvest_job_device_seconds", batch="batch_1")
+    assert job_seconds.value == 1.5
     queued = {s.labels["due_within"]: s.value for s in samples(text, "harvest_offline_requests_queued")}
     assert queued == CONTROLLER["queued_by_deadline"]
     harvested = {s.labels.get("tenant", ""): s.value
@@ -148,6 +151,9 @@ def test_two_workers_aggregate_on_one_scrape(fleet):
     assert harvested == {"alice": 36, "": 5}
     [served] = samples(text, "harvest_tenant_served_tokens", tenant="alice")
     assert served.value == 80
+    seconds = {s.labels.get("tenant", ""): s.value
+               for s in samples(text, "harvest_tenant_device_seconds_total")}  # fmt: skip
+    assert seconds == {"alice": 1.5, "": 0.25}
 
 
 def test_stats_from_a_worker_without_histograms_still_render(fleet):
@@ -213,7 +219,8 @@ def test_controller_reports_tokens_per_tenant_and_batch_and_the_queue_by_deadlin
     make_job(2, shard_size=2)  # no window, no owner
     (lease,) = queue_store.lease("w", 30)
     assert lease.job_id == soon  # the earliest deadline first
-    results = {i: Result("completed", text="x", prompt_tokens=5, completion_tokens=7) for i in range(2)}
+    results = {i: Result("completed", text="x", prompt_tokens=5, completion_tokens=7, device_seconds=0.125)
+               for i in range(2)}  # fmt: skip
     assert queue_store.write_results(lease, results) == ["ok", "ok"]
     assert queue_store.write_results(lease, results) == ["dup", "dup"]  # counted once
     controller = HarvestController({"redis_url": redis_server.url, "monitor_period_s": 60, "num_workers": 1})
@@ -224,14 +231,18 @@ def test_controller_reports_tokens_per_tenant_and_batch_and_the_queue_by_deadlin
         controller.shutdown()
     tokens = {job["id"]: job["harvested_tokens"] for job in status["jobs"]}
     assert tokens[soon] == 24 and tokens[later] == 0
+    seconds = {job["id"]: job["device_seconds"] for job in status["jobs"]}
+    assert seconds[soon] == 0.25 and seconds[later] == 0  # 2 x 0.125, the duplicates not again
     # the lease charged an estimate; the results replaced it with their real 2 x 12 tokens
-    assert status["tenants"]["alice"] == {"harvested": 24, "served": 24}
+    assert status["tenants"]["alice"] == {"harvested": 24, "served": 24, "device_seconds": 0.25}
     assert status["tenants"].get("bob", {}).get("harvested", 0) == 0  # nothing leased yet
     queued = {"30m": 2, "1h": 0, "6h": 0, "24h": 2, "7d": 0, "later": 0, "none": 2}
     assert status["queued_by_deadline"] == queued
     text = render_engine_metrics({}, status)
     [alice] = samples(text, "harvest_tenant_harvested_tokens_total", tenant="alice")
     assert alice.value == 24
+    [alice] = samples(text, "harvest_tenant_device_seconds_total", tenant="alice")
+    assert alice.value == 0.25
 
 
 def test_harvest_status_shows_tenants_batches_and_the_queue_by_deadline(monkeypatch):
@@ -249,7 +260,8 @@ def test_harvest_status_shows_tenants_batches_and_the_queue_by_deadline(monkeypa
     cli_service.show_service_status("auto", as_json=False)
     text = console.export_text()
     [job_row] = [line for line in text.splitlines() if "batch_1" in line]
-    assert job_row.split("│")[2].strip() == "alice" and job_row.split("│")[-2].strip() == "36"
+    cells = [cell.strip() for cell in job_row.split("│")]
+    assert cells[2] == "alice" and cells[-3:-1] == ["36", "1.5"]
     [alice] = [line.split("│") for line in text.splitlines() if "│ alice" in line and "batch_1" not in line]
-    assert [cell.strip() for cell in alice[1:-1]] == ["alice", "36", "80"]
+    assert [cell.strip() for cell in alice[1:-1]] == ["alice", "36", "1.5", "80"]
     assert "(no owner)" in text and "offline requests queued: 7 due within 30m" in text

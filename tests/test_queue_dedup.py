@@ -45,6 +45,8 @@ def test_identical_greedy_prompts_run_once_and_every_custom_id_gets_its_record(q
         assert rows[f"r{i}"].result.ok and rows[f"r{i}"].result.completion_tokens == 4
         assert rows[f"r{i}"].result.token_ids == rows[f"r{first}"].result.token_ids
         assert rows[f"r{i}"].result.deduplicated == (i != first)
+        # the engine time was spent once: the copies carry none, so a job's sum is what it took
+        assert (rows[f"r{i}"].result.device_seconds > 0) == (i == first)
     out = batch_output_line(rows["r2"], "tiny")
     assert out["custom_id"] == "r2" and out["response"]["body"]["x_harvest"] == {"deduplicated": True}
     assert "x_harvest" not in batch_output_line(rows["r0"], "tiny")["response"]["body"]

@@ -102,6 +102,8 @@ def test_full_life_cycle_through_the_engine(queue_client, queue_engine, tmp_path
     assert [r["output"] for r in rows[:4]] == expected
     assert all(r["completion_tokens"] == len(r["output_token_ids"]) for r in rows)
     assert rows[4]["status"] == "failed" and rows[4]["error_code"] == "invalid_request"
+    # engine time per result; the request refused before the engine took none
+    assert all(r["device_seconds"] > 0 for r in rows[:4]) and rows[4]["device_seconds"] == 0
     assert "\n" not in rows[5]["output"]
 
     queue_client.export(job.id, tmp_path / "out.parquet")

@@ -20,6 +20,7 @@ from harvest.engine.config import SchedulerConfig, SLOConfig
 from harvest.engine.latency_model import LatencyModel
 from harvest.engine.request import Request, RequestClass, RequestStatus
 from harvest.engine.scheduler import ScheduledBatch, Scheduler
+from harvest.protocol.types import FLEX_PRIORITY
 
 BLOCK = 4
 MS_PER_TOKEN = 1.0
@@ -49,11 +50,13 @@ def make_scheduler(
     return Scheduler(config, blocks, fake_latency(ms_per_token))
 
 
-def make_request(prompt_len: int, max_tokens: int = 4, online: bool = False, rid: str = "") -> Request:
+def make_request(
+    prompt_len: int, max_tokens: int = 4, online: bool = False, rid: str = "", priority: int = 0
+) -> Request:
     prompt = [next(_token_ids) for _ in range(prompt_len)]
     request_class = RequestClass.ONLINE if online else RequestClass.OFFLINE
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return Request(rid or f"r{prompt[0]}", prompt, params, request_class)
+    return Request(rid or f"r{prompt[0]}", prompt, params, request_class, priority=priority)
 
 
 def make_requests(n: int, prompt_len: int, **kwargs) -> list[Request]:
@@ -195,6 +198,44 @@ def test_online_requests_claim_seats_from_offline():
     sched.add(online)
     batch = step(sched)
     assert online in batch.requests and ids(batch.preempted) == ids(offline[1:])
+
+
+def test_a_flex_request_takes_the_first_free_seat_before_waiting_batch_lines():
+    sched = make_scheduler("harvest", max_num_seqs=2, ms_per_token=None)
+    batch_lines = [make_request(4, max_tokens=n) for n in (3, 8, 8, 8)]
+    for r in batch_lines:
+        sched.add(r)
+    assert ids(step(sched).requests) == ids(batch_lines[:2])
+    flex = make_request(4, max_tokens=2, priority=FLEX_PRIORITY)
+    sched.add(flex)  # behind two waiting batch lines
+    while flex.status is RequestStatus.WAITING:
+        step(sched)
+    assert batch_lines[0].is_finished  # the first seat to come free
+    assert all(r.status is RequestStatus.WAITING for r in batch_lines[2:])
+    run(sched)
+    assert all(r.is_finished for r in batch_lines)
+
+
+def test_batch_lines_give_way_before_flex_requests():
+    # as test_online_evicts_the_latest_offline_first_and_never_online, the latest offline
+    # arrival a flex request: the latest batch line is evicted instead
+    sched = make_scheduler("priority-recompute", num_blocks=6, ms_per_token=None)
+    first, second = make_requests(2, 7, max_tokens=3)
+    flex = make_request(7, max_tokens=3, priority=FLEX_PRIORITY)
+    for r in (first, second, flex):
+        sched.add(r)
+    step(sched)
+    assert sched.blocks.num_free_blocks == 0
+    sched.add(make_request(8, online=True))
+    assert ids(step(sched).preempted) == ids([second])
+    # and a flex request short of a block evicts a batch line, never the other way round
+    sched = make_scheduler("priority-recompute", num_blocks=4, ms_per_token=None)
+    early, flex = make_request(8, max_tokens=4), make_request(8, max_tokens=4, priority=FLEX_PRIORITY)
+    sched.add(early)
+    sched.add(flex)
+    preempted = [r for b in run(sched) for r in b.preempted]
+    assert preempted and all(r is early for r in preempted)
+    assert flex.num_preemptions == 0
 
 
 def test_harvest_resumes_a_preempted_offline_request_from_its_checkpoint():

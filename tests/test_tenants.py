@@ -77,6 +77,7 @@ def test_a_tenant_arriving_late_starts_at_the_least_counter(queue_store, make_jo
 def test_results_replace_the_estimate_and_count_toward_throughput(queue_store, make_job):
     job_id = make_job(4, shard_size=2, owner="a", completion_window_s=3600)
     assert queue_store.throughput() is None  # nothing written yet: no rate to judge by
+    assert queue_store.eta(queue_store.get_job(job_id).expires_at) is None
     assert queue_store.requests_ahead(queue_store.get_job(job_id).expires_at) == 4
     (lease,) = queue_store.lease("w", 30)
     assert queue_store.served_tokens() == {"a": cost(lease)}
@@ -87,6 +88,9 @@ def test_results_replace_the_estimate_and_count_toward_throughput(queue_store, m
     requests_per_s, tokens_per_s = queue_store.throughput()
     assert requests_per_s > 0 and tokens_per_s == pytest.approx(12 * requests_per_s)
     assert queue_store.requests_ahead(queue_store.get_job(job_id).expires_at) == 2
+    # two requests left at the rate above (or less: the same results over a longer span)
+    before, deadline = queue_store.now(), queue_store.get_job(job_id).expires_at
+    assert before + 2 / requests_per_s <= queue_store.eta(deadline) < deadline
     # a later deadline class counts this job as ahead of it; an earlier one does not
     assert queue_store.requests_ahead(queue_store.now() + 7200) == 2
     assert queue_store.requests_ahead(queue_store.now() + 60) == 0

@@ -102,7 +102,8 @@ def install_batch_routes(app: FastAPI, service: BatchService, model_name: Callab
 
     @app.get("/v1/batches/{batch_id}")
     async def retrieve(batch_id: str, request: Request) -> dict[str, Any]:
-        return found(await asyncio.to_thread(service.batches.get, batch_id, tenant_of(request)), batch_id)
+        view = await asyncio.to_thread(service.batches.get, batch_id, tenant_of(request), fresh_eta=True)
+        return found(view, batch_id)
 
     @app.get("/v1/batches")
     async def list_batches(

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 from harvest.api.backend import BackendBusy, BackendUnavailable
 from harvest.protocol.engine_client import EngineClient, EngineLoopError
 from harvest.protocol.sampling_params import SamplingParams
-from harvest.protocol.types import RequestClass, RequestOutput
+from harvest.protocol.types import FLEX_PRIORITY, RequestClass, RequestOutput
 from harvest.serving.metrics import render_engine_metrics
 
 
@@ -21,8 +21,9 @@ class LocalBackend:
     429 with Retry-After (`BackendBusy`) rather than queueing without bound. Flex requests
     (the offline class) have a cap of their own, `max_pending_flex` (default: the same
     number), so that neither tier's backlog refuses the other's requests; batch shards'
-    offline requests count against neither. `max_stall_s` is the health check's limit on a
-    step that does not finish.
+    offline requests count against neither. Flex requests go ahead of batch lines in the
+    engine (`FLEX_PRIORITY`). `max_stall_s` is the health check's limit on a step that does
+    not finish.
     """
 
     def __init__(
@@ -68,7 +69,8 @@ class LocalBackend:
                                   "retry shortly")  # fmt: skip
         elif self.max_pending is not None and self.loop.num_pending(RequestClass.ONLINE) >= self.max_pending:
             raise BackendBusy(f"too many requests in flight (limit {self.max_pending}); retry shortly")
-        outputs = self.loop.generate(prompt_token_ids, params, request_id, request_class, stream_text=True)
+        outputs = self.loop.generate(prompt_token_ids, params, request_id, request_class, stream_text=True,
+                                     priority=FLEX_PRIORITY if flex else 0)  # fmt: skip
         self.flex_pending += flex  # on the event loop: no lock needed
         try:
             async for out in outputs:

@@ -18,9 +18,11 @@ caller's tenant, and another tenant's batch reads as no batch at all. `tenant=No
 operator's view of all (`harvest jobs`, HarvestClient).
 
 At creation the batch gets an estimate (`x_harvest`): when it would finish at the fleet's
-recent throughput (`JobStore.throughput`) behind the requests leased before or beside it
-(`JobStore.requests_ahead`, by deadline class), its deadline, and whether the one passes the
-other. `eta` is null while nothing was written in the last minutes (no rate to judge by).
+recent throughput behind the requests leased before or beside it, its own included
+(`JobStore.eta`, by deadline class), its deadline, and whether the one passes the other.
+Reading one batch (GET /v1/batches/{id}) recomputes it while the batch is in progress, from
+the throughput and the work left now (two Redis round trips); a list shows the one stored at
+creation. `eta` is null while nothing was written in the last minutes (no rate to judge by).
 """
 
 from __future__ import annotations
@@ -205,16 +207,22 @@ class BatchRegistry:
 
     def _estimate(self, job_id: str) -> dict[str, Any]:
         """batch_eta / batch_at_risk for a job just queued (nothing for one that failed)."""
-        job = self.store.get_job(job_id)
-        rate = self.store.throughput()
-        if job.status is not JobStatus.IN_PROGRESS or job.expires_at is None or rate is None:
-            return {}
-        eta = self.store.now() + self.store.requests_ahead(job.expires_at) / rate[0]
-        return {"batch_eta": round(eta, 3), "batch_at_risk": int(eta > job.expires_at)}
+        return {f"batch_{k}": v for k, v in self._eta(self.store.get_job(job_id)).items()}
 
-    def get(self, batch_id: str, tenant: str | None = None, sweep: bool = True) -> BatchView | None:
+    def _eta(self, job: Job) -> dict[str, Any]:
+        """eta / at_risk of an in-progress job as the fleet runs now; {} for any other job or
+        with no recent throughput."""
+        if job.status is not JobStatus.IN_PROGRESS or job.expires_at is None:
+            return {}
+        if (eta := self.store.eta(job.expires_at)) is None:
+            return {}
+        return {"eta": round(eta, 3), "at_risk": int(eta > job.expires_at)}
+
+    def get(
+        self, batch_id: str, tenant: str | None = None, sweep: bool = True, fresh_eta: bool = False
+    ) -> BatchView | None:
         """The batch, its files written if it just closed; None if `tenant` has no batch of this
-        id (None: any tenant's)."""
+        id (None: any tenant's). `fresh_eta`: recompute the estimate of a batch in progress."""
         if sweep:  # so that a batch past its window reads as expired with no worker alive
             self.store.sweep()
         h = self.store.r.hgetall(self.store.job_key(batch_id))
@@ -224,6 +232,10 @@ class BatchRegistry:
         if job.status in CLOSED and "batch_files" not in h and self._write_files(job):
             h = self.store.r.hgetall(self.store.job_key(batch_id))
         fields = {k.removeprefix("batch_"): v for k, v in h.items() if k.startswith("batch_")}
+        if fresh_eta and job.status is JobStatus.IN_PROGRESS:
+            fields.pop("eta", None)  # no throughput now: no eta, as at creation
+            fields.pop("at_risk", None)
+            fields.update({k: str(v) for k, v in self._eta(job).items()})
         return BatchView(job, fields, job.status in CLOSED and "files" not in fields)
 
     def list(

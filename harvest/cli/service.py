@@ -252,6 +252,10 @@ def down(
         console.print("embedded Redis stopped (its data stays in the data dir)")
 
 
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"  # absent from an older controller
+
+
 def show_service_status(address: str, as_json: bool) -> None:
     from harvest import service
 
@@ -295,7 +299,8 @@ def show_service_status(address: str, as_json: bool) -> None:
             console.print(f"[yellow]{name}: offline paused: {s['offline_paused']}[/]")
     if snapshot.get("redis_error"):
         console.print(f"[yellow]controller: Redis failing ({snapshot['redis_error']}); no job list[/]")
-    jobs = Table("job", "tenant", "name", "status", "completed", "failed", "total", "tokens", title="jobs")
+    jobs = Table("job", "tenant", "name", "status", "completed", "failed", "total", "tokens", "device s",
+                 title="jobs")  # fmt: skip
     for j in snapshot["jobs"]:
         c = j.get("request_counts", {})
         jobs.add_row(
@@ -307,12 +312,14 @@ def show_service_status(address: str, as_json: bool) -> None:
             str(c.get("failed")),
             str(c.get("total")),
             str(j.get("harvested_tokens", "")),  # prompt + completion tokens of its results
+            _seconds(j.get("device_seconds")),  # the engine time they took
         )
     console.print(jobs)
     if tenants := snapshot.get("tenants"):
-        table = Table("tenant", "harvested tokens", "fair-share tokens", title="tenants")
-        for tenant, tokens in tenants.items():
-            table.add_row(tenant or "(no owner)", str(tokens["harvested"]), str(tokens["served"]))
+        table = Table("tenant", "harvested tokens", "device s", "fair-share tokens", title="tenants")
+        for tenant, usage in tenants.items():
+            seconds = _seconds(usage.get("device_seconds"))
+            table.add_row(tenant or "(no owner)", str(usage["harvested"]), seconds, str(usage["served"]))
         console.print(table)
     if queued := {due: n for due, n in snapshot.get("queued_by_deadline", {}).items() if n}:
         words = {"none": "with no window", "later": "due later than 7d"}

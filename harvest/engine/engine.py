@@ -132,15 +132,17 @@ class Engine:
         request_class: RequestClass | str = RequestClass.OFFLINE,
         stream_text: bool = False,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
-        """Queue a request; returns its id. `stream_text` adds text deltas to step outputs."""
+        """Queue a request; returns its id. `stream_text` adds text deltas to step outputs;
+        `priority` orders it within its class, lower first (`FLEX_PRIORITY`)."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         limit = min(self.max_model_len, self.capacity_tokens)
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; this engine takes at most {limit - 1}")
         request_id = request_id or f"req-{next(self._ids)}"
-        req = Request(request_id, ids, params, RequestClass(request_class), arrival_time)
+        req = Request(request_id, ids, params, RequestClass(request_class), arrival_time, priority)
         self._enqueue(req, stream_text)
         return request_id
 
@@ -237,7 +239,7 @@ class Engine:
             outputs += self._isolate(batch, exc)
             self._record(batch, start, aborted=True)
             return outputs
-        outputs += self._update(batch, logits)
+        outputs += self._update(batch, logits, start)
         checkpointed = self._checkpoint()
         self._record(batch, start, checkpointed=checkpointed)
         return outputs
@@ -295,14 +297,22 @@ class Engine:
         culprits = isolate_forward(self.runner.execute, batch.requests, batch.num_new_tokens, error)
         return [self._fail(self.requests[rid], exc) for rid, exc in culprits.items()]
 
-    def _update(self, batch: ScheduledBatch, logits) -> list[RequestOutput]:
+    def _update(self, batch: ScheduledBatch, logits, start: float) -> list[RequestOutput]:
         pairs = zip(batch.requests, batch.num_new_tokens)
         sampling = [r for r, n in pairs if r.num_computed_tokens + n == r.num_tokens]
         # what can fail runs before anything is committed, and per request: a request whose
         # sampling or detokenizer raises ends with an error, alone
         token_ids, errors = sample_rows(sample, logits, sampling)
+        # The step so far (scheduling, forward, sampling: the sampled ids on the host mean the
+        # device is done) is shared by the tokens each request computed. A forward's cost is
+        # mostly per token (weights applied to every token; a decode step's weight reads are
+        # split evenly over its tokens), attention's part per context is the smaller one, and a
+        # token share adds up to the step, so the requests' device seconds sum to the time the
+        # engine ran them. Aborted steps charge nobody: their work is redone and charged then.
+        share = (time.perf_counter() - start) / batch.num_tokens
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
+            req.device_seconds += n * share
             self.block_manager.cache_full_blocks(req)
         now = time.monotonic()
         outputs = []
@@ -425,6 +435,7 @@ class Engine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
             num_preemptions=req.num_preemptions,
+            device_seconds=req.device_seconds,
             metrics=metrics,
             error=error,
             request_class=req.request_class,

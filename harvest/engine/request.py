@@ -38,6 +38,7 @@ class Request:
         params: SamplingParams,
         request_class: RequestClass = RequestClass.OFFLINE,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: empty prompt")
@@ -45,6 +46,7 @@ class Request:
         self.params = params
         self.request_class = RequestClass(request_class)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority  # lower first, within the request's class (protocol/types.py)
         self._created = next(_creation)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -60,15 +62,19 @@ class Request:
         self.first_scheduled_time: float | None = None  # the queue time's end (engine/metrics.py)
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        # the engine's step time attributed to this request (engine.py `_update`): on whatever
+        # device the engine runs, so not called GPU seconds
+        self.device_seconds = 0.0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
         # where this request resumes from: another engine's checkpoint until it is loaded, then
         # this engine's (refreshed as blocks are saved); what progress records and exports carry
         self.checkpoint: CheckpointHandle | None = None
 
     @property
-    def order(self) -> tuple[float, int]:
-        """Arrival order; ties (a backlog queued at once) broken by creation order."""
-        return (self.arrival_time, self._created)
+    def order(self) -> tuple[int, float, int]:
+        """Priority, then arrival order; ties (a backlog queued at once) broken by creation
+        order. The scheduler runs, admits and keeps requests in this order within a class."""
+        return (self.priority, self.arrival_time, self._created)
 
     @property
     def num_tokens(self) -> int:
@@ -109,16 +115,19 @@ class Request:
             checkpoint=self.checkpoint,
             num_preemptions=self.num_preemptions,
             seed=self.seed,
+            device_seconds=self.device_seconds,
+            priority=self.priority,
         )
 
     @classmethod
     def from_state(cls, state: RequestState) -> Request:
         params = SamplingParams(**state.params)
         req = cls(state.request_id, state.token_ids[: state.num_prompt_tokens], params, state.request_class,
-                  state.arrival_time)  # fmt: skip
+                  state.arrival_time, state.priority)  # fmt: skip
         req.token_ids = list(state.token_ids)
         req.checkpoint = state.checkpoint
         req.num_preemptions = state.num_preemptions
+        req.device_seconds = state.device_seconds
         if state.seed is not None:
             req.seed = state.seed
         return req

@@ -181,8 +181,11 @@ class Scheduler:
         """Start (or restart) the request at the head of `queue`: its longest cached prefix
         is taken as computed. One whose checkpoint reaches further gets the blocks for it and
         waits in LOADING (no tokens this step). Returns the tokens scheduled, None if it
-        could not start."""
-        req = queue[0]
+        could not start.
+
+        Offline, that is the first request of the lowest priority value in the queue's order
+        (arrival, preempted ones back at the front): a flex request before any batch line."""
+        req = queue[0] if online else min(queue, key=lambda r: r.priority)
         if len(self.running) >= self.config.max_num_seqs and not (online and self._evict(batch, req)):
             return None
         hit = self.blocks.cached_prefix(req)
@@ -202,7 +205,7 @@ class Scheduler:
             if n == 0 or not self._allocate(req, n, batch, online, hit):
                 req.num_computed_tokens = before
                 return None
-        queue.popleft()
+        queue.remove(req)  # not popleft(): an eviction above may have put a request before it
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
         self.running.append(req)

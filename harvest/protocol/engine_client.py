@@ -65,9 +65,11 @@ class EngineClient(Protocol):
         *,
         on_error: ErrorSink | None = None,
         stream_text: bool = False,
+        priority: int = 0,
     ) -> str:
         """Add a request; `on_output` gets each of its step outputs (the last `finished`),
-        `on_error` an error if the engine stops first. Returns the request id."""
+        `on_error` an error if the engine stops first. `priority` orders it within its class,
+        lower first (`FLEX_PRIORITY`). Returns the request id."""
         ...
 
     def generate(
@@ -77,6 +79,7 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         request_class: RequestClass | str = RequestClass.ONLINE,
         stream_text: bool = True,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """`submit` for asyncio: yields the outputs; leaving early aborts the request."""
         ...

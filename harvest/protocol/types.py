@@ -20,6 +20,12 @@ class RequestClass(str, enum.Enum):
     OFFLINE = "offline"
 
 
+# Order within a request class, lower first (vLLM's convention); requests run at 0. A flex
+# request (the offline class over HTTP) has somebody waiting on its answer, a batch line has
+# a window of hours: flex goes ahead of batch lines, and batch lines are preempted first.
+FLEX_PRIORITY = -1
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos, stop token or stop string
     LENGTH = "length"  # max_tokens or the model's context
@@ -45,6 +51,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_preemptions: int = 0
+    device_seconds: float = 0.0  # of the finished output: the engine's step time spent on it
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why a request finished with `FinishReason.ERROR`
     request_class: RequestClass = RequestClass.OFFLINE
@@ -65,3 +72,5 @@ class RequestState:
     checkpoint: CheckpointHandle | None = None
     num_preemptions: int = 0
     seed: int | None = None  # a request without its own seed keeps the random one it drew
+    device_seconds: float = 0.0  # spent on it so far: a resumed request keeps counting
+    priority: int = 0

@@ -7,7 +7,8 @@ the prefix passed as ARGV[1] (single-instance Redis; a cluster would need hash t
 Layout (P = prefix, J = job id, N = shard number):
   P:jobs                zset  J -> created ms
   P:job:J               hash  job record, counters (total/completed/failed/leased/shards_finished,
-                              tokens: prompt + completion tokens of its results, the harvested work)
+                              tokens: prompt + completion tokens of its results, the harvested work;
+                              device_seconds: the engine time its results took)
   P:job:J:ready         list  shard numbers waiting for a lease
   P:job:J:dead          zset  N -> dead-lettered ms (expires with the job)
   P:job:J:shard:N       hash  state, token, attempts, worker, size, requests (JSON), costs (JSON
@@ -23,6 +24,7 @@ Layout (P = prefix, J = job id, N = shard number):
   P:turns               counter of round-robin turns
   P:served              hash  tenant -> tokens served (estimated at lease, corrected by results)
   P:harvested           hash  tenant -> prompt + completion tokens of its results (no estimates)
+  P:device_seconds      hash  tenant -> engine time its results took (a float)
   P:active              list  (older harvest) jobs with ready shards; LEASE moves them into classes
   P:rate:B              hash  results written in the 10 s bucket B: r (requests), t (tokens); 10 min TTL
   P:leases              zset  "J/N" -> lease deadline ms
@@ -462,12 +464,12 @@ redis.call('HDEL', skey(job, n), 'grace')
 return 'ok'
 """
 
-# ARGV: prefix, job, n, token, then (index, 'c'|'f', tokens, result JSON) quadruples
+# ARGV: prefix, job, n, token, then (index, 'c'|'f', tokens, device seconds, result JSON) quintuples
 # -> {'ok'|'dup', ...} per result, or 'lost' | 'closed' for all of them.
 # A handful of commands per call, not per result: Lua's per-call cost dominates otherwise.
 # New results correct their tenant's served tokens (the lease charged an estimate), count
 # toward the fleet's recent throughput (P:rate, read for batch ETAs) and toward the harvested
-# tokens of their job and tenant (read for metrics and `harvest status`).
+# tokens and device seconds of their job and tenant (read for metrics and `harvest status`).
 WRITE_RESULTS = r"""
 local job, n, token = ARGV[2], ARGV[3], ARGV[4]
 if not holds(job, n, token) then return 'lost' end
@@ -475,20 +477,21 @@ local jk, sk = jkey(job), skey(job, n)
 local status = redis.call('HGET', jk, 'status')
 if status ~= 'in_progress' and status ~= 'cancelling' then return 'closed' end
 local indices = {}
-for i = 5, #ARGV, 4 do table.insert(indices, ARGV[i]) end
+for i = 5, #ARGV, 5 do table.insert(indices, ARGV[i]) end
 local have = chunked('HMGET', sk .. ':results', indices, 1)
 local costs = cjson.decode(redis.call('HGET', sk, 'costs') or '[]')
-local out, new, counts, tokens, correction = {}, {}, {c = 0, f = 0}, 0, 0
+local out, new, counts, tokens, correction, seconds = {}, {}, {c = 0, f = 0}, 0, 0, 0
 for k, index in ipairs(indices) do
   if have[k] then
     table.insert(out, 'dup')
   else
-    local i = 1 + 4 * k
+    local i = 5 * k
     table.insert(out, 'ok')
     table.insert(new, index)
-    table.insert(new, ARGV[i + 3])
+    table.insert(new, ARGV[i + 4])
     counts[ARGV[i + 1]] = counts[ARGV[i + 1]] + 1
     tokens = tokens + tonumber(ARGV[i + 2])
+    seconds = seconds + tonumber(ARGV[i + 3])
     correction = correction + tonumber(ARGV[i + 2]) - (costs[tonumber(index) + 1] or 0)
   end
 end
@@ -499,6 +502,11 @@ if #new > 0 then
   redis.call('HINCRBY', P .. ':served', tenant, correction)
   redis.call('HINCRBY', P .. ':harvested', tenant, tokens)
   redis.call('HINCRBY', jk, 'tokens', tokens)
+  if seconds > 0 then
+    local s = string.format('%.6f', seconds)
+    redis.call('HINCRBYFLOAT', P .. ':device_seconds', tenant, s)
+    redis.call('HINCRBYFLOAT', jk, 'device_seconds', s)
+  end
   local class = class_of(job)
   if redis.call('ZSCORE', P .. ':class:' .. class, tenant) then
     redis.call('ZINCRBY', P .. ':class:' .. class, correction, tenant)

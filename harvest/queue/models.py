@@ -192,6 +192,8 @@ class Result:
     finished_at: float | None = None
     ttft_s: float | None = None
     latency_s: float | None = None
+    # the engine's step time spent on this attempt (engine.py `_update`); 0 for a copy
+    device_seconds: float = 0.0
     worker: str = ""
     attempt: int = 0
     error_code: str | None = None

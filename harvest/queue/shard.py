@@ -150,8 +150,8 @@ class ShardRun:
         """A request's result, copied to the requests that follow it (lock held, or before the
         shard is shared): each keeps its own record, marked as computed once."""
         self.results[index] = result
-        for follower in self.followers.pop(index, []):
-            self.results[follower] = replace(result, deduplicated=True)
+        for follower in self.followers.pop(index, []):  # the device time was spent once
+            self.results[follower] = replace(result, deduplicated=True, device_seconds=0.0)
 
     def expect(self, prepared: list[Prepared]) -> None:
         """Count prepared requests as running (lock held), before `start` submits them: no
@@ -216,14 +216,16 @@ class ShardRun:
                     finished_at=time.time(),
                     ttft_s=run.ttft_s,
                     latency_s=mono - run.start_mono,
+                    device_seconds=out.device_seconds,
                     worker=self.worker,
                     attempt=self.lease.attempt,
                 ),
             )
             return
-        self._set_result(run.index, self._result(run, reason, mono, out.text))
+        self._set_result(run.index, self._result(run, reason, mono, out.text, out.device_seconds))
 
-    def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None) -> Result:
+    def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None,
+                device_seconds: float = 0.0) -> Result:  # fmt: skip
         ids = run.all_output_ids
         if text is None or run.resumed:
             text = self._decode(run.prompt_ids, ids, run.params, reason)
@@ -239,6 +241,7 @@ class ShardRun:
             finished_at=time.time(),
             ttft_s=run.ttft_s,
             latency_s=mono - run.start_mono,
+            device_seconds=device_seconds,
             worker=self.worker,
             attempt=self.lease.attempt,
         )

@@ -35,6 +35,32 @@ def estimated_tokens(request: dict[str, Any]) -> int:
     return prompt_tokens + int(request.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS))
 
 
+def _rate_buckets(now_ms: float, window_s: float) -> list[int]:
+    """The P:rate buckets (see lua.py) of the last `window_s`, oldest first."""
+    current = int(now_ms // lua.RATE_BUCKET_MS)
+    return list(range(current - int(window_s * 1000 // lua.RATE_BUCKET_MS) + 1, current + 1))
+
+
+def _rates(now_ms: float, buckets: list[int], counts: list[list[str | None]]) -> tuple[float, float] | None:
+    """(requests/s, tokens/s) from the buckets' (r, t) counts, over the time since the first
+    bucket with results; None when none has any."""
+    seen = [(b, int(r), int(t or 0)) for b, (r, t) in zip(buckets, counts, strict=True) if r]
+    if not seen:
+        return None
+    span_s = max((now_ms - seen[0][0] * lua.RATE_BUCKET_MS) / 1000, lua.RATE_BUCKET_MS / 1000)
+    return sum(r for _, r, _ in seen) / span_s, sum(t for _, _, t in seen) / span_s
+
+
+def _class_end_ms(deadline_s: float) -> int:
+    """The end of the deadline class (see LEASE) that a job due at `deadline_s` is leased in."""
+    return -(-int(deadline_s * 1000) // lua.CLASS_STEP_MS) * lua.CLASS_STEP_MS
+
+
+def _unfinished(rows: list[list[str | None]]) -> int:
+    """Requests without a result, from jobs' (total, completed, failed) counters."""
+    return sum(int(t or 0) - int(c or 0) - int(f or 0) for t, c, f in rows)
+
+
 def connect(url: str) -> redis.Redis:
     """A client that retries briefly on dropped connections; raises RedisUnavailableError, or
     RedisConfigError for a server that would lose or never run jobs (see redis_checks.py)."""
@@ -232,50 +258,76 @@ class JobStore:
         """Results written per second by the whole fleet over the last `window_s`, as (requests/s,
         tokens/s); None when nothing was written in that time (no rate to judge by)."""
         now_ms = self.now() * 1000
-        current = int(now_ms // lua.RATE_BUCKET_MS)
-        buckets = list(range(current - int(window_s * 1000 // lua.RATE_BUCKET_MS) + 1, current + 1))
+        buckets = _rate_buckets(now_ms, window_s)
         with self.r.pipeline(transaction=False) as pipe:
             for bucket in buckets:
                 pipe.hmget(f"{self.prefix}:rate:{bucket}", "r", "t")
-            counts = pipe.execute()
-        seen = [(b, int(r), int(t or 0)) for b, (r, t) in zip(buckets, counts, strict=True) if r]
-        if not seen:
-            return None
-        span_s = max((now_ms - seen[0][0] * lua.RATE_BUCKET_MS) / 1000, lua.RATE_BUCKET_MS / 1000)
-        return sum(r for _, r, _ in seen) / span_s, sum(t for _, _, t in seen) / span_s
+            return _rates(now_ms, buckets, pipe.execute())
 
     def requests_ahead(self, deadline_s: float) -> int:
         """Requests still to run in jobs leased before or beside one due at `deadline_s`: every
         running job whose deadline falls in the same class (see LEASE) or an earlier one."""
-        class_end_ms = -(-int(deadline_s * 1000) // lua.CLASS_STEP_MS) * lua.CLASS_STEP_MS
-        jobs = self.r.zrange(f"{self.prefix}:deadlines", "-inf", class_end_ms, byscore=True)
+        jobs = self.r.zrange(f"{self.prefix}:deadlines", "-inf", _class_end_ms(deadline_s), byscore=True)
         with self.r.pipeline(transaction=False) as pipe:
             for job_id in jobs:
                 pipe.hmget(self.job_key(job_id), "total", "completed", "failed")
-            rows = pipe.execute()
-        return sum(int(t or 0) - int(c or 0) - int(f or 0) for t, c, f in rows)
+            return _unfinished(pipe.execute())
+
+    def eta(self, deadline_s: float, window_s: float = RATE_WINDOW_S) -> float | None:
+        """When the requests ahead of a job due at `deadline_s` (`requests_ahead`, its own
+        included) will be done at the fleet's recent throughput, by the server's clock; None
+        with no throughput to judge by. Two round trips, for a batch read on every GET."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrange(f"{self.prefix}:deadlines", "-inf", _class_end_ms(deadline_s), byscore=True)
+            (seconds, micros), jobs = pipe.execute()
+        now_ms = seconds * 1000 + micros / 1000
+        buckets = _rate_buckets(now_ms, window_s)
+        with self.r.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.hmget(f"{self.prefix}:rate:{bucket}", "r", "t")
+            for job_id in jobs:
+                pipe.hmget(self.job_key(job_id), "total", "completed", "failed")
+            replies = pipe.execute()
+        rates = _rates(now_ms, buckets, replies[: len(buckets)])
+        if rates is None:
+            return None
+        return now_ms / 1000 + _unfinished(replies[len(buckets) :]) / rates[0]
 
     def served_tokens(self) -> dict[str, int]:
         """Tokens each tenant (job owner; '' for none) has been served, the fair share's counters."""
         return {tenant: int(n) for tenant, n in self.r.hgetall(f"{self.prefix}:served").items()}
 
-    def tenant_tokens(self) -> dict[str, dict[str, int]]:
-        """Per tenant, in one round trip: `harvested` (prompt + completion tokens of its results)
-        and `served` (the fair share's counter: it also holds estimates for leased work)."""
+    def tenant_usage(self) -> dict[str, dict[str, float]]:
+        """Per tenant, in one round trip: `harvested` (prompt + completion tokens of its results),
+        `device_seconds` (the engine time they took) and `served` (the fair share's counter: it
+        also holds estimates for leased work)."""
         with self.r.pipeline(transaction=False) as pipe:
             pipe.hgetall(f"{self.prefix}:harvested")
+            pipe.hgetall(f"{self.prefix}:device_seconds")
             pipe.hgetall(f"{self.prefix}:served")
-            harvested, served = pipe.execute()
-        return {tenant: {"harvested": int(harvested.get(tenant, 0)), "served": int(served.get(tenant, 0))}
-                for tenant in sorted({*harvested, *served})}  # fmt: skip
+            harvested, seconds, served = pipe.execute()
+        return {
+            tenant: {
+                "harvested": int(harvested.get(tenant, 0)),
+                "device_seconds": float(seconds.get(tenant, 0)),
+                "served": int(served.get(tenant, 0)),
+            }
+            for tenant in sorted({*harvested, *seconds, *served})
+        }
 
-    def job_tokens(self, job_ids: Iterable[str]) -> dict[str, int]:
-        """Prompt + completion tokens of each job's results so far, in one round trip."""
+    def job_usage(self, job_ids: Iterable[str]) -> dict[str, dict[str, float]]:
+        """Each job's `harvested_tokens` (prompt + completion tokens of its results so far) and
+        `device_seconds` (the engine time they took), in one round trip."""
         job_ids = list(job_ids)
         with self.r.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hget(self.job_key(job_id), "tokens")
-            return {job_id: int(n or 0) for job_id, n in zip(job_ids, pipe.execute(), strict=True)}
+                pipe.hmget(self.job_key(job_id), "tokens", "device_seconds")
+            rows = pipe.execute()
+        return {
+            job_id: {"harvested_tokens": int(tokens or 0), "device_seconds": float(seconds or 0)}
+            for job_id, (tokens, seconds) in zip(job_ids, rows, strict=True)
+        }
 
     # ------------------------------------------------------------------ worker verbs
 
@@ -315,6 +367,7 @@ class JobStore:
                 index,
                 "c" if result.ok else "f",
                 result.prompt_tokens + result.completion_tokens,
+                f"{result.device_seconds:.6f}",
                 result.to_json(),
             ]
         return self._run("WRITE_RESULTS", lease.job_id, lease.shard, lease.token, *args, client=client)

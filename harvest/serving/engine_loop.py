@@ -141,6 +141,7 @@ class EngineLoop:
         *,
         on_error: ErrorCallback | None = None,
         stream_text: bool = False,
+        priority: int = 0,
     ) -> str:
         """Add a request from any thread; returns its id.
 
@@ -155,7 +156,12 @@ class EngineLoop:
             request_id,
             _Sink(RequestClass(request_class), on_output or _ignore, on_error),
             lambda: self.engine.add_request(
-                prompt, params, request_id=request_id, request_class=request_class, stream_text=stream_text
+                prompt,
+                params,
+                request_id=request_id,
+                request_class=request_class,
+                stream_text=stream_text,
+                priority=priority,
             ),
         )
         return request_id
@@ -219,6 +225,7 @@ class EngineLoop:
         request_id: str | None = None,
         request_class: RequestClass | str = RequestClass.ONLINE,
         stream_text: bool = True,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's step outputs; the last has `.finished`.
 
@@ -233,7 +240,7 @@ class EngineLoop:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         request_id = self.submit(prompt, params, request_id, request_class, put, on_error=put,
-                                 stream_text=stream_text)  # fmt: skip
+                                 stream_text=stream_text, priority=priority)  # fmt: skip
         finished = False
         try:
             while True:

@@ -144,13 +144,18 @@ class _StatsCollector:
         jobs = GaugeMetricFamily("harvest_job_requests", doc, labels=["batch", "state"])
         doc = "Prompt + completion tokens of a listed batch job's results: its harvested work."
         job_tokens = GaugeMetricFamily("harvest_job_harvested_tokens", doc, labels=["batch"])
+        doc = "Engine time a listed batch job's results took (its share of each step, by tokens)."
+        job_seconds = GaugeMetricFamily("harvest_job_device_seconds", doc, labels=["batch"])
         for job in controller.get("jobs", []):
             for state in ("total", "completed", "failed"):
                 jobs.add_metric([job["id"], state], job["request_counts"][state])
             if "harvested_tokens" in job:  # absent from an older controller
                 job_tokens.add_metric([job["id"]], job["harvested_tokens"])
+            if "device_seconds" in job:
+                job_seconds.add_metric([job["id"]], job["device_seconds"])
         yield jobs
         yield job_tokens
+        yield job_seconds
         doc = "Unfinished requests of in-progress jobs, by how soon their completion window ends."
         queued = GaugeMetricFamily("harvest_offline_requests_queued", doc, labels=["due_within"])
         for due, n in controller.get("queued_by_deadline", {}).items():
@@ -161,11 +166,15 @@ class _StatsCollector:
         harvested = CounterMetricFamily("harvest_tenant_harvested_tokens", doc, labels=["tenant"])
         doc = "A tenant's fair-share counter: tokens charged at lease (estimated), corrected by results."
         served = GaugeMetricFamily("harvest_tenant_served_tokens", doc, labels=["tenant"])
-        for tenant, tokens in controller.get("tenants", {}).items():
-            harvested.add_metric([tenant], tokens["harvested"])
-            served.add_metric([tenant], tokens["served"])
+        doc = "Engine time a tenant's batch results took (their share of each step, by tokens)."
+        seconds = CounterMetricFamily("harvest_tenant_device_seconds", doc, labels=["tenant"])
+        for tenant, usage in controller.get("tenants", {}).items():
+            harvested.add_metric([tenant], usage["harvested"])
+            served.add_metric([tenant], usage["served"])
+            seconds.add_metric([tenant], usage.get("device_seconds", 0.0))  # absent: an older controller
         yield harvested
         yield served
+        yield seconds
 
 
 def render_engine_metrics(workers: Mapping[str, Stats], controller: Stats | None = None) -> str:
