@@ -107,7 +107,7 @@ def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
     folder = redis_dir()
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # the append-only file holds every job's prompts and results
-    subprocess.run(
+    started = subprocess.run(
         [
             binary,
             "-",  # the rest of the config, the password, on stdin
@@ -134,8 +134,13 @@ def start(port: int = EMBEDDED_REDIS_PORT, timeout_s: float = 10.0) -> str:
         ],
         input=f"requirepass {password}\n".encode(),
         capture_output=True,
-        check=True,
     )
+    if started.returncode != 0:  # e.g. a bad --dir, or an option this redis-server lacks
+        said = (started.stderr or started.stdout).decode(errors="replace").strip().splitlines()
+        raise RuntimeError(
+            f"redis-server exited with {started.returncode}: {said[-1] if said else 'no message'}; "
+            f"see {folder / 'redis.log'}"
+        )
     try:
         wait_up(url, timeout_s)
     except TimeoutError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -206,6 +207,21 @@ def test_the_embedded_redis_has_a_private_password_reused_on_restart(embedded, t
     assert not local_redis.is_up(url)
     assert local_redis.start(embedded) == url  # same password, same data
     assert redis.Redis.from_url(url).get("kept") == b"1"
+
+
+def test_a_redis_server_that_will_not_start_is_a_clear_error(embedded, tmp_path, monkeypatch):
+    """redis-server refusing its options (an old build, a bad directory) is reported with its
+    own last words, not a CalledProcessError traceback."""
+    from harvest import local_redis
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "redis-server"
+    fake.write_text("#!/bin/sh\necho '*** FATAL CONFIG FILE ERROR: Bad directive' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match="exited with 1: \\*\\*\\* FATAL CONFIG FILE ERROR: Bad directive"):
+        local_redis.start(embedded)
 
 
 @pytest.mark.parametrize("ours", [True, False])
