@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import defaultdict
 from dataclasses import replace
 
 import pytest
@@ -198,3 +201,64 @@ def test_device_seconds_follow_a_request_through_its_steps(engine):
     req = Request("r", [1, 2, 3], SamplingParams())
     req.device_seconds = 0.5
     assert Request.from_state(req.export_state()).device_seconds == 0.5  # a resume keeps counting
+
+
+def test_a_request_joins_on_the_stepping_thread_and_keeps_its_id_until_it_leaves(tiny_model):
+    engine = make_engine(tiny_model)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    (prompt,) = make_prompts(engine, [5])
+    engine.add_request(prompt, params, request_id="a")
+    assert "a" not in engine.requests  # in the inbox: the next step registers it
+    with pytest.raises(ValueError, match="duplicate request id 'a'"):
+        engine.add_request(prompt, params, request_id="a")
+    engine.step()
+    assert engine.requests["a"].num_output_tokens == 1
+    with pytest.raises(ValueError, match="duplicate request id 'a'"):
+        engine.add_request(prompt, params, request_id="a")
+    first = run_checked(engine)["a"]
+    engine.add_request(prompt, params, request_id="a")  # finished: its id is free again
+    assert run_checked(engine)["a"].token_ids == first.token_ids
+
+
+def test_exporting_a_request_still_in_the_inbox_takes_it_out_whole(tiny_model):
+    engine = make_engine(tiny_model)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, stop=["\x00never"])
+    prompts = make_prompts(engine, [6, 9])
+    expected = engine.generate(prompts, params)
+    engine.add_request(prompts[0], params, request_id="stays")
+    engine.add_request(prompts[1], params, request_id="leaves")
+    state = engine.export("leaves")
+    assert state.token_ids == prompts[1] and state.checkpoint is None
+    engine.abort("leaves")  # no longer here: a no-op
+    assert {rid: o.token_ids for rid, o in run_checked(engine).items()} == {"stays": expected[0].token_ids}
+    engine.resume(state)  # its id is free, and it runs from the start
+    assert run_checked(engine)["leaves"].text == expected[1].text
+
+
+def test_adds_from_another_thread_while_the_engine_steps_are_neither_lost_nor_doubled(tiny_model):
+    engine = make_engine(tiny_model, max_num_seqs=8)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    prompts = make_prompts(engine, [2 + i % 7 for i in range(40)])
+    expected = [o.token_ids for o in engine.generate(prompts, params)]
+
+    def add_all() -> None:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(prompt, params, request_id=f"r{i}", stream_text=i % 2 == 0)
+            time.sleep(0.001)  # spread the arrivals over many steps
+
+    adder = threading.Thread(target=add_all)
+    adder.start()
+    outputs = defaultdict(list)
+    while adder.is_alive() or engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+        engine.block_manager.check_integrity(engine.scheduler.unfinished())
+    adder.join()
+    assert sorted(outputs) == sorted(f"r{i}" for i in range(len(prompts)))
+    for i, want in enumerate(expected):
+        outs = outputs[f"r{i}"]
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]  # one final, last
+        assert outs[-1].token_ids == want and [t for o in outs for t in o.new_token_ids] == want
+        if i % 2 == 0:
+            assert "".join(o.delta_text for o in outs) == outs[-1].text
+    assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -13,7 +13,7 @@ import random
 import time
 
 from harvest.serving import freeze_heap
-from workloads.stats import percentile
+from workloads.stats import latency_percentiles
 from workloads.traces import Arrival
 
 
@@ -86,18 +86,11 @@ def latency_samples(results: list[dict]) -> dict[str, list[float]]:
     }
 
 
-LATENCY_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
-
-
 def latency_summary(results: list[dict]) -> dict:
     """P50 and P99 of TTFT and TPOT, and how many requests failed or got no token."""
     samples = latency_samples(results)
-    ttft, tpot = samples["ttft_s"], samples["tpot_s"]
     return {
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
-        "tpot_p50_s": percentile(tpot, 50),
-        "tpot_p99_s": percentile(tpot, 99),
+        **latency_percentiles(samples["ttft_s"], samples["tpot_s"]),
         "failed": sum(not r["ok"] for r in results),
         "empty": sum(r["ok"] and r["ttft_s"] is None for r in results),  # 200 without a token
     }

@@ -40,7 +40,6 @@ from harvest.api.schemas import (
     CompletionResponse,
     ModelCard,
     ModelList,
-    Usage,
 )
 from harvest.api.streaming import SSEResponse, chat_events, completion_events
 from harvest.batch import BatchService
@@ -92,14 +91,7 @@ def build_app(
             return SSEResponse(completion_events(gen, body.model, _include_usage(body)), gen)
         final = await _collect(gen, request)
         choice = CompletionChoice(text=final.text, finish_reason=_finish_reason(final))
-        return CompletionResponse(
-            id=gen.request_id,
-            created=gen.created,
-            model=body.model,
-            choices=[choice],
-            usage=Usage.of(*gen.usage_tokens()),
-            service_tier=gen.service_tier,
-        )
+        return gen.body(CompletionResponse, body.model, [choice], usage=True)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(
@@ -112,14 +104,7 @@ def build_app(
             return SSEResponse(chat_events(gen, body.model, _include_usage(body)), gen)
         final = await _collect(gen, request)
         choice = ChatChoice(message=AssistantMessage(content=final.text), finish_reason=_finish_reason(final))
-        return ChatCompletionResponse(
-            id=gen.request_id,
-            created=gen.created,
-            model=body.model,
-            choices=[choice],
-            usage=Usage.of(*gen.usage_tokens()),
-            service_tier=gen.service_tier,
-        )
+        return gen.body(ChatCompletionResponse, body.model, [choice], usage=True)
 
     if batch is not None:
         install_file_routes(app, batch)

@@ -12,14 +12,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from harvest.api.backend import Backend, BackendUnavailable
 from harvest.api.errors import APIError, invalid, unavailable
 from harvest.api.inputs import EngineInputs
+from harvest.api.schemas import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, Usage
 from harvest.engine import FinishReason, RequestClass, RequestOutput
 from harvest.protocol.requests import served_tier
+
+# what OpenAI wraps in one envelope (id, created, model, tier): whole answers and stream chunks
+Body = TypeVar("Body", CompletionResponse, ChatCompletionResponse, ChatCompletionChunk)
 
 
 class ClientDisconnected(Exception):
@@ -134,6 +139,19 @@ class Generation:
     def usage_tokens(self) -> tuple[int, int]:
         assert self.final is not None
         return self.prompt_tokens, self.final.num_output_tokens
+
+    def body(self, cls: type[Body], model: str, choices: list[Any], usage: bool = False) -> Body:
+        """A response body or stream chunk of this request around `choices`; with `usage`
+        (once it finished), its token counts."""
+        counts = Usage.of(*self.usage_tokens()) if usage else None
+        return cls(
+            id=self.request_id,
+            created=self.created,
+            model=model,
+            choices=choices,
+            usage=counts,
+            service_tier=self.service_tier,
+        )
 
 
 async def _disconnected(request: Request) -> None:

@@ -9,7 +9,7 @@ stream always ends with `data: [DONE]`, also after an error event.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
@@ -23,8 +23,8 @@ from harvest.api.schemas import (
     ChatCompletionChunk,
     CompletionChoice,
     CompletionResponse,
-    Usage,
 )
+from harvest.engine import RequestOutput
 
 DONE = "data: [DONE]\n\n"
 
@@ -57,42 +57,44 @@ class SSEResponse(StreamingResponse):
             await self.generation.close()
 
 
-async def completion_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(text: str, finish_reason: str | None) -> str:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
-        return sse(CompletionResponse(id=gen.request_id, created=gen.created, model=model, choices=[choice],
-                                      service_tier=gen.service_tier), include_usage)  # fmt: skip
+def completion_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
+    def choices(out: RequestOutput) -> list[CompletionChoice]:
+        if out.finished:
+            return [CompletionChoice(text=out.delta_text, finish_reason=out.finish_reason.value)]
+        return [CompletionChoice(text=out.delta_text)] if out.delta_text else []
 
+    return _events(gen, CompletionResponse, model, include_usage, choices)
+
+
+def chat_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
+    def choices(out: RequestOutput) -> list[ChatChunkChoice]:
+        deltas = [ChatChunkChoice(delta={"content": out.delta_text})] if out.delta_text else []
+        if out.finished:
+            deltas.append(ChatChunkChoice(delta={}, finish_reason=out.finish_reason.value))
+        return deltas
+
+    opening = ChatChunkChoice(delta={"role": "assistant", "content": ""})
+    return _events(gen, ChatCompletionChunk, model, include_usage, choices, opening)
+
+
+async def _events(
+    gen: Generation,
+    cls: type[CompletionResponse] | type[ChatCompletionChunk],
+    model: str,
+    include_usage: bool,
+    choices: Callable[[RequestOutput], Sequence[BaseModel]],
+    opening: BaseModel | None = None,
+) -> AsyncIterator[str]:
+    """The stream: the `opening` chunk, a chunk for each choice `choices` makes of an output,
+    the usage chunk if asked for, and [DONE], after an error event if it fails part-way."""
+    if opening is not None:
+        yield sse(gen.body(cls, model, [opening]), include_usage)
     try:
         async for out in gen:
-            if out.delta_text or out.finished:
-                yield chunk(out.delta_text, out.finish_reason.value if out.finished else None)
+            for choice in choices(out):
+                yield sse(gen.body(cls, model, [choice]), include_usage)
         if include_usage:
-            usage = Usage.of(*gen.usage_tokens())
-            yield sse(CompletionResponse(id=gen.request_id, created=gen.created, model=model, choices=[],
-                                         usage=usage, service_tier=gen.service_tier))  # fmt: skip
-    except (BackendUnavailable, APIError) as exc:  # the server stopped, or failed on this request
-        yield sse(error_event_body(exc))
-    yield DONE
-
-
-async def chat_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> str:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
-        return sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=model, choices=[choice],
-                                       service_tier=gen.service_tier), include_usage)  # fmt: skip
-
-    yield chunk({"role": "assistant", "content": ""})
-    try:
-        async for out in gen:
-            if out.delta_text:
-                yield chunk({"content": out.delta_text})
-            if out.finished:
-                yield chunk({}, out.finish_reason.value)
-        if include_usage:
-            usage = Usage.of(*gen.usage_tokens())
-            yield sse(ChatCompletionChunk(id=gen.request_id, created=gen.created, model=model, choices=[],
-                                          usage=usage, service_tier=gen.service_tier))  # fmt: skip
+            yield sse(gen.body(cls, model, [], usage=True))
     except (BackendUnavailable, APIError) as exc:  # the server stopped, or failed on this request
         yield sse(error_event_body(exc))
     yield DONE

@@ -125,43 +125,28 @@ def submit(
 ) -> None:
     """Validate FILE and queue it as a job; prints the job id on stdout."""
     with _exits():
+        shared = {  # what both ways to a job take
+            "column": column,
+            "template": template,
+            "chat": chat,
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "completion_window": window,
+            "shard_size": shard_size,
+            "max_attempts": max_attempts,
+            "dedup": dedup,
+        }
         try:
             if workload is not None:
                 job = _submit_workload(
-                    _client(redis_url),
-                    workload,
-                    file,
-                    option,
-                    column=column,
-                    template=template,
-                    chat=chat,
-                    model=model,
-                    name=name or workload,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    completion_window=window,
-                    shard_size=shard_size,
-                    max_attempts=max_attempts,
-                    dedup=dedup,
+                    _client(redis_url), workload, file, option, name=name or workload, **shared
                 )
             elif file is None:
                 raise ValueError("give FILE, or --workload KIND (synthetic needs no FILE)")
             else:
                 job = _client(redis_url).submit_file(
-                    file,
-                    column=column,
-                    template=template,
-                    id_column=id_column,
-                    chat=chat,
-                    model=model,
-                    name=name,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    completion_window=window,
-                    shard_size=shard_size,
-                    max_attempts=max_attempts,
-                    allow_invalid=allow_invalid,
-                    dedup=dedup,
+                    file, id_column=id_column, name=name, allow_invalid=allow_invalid, **shared
                 )
         except ValueError as exc:
             if isinstance(exc, InvalidInputError):

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from transformers import AutoTokenizer
 
@@ -46,9 +47,11 @@ log = logging.getLogger(__name__)
 class Engine:
     """One model replica with a paged KV pool, continuous batching and two request classes.
 
-    `step()` runs on one thread. `add_request`, `abort` and `resume` may be called from any
-    thread: they go through an inbox that the next step drains, and an online arrival
+    `step()` runs on one thread, which owns every request's state: `add_request`, `abort`
+    and `resume` may be called from any thread, but they only put the request into an inbox
+    that the next step drains (a request joins `requests` there), and an online arrival
     abandons an offline-only step in flight at the next layer boundary (harvest policy).
+    `export` runs on the stepping thread, between steps.
     """
 
     def __init__(self, config: EngineConfig, checkpoint_store: CheckpointStore | None = None) -> None:
@@ -76,9 +79,13 @@ class Engine:
         self.loader = CheckpointLoader(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency, self.loader.cancel)
         self._restored = 0  # tokens loaded since the last recorded step
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # the stepping thread's, as `_detokenizers`
         self._detokenizers: dict[str, Detokenizer] = {}
-        self._inbox: deque[tuple[str, object]] = deque()
+        self._inbox: deque[tuple[str, Any]] = deque()  # ("add", (request, detokenizer)) or ("abort", id)
+        # ids in the inbox or in `requests`: the caller of a duplicate hears it at once, and
+        # the loop never meets two requests under one id
+        self._taken_ids: set[str] = set()
+        self._inbox_lock = threading.Lock()  # guards `_taken_ids`, and the inbox for `export`
         self._online_arrived = threading.Event()
         self._ids = itertools.count()
         self.eos_token_ids = self._eos_ids()
@@ -161,27 +168,31 @@ class Engine:
         return req.request_id
 
     def _enqueue(self, req: Request, stream_text: bool) -> None:
-        if req.request_id in self.requests:
-            raise ValueError(f"duplicate request id {req.request_id!r}")
         if self.policy is Policy.ONLINE_ONLY and not req.is_online:
             raise ValueError("this engine runs the online-only policy: offline requests are not accepted")
-        self.requests[req.request_id] = req
+        detok = None
         if stream_text or req.params.stop:
+            # built here, where a failing replay of a resumed request's tokens reaches its caller
             detok = Detokenizer(self.tokenizer, req.params.stop, req.prompt_token_ids)
             for token in req.output_token_ids:
                 detok.push(token)
-            self._detokenizers[req.request_id] = detok
-        self._inbox.append(("add", req))
+        with self._inbox_lock:
+            if req.request_id in self._taken_ids:
+                raise ValueError(f"duplicate request id {req.request_id!r}")
+            self._taken_ids.add(req.request_id)
+            self._inbox.append(("add", (req, detok)))
         if req.is_online:
             self._online_arrived.set()
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its final output (finish reason `abort`) comes from the next step."""
-        self._inbox.append(("abort", request_id))
+        with self._inbox_lock:
+            self._inbox.append(("abort", request_id))
 
     def export(self, request_id: str) -> RequestState:
-        """Take a request out of this engine (between steps), checkpointing its full blocks."""
-        req = self.requests[request_id]
+        """Take a request out of this engine (between steps), checkpointing its full blocks;
+        one still in the inbox leaves as it came."""
+        req = self.requests.get(request_id) or self._take_from_inbox(request_id)
         if self.scheduler.config.checkpoints and req.status is RequestStatus.RUNNING:
             self.checkpointer.save(req)
             self.checkpointer.poll(wait=True)
@@ -190,9 +201,23 @@ class Engine:
         elif req.status is RequestStatus.RUNNING:  # a waiting or loading one's handle is as it was
             self._refresh_handle(req)
         self.scheduler.finish(req)
-        self.requests.pop(request_id)
-        self._detokenizers.pop(request_id, None)
+        self._forget(request_id)
         return req.export_state()
+
+    def _take_from_inbox(self, request_id: str) -> Request:
+        with self._inbox_lock:
+            for i, (kind, item) in enumerate(self._inbox):
+                if kind == "add" and item[0].request_id == request_id:
+                    del self._inbox[i]
+                    return item[0]
+        raise KeyError(request_id)
+
+    def _forget(self, request_id: str) -> Detokenizer | None:
+        """The request has left the engine: its id is free again. Returns its detokenizer."""
+        self.requests.pop(request_id, None)
+        with self._inbox_lock:
+            self._taken_ids.discard(request_id)
+        return self._detokenizers.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_unfinished()
@@ -203,7 +228,11 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                self.scheduler.add(item)
+                req, detok = item
+                self.requests[req.request_id] = req
+                if detok is not None:
+                    self._detokenizers[req.request_id] = detok
+                self.scheduler.add(req)
             elif (req := self.requests.get(item)) is not None and not req.is_finished:
                 self._finish(req, FinishReason.ABORT)
                 outputs.append(self._final_output(req))
@@ -406,8 +435,7 @@ class Engine:
     def _final_output(
         self, req: Request, new_token_ids: list[int] | None = None, delta: str = "", error: str | None = None
     ) -> RequestOutput:
-        self.requests.pop(req.request_id, None)
-        detok = self._detokenizers.pop(req.request_id, None)
+        detok = self._forget(req.request_id)
         output_ids = req.output_token_ids
         if error is not None:
             text = ""  # decoding may be what failed: the error is the answer

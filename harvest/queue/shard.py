@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from harvest.checkpoint.handle import CheckpointHandle
 from harvest.protocol.engine_client import EngineClient, EngineLoopError, OutputSink
@@ -121,14 +122,7 @@ class ShardRun:
             limit = self.client.limits.max_request_tokens
             inputs = engine_inputs(spec.prompt_spec(), self.client.tokenizer, limit)
         except Exception as exc:  # a bad request fails alone, never its shard
-            self.results[index] = Result.error(
-                "invalid_request",
-                str(exc),
-                started_at=now,
-                finished_at=time.time(),
-                worker=self.worker,
-                attempt=self.lease.attempt,
-            )
+            self.results[index] = Result.error("invalid_request", str(exc), **self._stamp(now))
             return None
         progress = self.lease.progress.get(index, Progress())
         resumed = list(progress.token_ids)
@@ -173,14 +167,7 @@ class ShardRun:
             except EngineLoopError:  # no engine to run it: the worker's stop gives it back with the lease
                 log.warning("the engine is not running; %s stays with its lease", rid)
             except Exception as exc:
-                error = Result.error(
-                    "invalid_request",
-                    str(exc),
-                    started_at=run.started_at,
-                    finished_at=time.time(),
-                    worker=self.worker,
-                    attempt=self.lease.attempt,
-                )
+                error = Result.error("invalid_request", str(exc), **self._stamp(run.started_at))
                 with self.lock:
                     if self.running.pop(rid, None) is not None:
                         self._set_result(run.index, error)
@@ -207,22 +194,12 @@ class ShardRun:
             run.ttft_s = out.metrics["first_token_time"] - run.start_mono
         reason = out.finish_reason.value if out.finish_reason is not None else None
         if out.finish_reason is FinishReason.ERROR:  # the engine failed on this request alone
-            self._set_result(
-                run.index,
-                Result.error(
-                    "engine_error",
-                    out.error or "the engine failed on this request",
-                    started_at=run.started_at,
-                    finished_at=time.time(),
-                    ttft_s=run.ttft_s,
-                    latency_s=mono - run.start_mono,
-                    device_seconds=out.device_seconds,
-                    worker=self.worker,
-                    attempt=self.lease.attempt,
-                ),
-            )
-            return
-        self._set_result(run.index, self._result(run, reason, mono, out.text, out.device_seconds))
+            message = out.error or "the engine failed on this request"
+            fields = self._result_fields(run, mono, out.device_seconds)
+            result = Result.error("engine_error", message, **fields)
+        else:
+            result = self._result(run, reason, mono, out.text, out.device_seconds)
+        self._set_result(run.index, result)
 
     def _result(self, run: _Running, reason: str | None, mono: float, text: str | None = None,
                 device_seconds: float = 0.0) -> Result:  # fmt: skip
@@ -237,14 +214,27 @@ class ShardRun:
             prompt_tokens=len(run.prompt_ids),
             completion_tokens=len(ids),
             resumed_tokens=len(run.resumed),
-            started_at=run.started_at,
-            finished_at=time.time(),
-            ttft_s=run.ttft_s,
-            latency_s=mono - run.start_mono,
-            device_seconds=device_seconds,
-            worker=self.worker,
-            attempt=self.lease.attempt,
+            **self._result_fields(run, mono, device_seconds),
         )
+
+    def _stamp(self, started_at: float) -> dict[str, Any]:
+        """The timing and worker fields of every result this attempt writes, ending now."""
+        return {
+            "started_at": started_at,
+            "finished_at": time.time(),
+            "worker": self.worker,
+            "attempt": self.lease.attempt,
+        }
+
+    def _result_fields(self, run: _Running, mono: float, device_seconds: float = 0.0) -> dict[str, Any]:
+        """`_stamp` of a request that ran in the engine, with its latencies (`mono`: its end)
+        and the engine time it took."""
+        return {
+            **self._stamp(run.started_at),
+            "ttft_s": run.ttft_s,
+            "latency_s": mono - run.start_mono,
+            "device_seconds": device_seconds,
+        }
 
     def _decode(self, prompt: list[int], ids: list[int], params: SamplingParams, reason: str | None) -> str:
         """Text of a resumed request: its stop strings may straddle the resume point."""

@@ -22,7 +22,7 @@ from harvest.engine import Engine
 from workloads.bench.common import console, print_table, write_result
 from workloads.bench.plots import plot_coserve
 from workloads.replay import ReplayRun, random_prompt, replay
-from workloads.stats import percentile
+from workloads.stats import latency_percentiles
 from workloads.traces import gamma_arrivals
 
 POLICIES = ("online-only", "fcfs", "priority-recompute", "harvest")
@@ -72,10 +72,7 @@ def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, en
         if ttft_slo is not None
     ]
     return {
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
-        "tpot_p50_s": percentile(tpot, 50),
-        "tpot_p99_s": percentile(tpot, 99),
+        **latency_percentiles(ttft, tpot),
         "slo_attainment": sum(ok) / len(ok) if ok else float("nan"),
         "online_tokens_per_s": run.online_tokens / run.duration_s,
         "offline_tokens_per_s": run.offline_tokens / run.duration_s,

@@ -21,7 +21,8 @@ from pathlib import Path
 from workloads.bench.common import console, free_port, local_ray, print_table, write_result
 from workloads.bench.e2e import backlog_prompts, bench_config, generated_tokens, start_service, wait_healthy
 from workloads.bench.plots import plot_latency_cdfs
-from workloads.http_replay import LATENCY_KEYS, latency_samples, latency_summary, replay_http
+from workloads.http_replay import latency_samples, latency_summary, replay_http
+from workloads.stats import LATENCY_KEYS
 from workloads.traces import gamma_arrivals
 
 
