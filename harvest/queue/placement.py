@@ -6,8 +6,9 @@ over shards that each compute it. Placed by prompt (`JobOptions.group_by_prompt`
 request follows the earliest request that shares its first 64 characters, within those
 the earliest that shares its first 512, then 4096, and last the earliest identical one;
 requests that share nothing keep their input order. So identical requests sit side by
-side and the shard's dedup computes them once, and a shared prefix fills shards of its
-own, where the engine's prefix cache serves it (docs/QUEUE.md).
+side and the shard's dedup computes them once, and the requests sharing a prefix fill as
+few shards as they can, in each of which the engine's prefix cache serves it to all but
+the first (docs/QUEUE.md).
 
 Submission is torch-free: it knows the prompt's text, not its token ids. So a prompt is
 judged by characters of a normal form (chat messages as JSON, token ids as their list);
@@ -78,9 +79,6 @@ class Placement:
         else:
             key.append(position)  # no copy of it is shared: it stays where its prefixes put it
         self._keys.append(tuple(key))
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
     def shards(self) -> Iterator[list[int]]:
         """Positions per shard: the requests sorted by key (ties, identical requests, in input
