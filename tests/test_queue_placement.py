@@ -3,6 +3,8 @@ still in input order after it (outputs.py): on their own, then through a real Re
 
 from __future__ import annotations
 
+import json
+
 from harvest.queue import JobOptions, JobStatus, Result
 from harvest.queue.inputs import RequestSpec, read_items
 from harvest.queue.outputs import iter_results
@@ -114,3 +116,22 @@ def test_results_of_a_placed_job_come_back_in_input_order(queue_store):
     rows = list(iter_results(queue_store, job_id))
     assert [r.custom_id for r in rows] == [f"request-{i}" for i in range(12)]
     assert [r.result.ok for r in rows] == [i in (2, 4, 5, 6) for i in range(12)]
+
+
+def test_submit_places_by_prompt_unless_told_input_order(redis_server, queue_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from harvest.cli import app
+
+    path = tmp_path / "in.jsonl"
+    prompts = far_apart_duplicates(8)  # the same prompt on lines 1, 2 and 8
+    body = {"max_tokens": 2, "temperature": 0}
+    lines = [{"custom_id": f"c{i}", "url": "/v1/completions", "body": {**body, "prompt": p}}
+             for i, p in enumerate(prompts)]  # fmt: skip
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for flag, first_shard in (("--group-by-prompt", [0, 1, 7, 2]), ("--input-order", [0, 1, 2, 3])):
+        args = ["submit", str(path), "--shard-size", "4", flag, "--redis-url", redis_server.url]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        job_id = result.stdout.strip()
+        assert [r["pos"] for r in queue_store.shard_requests(job_id, 0)] == first_shard
