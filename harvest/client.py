@@ -92,8 +92,8 @@ class HarvestClient:
         """Queue prompt strings, chat-message lists or OpenAI batch request dicts.
 
         `options` are JobOptions fields: metadata, owner, shard_size, max_attempts,
-        allow_invalid, dedup. Raises InvalidInputError (nothing queued) on bad items, and
-        JobNotQueuedError when the job is cancelled before it was queued.
+        allow_invalid, dedup, group_by_prompt. Raises InvalidInputError (nothing queued) on
+        bad items, and JobNotQueuedError when the job is cancelled before it was queued.
         """
         items = list(requests)  # validated and then written: two passes
         opts = self._options(model, name, max_tokens, temperature, defaults, completion_window, **options)

@@ -32,3 +32,12 @@ def test_online_ttft_and_the_spread(queue_engine):
     assert len(ttfts) == 2 and all(math.isfinite(t) and t > 0 for t in ttfts)
     assert prefix._spread([1.0, 3.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
     assert prefix._pct([4.0, 1.0, 3.0, 2.0], 0.99) == 4.0
+
+
+def test_placement_by_prompt_computes_each_distinct_request_once():
+    lines = prefix.spread_job(16)
+    by_input = prefix.placement_counts(lines, 16, by_prompt=False)
+    placed = prefix.placement_counts(lines, 16, by_prompt=True)
+    assert by_input["lines"] == placed["lines"] == 40 and placed["distinct_requests"] == 32
+    assert placed["computed_requests"] == 32 < by_input["computed_requests"]  # copies spread over shards
+    assert all(placed["prefix_shards"][k] <= by_input["prefix_shards"][k] for k in placed["prefix_shards"])

@@ -198,6 +198,26 @@ def test_evicting_an_offline_request_keeps_the_blocks_an_online_one_shares(tiny_
     assert [done[off].token_ids, done[on].token_ids] == expected
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_recomputed_tokens_are_those_the_cache_does_not_serve_back(tiny_model, cache):
+    """An offline request evicted for a seat keeps its blocks in the cache; readmitted, it
+    takes its full blocks back and computes only the rest of what it had: only that counts
+    as recomputed (with the cache off, everything it had computed)."""
+    engine = make_engine(tiny_model, max_num_seqs=1, policy="priority-recompute", enable_prefix_caching=cache)
+    prompt, other = make_prompts(engine, [13, 6])
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    for _ in range(3):  # the prompt, then two decode steps
+        engine.step()
+    computed = engine.requests[rid].num_computed_tokens
+    assert computed == 15
+    engine.add_request(other, GREEDY, request_class="online")
+    engine.step()
+    assert engine.requests[rid].num_preemptions == 1 and engine.stats.recomputed_tokens == 0
+    run_checked(engine)
+    served_back = computed // BLOCK * BLOCK if cache else 0
+    assert engine.stats.recomputed_tokens == computed - served_back
+
+
 def test_checkpoint_restore_writes_only_past_a_cached_prefix(tiny_model):
     """A request resumed from a checkpoint onto a prefix another running request holds takes
     the shared blocks from the cache and restores only the rest; neither output changes."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pyarrow.parquet as pq
@@ -50,6 +51,31 @@ def test_identical_greedy_prompts_run_once_and_every_custom_id_gets_its_record(q
     out = batch_output_line(rows["r2"], "tiny")
     assert out["custom_id"] == "r2" and out["response"]["body"]["x_harvest"] == {"deduplicated": True}
     assert "x_harvest" not in batch_output_line(rows["r0"], "tiny")["response"]["body"]
+
+
+def test_duplicates_in_far_apart_lines_run_once_across_shards(queue_client, queue_engine, tmp_path):
+    """Placed by prompt, the copies of a line 11 and 23 lines later share its shard and its
+    result; in input order they are three shards' worth of work. Rows stay in input order."""
+    prompts = [f"Line {i} asks its own question" for i in range(24)]
+    for i in (0, 11, 23):
+        prompts[i] = "The miller"
+    requests = [line(f"r{i}", p) for i, p in enumerate(prompts)]
+    generated = {}
+    for group in (False, True):  # the placed job last: its export below
+        job = queue_client.submit(requests, shard_size=4, group_by_prompt=group)
+        before = queue_engine.stats.generated_offline
+        run_local(queue_client.store, queue_engine, WorkerConfig(), exit_when_idle=True)
+        generated[group] = queue_engine.stats.generated_offline - before
+        rows = list(iter_results(queue_client.store, job.id))
+        assert [row.custom_id for row in rows] == [f"r{i}" for i in range(24)]  # one each, in input order
+        assert all(row.result.ok and row.result.completion_tokens == 4 for row in rows)
+        assert rows[11].result.token_ids == rows[23].result.token_ids == rows[0].result.token_ids
+        copies = [i for i, row in enumerate(rows) if row.result.deduplicated]
+        assert copies == ([11, 23] if group else [])
+    assert generated == {True: 22 * 4, False: 24 * 4}
+    path = tmp_path / "out.jsonl"
+    queue_client.export(job.id, path)
+    assert [json.loads(x)["custom_id"] for x in path.read_text().splitlines()] == [f"r{i}" for i in range(24)]
 
 
 def test_dedup_off_runs_every_line(queue_client, queue_engine, tmp_path):

@@ -120,6 +120,12 @@ def submit(
     dedup: bool = typer.Option(
         True, "--dedup/--no-dedup", help="Compute identical greedy (or same-seed) requests once."
     ),
+    group_by_prompt: bool = typer.Option(
+        True,
+        "--group-by-prompt/--input-order",
+        help="Shard by prompt: identical requests together, shared prefixes side by side (results "
+        "stay in input order).",
+    ),
     wait: bool = typer.Option(False, "--wait", help="Wait with a progress bar until the job ends."),
     redis_url: str | None = RedisUrl,
 ) -> None:
@@ -136,6 +142,7 @@ def submit(
             "shard_size": shard_size,
             "max_attempts": max_attempts,
             "dedup": dedup,
+            "group_by_prompt": group_by_prompt,
         }
         try:
             if workload is not None:

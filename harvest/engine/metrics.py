@@ -106,7 +106,7 @@ class StepMetrics:
     predicted_latency_s: float = 0.0
     measured_latency_s: float = 0.0
     preemptions: int = 0
-    recomputed_tokens: int = 0  # tokens whose KV was lost to preemption and must be recomputed
+    recomputed_tokens: int = 0  # tokens computed again after a preemption (not served by cache or checkpoint)
     restored_tokens: int = 0  # tokens whose KV came back from a checkpoint
     checkpointed_blocks: int = 0
     prefix_queried_tokens: int = 0  # tokens of the requests admitted this step
@@ -141,7 +141,7 @@ class StepMetrics:
             predicted_latency_s=predicted_s,
             measured_latency_s=measured_s,
             preemptions=len(batch.preempted),
-            recomputed_tokens=batch.recomputed_tokens,
+            recomputed_tokens=0 if aborted else batch.recomputed_tokens,
             restored_tokens=restored,
             checkpointed_blocks=checkpointed,
             prefix_queried_tokens=batch.prefix_queried_tokens,

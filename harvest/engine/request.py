@@ -65,6 +65,9 @@ class Request:
         # the engine's step time attributed to this request (engine.py `_update`): on whatever
         # device the engine runs, so not called GPU seconds
         self.device_seconds = 0.0
+        # the furthest num_computed_tokens got before a preemption: computing a token below it
+        # again is a recompute (one the prefix cache or a checkpoint serves back is not)
+        self.max_computed_tokens = 0
         self.checkpointed_tokens = 0  # leading tokens whose KV blocks are in the checkpoint store
         # where this request resumes from: another engine's checkpoint until it is loaded, then
         # this engine's (refreshed as blocks are saved); what progress records and exports carry

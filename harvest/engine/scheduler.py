@@ -24,13 +24,15 @@ class ScheduledBatch:
     shape: BatchShape = field(default_factory=BatchShape)
     latency_budget_s: float | None = None
     offline_token_budget: int = 0
-    recomputed_tokens: int = 0
+    recomputed_tokens: int = 0  # of num_tokens, those their request had computed before a preemption
     prefix_queried_tokens: int = 0  # tokens of the requests admitted this step
     prefix_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
         self.num_new_tokens.append(num_tokens)
+        start = request.num_computed_tokens
+        self.recomputed_tokens += max(0, min(start + num_tokens, request.max_computed_tokens) - start)
         self.shape.add(num_tokens, request.num_computed_tokens)
 
     @property
@@ -255,10 +257,11 @@ class Scheduler:
         if req.status is RequestStatus.LOADING:
             self.cancel_load(req)  # before its blocks can go to anyone else
         self.blocks.free(req)
-        kept = req.checkpointed_tokens if self.config.checkpoints else 0
-        batch.recomputed_tokens += max(0, req.num_computed_tokens - kept)
+        # what it loses is counted when it is computed again: at readmission the prefix cache
+        # or its checkpoint may serve much of it back
+        req.max_computed_tokens = max(req.max_computed_tokens, req.num_computed_tokens)
         req.num_computed_tokens = 0
-        req.checkpointed_tokens = kept
+        req.checkpointed_tokens = req.checkpointed_tokens if self.config.checkpoints else 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         queue = self.online_waiting if req.is_online and self.config.has_classes else self.waiting

@@ -39,6 +39,9 @@ class JobOptions:
     # identical prompts with deterministic sampling (greedy, or one explicit seed) are computed
     # once per shard and the result copied to each custom_id (marked deduplicated)
     dedup: bool = True
+    # shards hold requests placed by prompt, not in input order: identical ones in one shard (for
+    # dedup), those sharing a leading part side by side (queue/placement.py); results keep input order
+    group_by_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:

@@ -1,23 +1,30 @@
 """Job results out: streaming rows, a pyarrow table / Parquet file, OpenAI batch JSONL.
 
-Rows come shard by shard in input order, so exporting a job larger than memory holds one
-shard at a time. Requests of a cancelled or expired job that never finished get an error
-row (`batch_cancelled` / `batch_expired`), so every request appears exactly once.
+Rows come in input order. Shards hold requests in input order unless the job was placed by
+prompt (queue/placement.py): rows that arrive in input order pass straight through, and
+from the first that does not, the rest wait in a temporary file until their turn (each
+stored request's `pos` says its place). Either way an export holds one shard in memory
+at a time, plus an offset per request when it spools. Requests of a cancelled or expired
+job that never finished get an error row (`batch_cancelled` / `batch_expired`), so every
+request appears exactly once.
 """
 
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harvest.queue.inputs import CHAT
 from harvest.queue.models import JobStatus, Result
+from harvest.queue.spool import Spool
 from harvest.queue.store import JobStore
 
 SCHEMA = pa.schema(
@@ -89,16 +96,38 @@ def _prompt_text(payload: dict[str, Any]) -> str:
 
 def iter_results(store: JobStore, job_id: str) -> Iterator[ResultRow]:
     """One row per finished request, in input order; for a closed job, one per request."""
-    status = store.get_job(job_id).status
-    closed_code = CLOSED_ERRORS.get(status)
-    for _, requests, results in store.iter_shards(job_id):
-        for index, payload in enumerate(requests):
-            result = results.get(index)
-            if result is None:
-                if closed_code is None:
+    job = store.get_job(job_id)
+    closed_code = CLOSED_ERRORS.get(job.status)
+    expected = 0  # the next position in input order
+    spool: Spool | None = None
+    spooled = array("q", [-1]) * job.request_counts.total  # position -> spool record (-1: no row)
+    try:
+        for _, requests, results in store.iter_shards(job_id):
+            for index, payload in enumerate(requests):
+                result = results.get(index)
+                if result is None and closed_code is not None:
+                    message = f"the job was {job.status.value} before this request finished"
+                    result = Result.error(closed_code, message)
+                pos = payload.get("pos", expected)  # none: stored before placement, in input order
+                if spool is None and pos == expected:
+                    expected += 1
+                    if result is not None:
+                        yield _row(payload, result)
                     continue
-                result = Result.error(closed_code, f"the job was {status.value} before this request finished")
-            yield ResultRow(payload["custom_id"], payload["url"], _prompt_text(payload), result)
+                spool = spool or Spool()
+                if result is not None:
+                    spooled[pos] = spool.append(orjson.dumps([payload, vars(result)]))
+        for pos in range(expected, len(spooled) if spool is not None else 0):
+            if spooled[pos] >= 0:
+                payload, result = orjson.loads(spool[spooled[pos]])
+                yield _row(payload, Result(**result))
+    finally:
+        if spool is not None:
+            spool.close()
+
+
+def _row(payload: dict[str, Any], result: Result) -> ResultRow:
+    return ResultRow(payload["custom_id"], payload["url"], _prompt_text(payload), result)
 
 
 def _batches(rows: Iterable[ResultRow], size: int) -> Iterator[pa.RecordBatch]:

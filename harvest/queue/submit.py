@@ -1,8 +1,13 @@
 """Submitting a job: validate every line first, then stream valid requests into shards.
 
 Two passes over the source keep memory flat for large inputs: the first validates and
-collects errors (plus the set of custom_ids, for duplicates), the second writes shards of
-`shard_size` requests. Nothing becomes leasable until `activate`.
+collects errors (plus the set of custom_ids, for duplicates) and what placing each valid
+request needs (placement.py); the second writes shards of at most `shard_size` requests.
+When placement keeps input order (nothing shared) the second pass streams into shards as
+it reads; otherwise it spools the requests to a temporary file and the shards are read
+back from it in the placed order. Each stored request carries `pos`, its place among the
+valid ones in input order, by which results come back in input order (outputs.py).
+Nothing becomes leasable until `activate`.
 
 A submission ends one of four ways, never half-made: queued; nothing created at all (the
 input as a whole is judged before a job exists: file, suffix, template, columns); the job
@@ -16,14 +21,16 @@ first sweep after `submitter_timeout_s` fails the same way.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -31,6 +38,8 @@ from harvest.queue.config import JobOptions
 from harvest.queue.errors import InvalidInputError, JobNotQueuedError
 from harvest.queue.inputs import BadRequest, InputError, RequestSpec, read_batch_jsonl, sampling_from
 from harvest.queue.models import JobStatus
+from harvest.queue.placement import Placement
+from harvest.queue.spool import Spool
 from harvest.queue.store import JobStore
 from harvest.queue.tables import read_table, table_format, template_fields
 
@@ -39,6 +48,7 @@ log = logging.getLogger(__name__)
 Source = Callable[[], Iterator[tuple[int, RequestSpec | InputError]]]  # callable twice: two passes
 MAX_REPORTED_ERRORS = 1000  # kept on the job record; the count covers all of them
 SHARDS_PER_WRITE = 16
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,7 +73,8 @@ def without_duplicates(pairs: Iterator[tuple[int, RequestSpec | InputError]]):
         yield line, item
 
 
-def validate(source: Source) -> Validation:
+def validate(source: Source, keep: Callable[[RequestSpec], None] | None = None) -> Validation:
+    """Count and collect the source's errors; `keep` sees each valid request, in input order."""
     v = Validation()
     for _, item in without_duplicates(source()):
         if isinstance(item, InputError):
@@ -72,6 +83,8 @@ def validate(source: Source) -> Validation:
                 v.errors.append(item)
         else:
             v.num_valid += 1
+            if keep is not None:
+                keep(item)
     return v
 
 
@@ -154,7 +167,8 @@ def submit(store: JobStore, source: Source, options: JobOptions) -> str:
 
 def _fill(store: JobStore, job_id: str, source: Source, options: JobOptions) -> None:
     """Validate the source and write its valid requests as shards; InvalidInputError to reject."""
-    v = validate(source)
+    placement = Placement(options.shard_size, options.group_by_prompt, options.dedup)
+    v = validate(source, placement.add)
     if v.num_valid == 0 and v.num_errors == 0:
         v.errors.append(InputError(0, "the input holds no requests"))
         v.num_errors = 1
@@ -163,7 +177,40 @@ def _fill(store: JobStore, job_id: str, source: Source, options: JobOptions) -> 
     if v.num_errors:
         errors = json.dumps([e.to_dict() for e in v.errors])
         store.r.hset(store.job_key(job_id), mapping={"errors": errors, "num_errors": v.num_errors})
-    _write_shards(store, job_id, source, options.shard_size, options.dedup)
+    plan = list(placement.shards())
+    payloads = _payloads(source, options.dedup)
+    if all(pos == i for i, pos in enumerate(itertools.chain.from_iterable(plan))):  # input order
+        _write_shards(store, job_id, _cut(payloads, (len(shard) for shard in plan)))
+        return
+    with Spool() as spool:
+        for payload in payloads:
+            spool.append(orjson.dumps(payload))
+        shards = ([orjson.loads(spool[pos]) for pos in shard] for shard in plan)
+        _write_shards(store, job_id, _heartbeat(store, job_id, shards))
+
+
+def _payloads(source: Source, dedup: bool) -> Iterator[dict[str, Any]]:
+    """The valid requests as stored, in input order (the second pass)."""
+    pos = 0
+    for _, item in without_duplicates(source()):
+        if isinstance(item, RequestSpec):
+            payload = {**item.to_payload(), "pos": pos}
+            if not dedup:  # the worker reads it per request: a lease carries payloads, not job options
+                payload["dedup"] = False
+            yield payload
+            pos += 1
+
+
+def _cut(payloads: Iterator[dict[str, Any]], sizes: Iterator[int]) -> Iterator[list[dict[str, Any]]]:
+    shard: list[dict[str, Any]] = []
+    size = next(sizes, 0)
+    for payload in payloads:
+        shard.append(payload)
+        if len(shard) == size:
+            yield shard
+            shard, size = [], next(sizes, 0)
+    if shard:
+        yield shard
 
 
 def _give_up(store: JobStore, job_id: str, errors: list[InputError], num_errors: int) -> None:
@@ -184,45 +231,34 @@ def _not_queued(store: JobStore, job_id: str, status: str) -> JobNotQueuedError:
 
 
 def _with_heartbeat(store: JobStore, job_id: str, source: Source) -> Source:
-    """The source, telling Redis now and then that its submitter is alive (see `still_validating`);
+    return lambda: _heartbeat(store, job_id, source())
+
+
+def _heartbeat(store: JobStore, job_id: str, items: Iterable[T]) -> Iterator[T]:
+    """`items`, telling Redis now and then that their submitter is alive (see `still_validating`);
     JobNotQueuedError as soon as the job is no longer validating (cancelled, or failed by a sweep)."""
     every_s = store.submitter_timeout_ms / 1000 / 4
-
-    def items() -> Iterator[tuple[int, RequestSpec | InputError]]:
-        last = time.monotonic()
-        for item in source():
-            if time.monotonic() - last > every_s:
-                status = store.still_validating(job_id)
-                if status != JobStatus.VALIDATING.value:
-                    raise _not_queued(store, job_id, status)
-                last = time.monotonic()
-            yield item
-
-    return items
+    last = time.monotonic()
+    for item in items:
+        if time.monotonic() - last > every_s:
+            status = store.still_validating(job_id)
+            if status != JobStatus.VALIDATING.value:
+                raise _not_queued(store, job_id, status)
+            last = time.monotonic()
+        yield item
 
 
-def _write_shards(store: JobStore, job_id: str, source: Source, shard_size: int, dedup: bool = True) -> None:
-    shards: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
+def _write_shards(store: JobStore, job_id: str, shards: Iterable[list[dict[str, Any]]]) -> None:
+    batch: list[list[dict[str, Any]]] = []
     written = 0
-    for _, item in without_duplicates(source()):
-        if isinstance(item, InputError):
-            continue
-        payload = item.to_payload()
-        if not dedup:  # the worker reads it per request: a lease carries payloads, not job options
-            payload["dedup"] = False
-        current.append(payload)
-        if len(current) == shard_size:
-            shards.append(current)
-            current = []
-        if len(shards) == SHARDS_PER_WRITE:
-            _add_shards(store, job_id, shards, written)
-            written += len(shards)
-            shards = []
-    if current:
-        shards.append(current)
-    if shards:
-        _add_shards(store, job_id, shards, written)
+    for shard in shards:
+        batch.append(shard)
+        if len(batch) == SHARDS_PER_WRITE:
+            _add_shards(store, job_id, batch, written)
+            written += len(batch)
+            batch = []
+    if batch:
+        _add_shards(store, job_id, batch, written)
 
 
 def _add_shards(store: JobStore, job_id: str, shards: list[list[dict[str, Any]]], first: int) -> None:

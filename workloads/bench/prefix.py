@@ -13,12 +13,19 @@ No prompt repeats, so dedup plays no part: only the cache and the order are meas
 Online: chat requests sharing one system prompt, one at a time (TTFT = time to the one
 output token), on the same two engines.
 
+Placement (queue/placement.py, no engine: exact counts): one job mixing the few-shot and
+classify prompts line by line, with a quarter of its lines repeated at random places, cut
+into shards in input order and by prompt. Per placement: the requests the shards' dedup
+computes (one per distinct greedy prompt per shard) and the shards each shared prefix is
+spread over (each computes it at least once).
+
 The box is shared, so each ratio is measured side by side: cache on and off alternate
 within every repeat, and the report keeps every repeat's ratio (median and spread).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import tempfile
 import time
@@ -105,6 +112,37 @@ def online_ttft(engine: Any, system: str, questions: list[str]) -> list[float]:
     return ttfts
 
 
+def spread_job(per_kind: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, kind) lines: the two shared-prefix jobs interleaved, then a quarter of the lines
+    copied to random places (duplicates far apart, as in a job built from several sources)."""
+    pairs = zip(_prompts("mc_eval")[:per_kind], _prompts("classify")[:per_kind])
+    lines = [line for few, ticket in pairs for line in ((few, "few_shot_eval"), (ticket, "classify"))]
+    rng = random.Random(seed)
+    for line in rng.sample(lines, len(lines) // 4):
+        lines.insert(rng.randrange(len(lines) + 1), line)
+    return lines
+
+
+def placement_counts(lines: list[tuple[str, str]], shard_size: int, by_prompt: bool) -> dict[str, Any]:
+    """What one placement of `lines` costs: shards, requests computed (a shard's dedup runs each
+    distinct greedy prompt once) and, per shared prefix, the shards it is spread over."""
+    from harvest.queue.inputs import COMPLETIONS, RequestSpec
+    from harvest.queue.placement import Placement
+
+    placement = Placement(shard_size, by_prompt)
+    for prompt, _ in lines:
+        placement.add(RequestSpec("", COMPLETIONS, {"max_tokens": 2, "temperature": 0}, prompt))
+    shards = list(placement.shards())
+    kinds = sorted({kind for _, kind in lines})
+    return {
+        "lines": len(lines),
+        "shards": len(shards),
+        "computed_requests": sum(len({lines[i][0] for i in shard}) for shard in shards),
+        "distinct_requests": len({prompt for prompt, _ in lines}),
+        "prefix_shards": {k: sum(any(lines[i][1] == k for i in shard) for shard in shards) for k in kinds},
+    }
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -123,10 +161,11 @@ def run(quick: bool, out: Path) -> dict:
 
     transformers.logging.set_verbosity_error()
     cfg = (
-        dict(hidden=64, layers=2, repeats=3, max_tokens=2, online=8, prompts=16)
+        dict(hidden=64, layers=2, repeats=3, max_tokens=2, online=8, prompts=16, placement_per_kind=16)
         if quick
-        else dict(hidden=256, layers=4, repeats=3, max_tokens=4, online=32, prompts=64)
+        else dict(hidden=256, layers=4, repeats=3, max_tokens=4, online=32, prompts=64, placement_per_kind=32)
     )
+    cfg["shard_size"] = 16  # the placement job's (harvest submit's default is 64)
     n = cfg["prompts"]
     jobs = {"few_shot_eval": _prompts("mc_eval")[:n], "classify": _prompts("classify")[:n]}
     jobs["unshared"] = _unshared(jobs["few_shot_eval"][: n // 2] + jobs["classify"][: n // 2])
@@ -164,6 +203,11 @@ def run(quick: bool, out: Path) -> dict:
                 ttft[cache] = online_ttft(engine, system, questions)
                 progress.advance(task)
     ratios = {j: [on / off for on, off in zip(rates[j]["on"], rates[j]["off"])] for j in jobs}
+    lines = spread_job(cfg["placement_per_kind"])
+    placement = {
+        name: placement_counts(lines, cfg["shard_size"], by_prompt)
+        for name, by_prompt in (("input_order", False), ("by_prompt", True))
+    }
     shared = ratios["few_shot_eval"] + ratios["classify"]
     result = {
         "shared_speedup": statistics.median(shared),
@@ -175,6 +219,7 @@ def run(quick: bool, out: Path) -> dict:
         "online_ttft_s": {
             c: {"p50": _pct(v, 0.5), "p99": _pct(v, 0.99), "samples": len(v)} for c, v in ttft.items()
         },
+        "placement": placement,
         "config": {**cfg, "quick": quick, "jobs": {j: len(p) for j, p in jobs.items()}, "few_shot": FEW_SHOT},
         "targets": {"shared_speedup": 3.0, "unshared_speedup": 0.97},
     }
@@ -186,6 +231,14 @@ def run(quick: bool, out: Path) -> dict:
             for j, v in ratios.items()
         ],
     )
+    print_table(
+        f"placement: a mixed job, far-apart duplicates ({len(lines)} lines, shards of {cfg['shard_size']})",
+        ["placement", "shards", "requests computed", "distinct", "shards with the few-shot block",
+         "shards with the instruction"],
+        [[name, c["shards"], c["computed_requests"], c["distinct_requests"],
+          c["prefix_shards"]["few_shot_eval"], c["prefix_shards"]["classify"]]
+         for name, c in placement.items()],
+    )  # fmt: skip
     t = result["online_ttft_s"]
     print_table(
         "online TTFT, chat with a shared system prompt (ms)",
