@@ -178,7 +178,8 @@ class Engine:
         self._inbox.append(("abort", request_id))
 
     def export(self, request_id: str) -> RequestState:
-        """Take a request out of this engine (between steps), checkpointing its full blocks."""
+        """Take a request out of this engine (between steps), checkpointing its full blocks.
+        One still in the inbox is marked finished there, so its add is skipped."""
         req = self.requests[request_id]
         if self.scheduler.config.checkpoints and req.status is RequestStatus.RUNNING:
             self.checkpointer.save(req)
@@ -187,10 +188,17 @@ class Engine:
             req.checkpointed_tokens, req.checkpoint = 0, None
         elif req.status is RequestStatus.RUNNING:  # a waiting or loading one's handle is as it was
             self._refresh_handle(req)
-        self.scheduler.finish(req)
+        self.scheduler.finish(req)  # a loading one's load is cancelled first
+        store = self.checkpoint_store
+        if req.status is RequestStatus.LOADING and (held := store.num_blocks(request_id)):
+            # adopted already: the handle it came with may name a source that is gone now
+            tokens = min(req.checkpointed_tokens, held * self.block_manager.block_size)
+            req.checkpoint = CheckpointHandle(store.name, request_id, tokens)
         self.requests.pop(request_id)
         self._detokenizers.pop(request_id, None)
-        return req.export_state()
+        state = req.export_state()
+        req.status = RequestStatus.FINISHED
+        return state
 
     def has_unfinished(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_unfinished()
@@ -201,7 +209,8 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                self.scheduler.add(item)
+                if not item.is_finished:  # exported before it got here
+                    self.scheduler.add(item)
             elif (req := self.requests.get(item)) is not None and not req.is_finished:
                 self._finish(req, FinishReason.ABORT)
                 outputs.append(self._final_output(req))
