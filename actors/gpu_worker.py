@@ -19,12 +19,15 @@ answer: offline leasing on or off, and the SLO (through the engine's inbox).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import ray
@@ -32,8 +35,10 @@ from fastapi import FastAPI
 from ray import serve
 
 from harvest.api.app import build_app
+from harvest.api.backend import BackendUnavailable
 from harvest.api.local import LocalBackend
 from harvest.batch import BatchService
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.engine import Engine, RequestClass, RequestOutput, SamplingParams
 from harvest.names import CONTROLLER_NAME, NAMESPACE
 from harvest.protocol.engine_client import EngineClient
@@ -72,6 +77,8 @@ class HostedEngine(EngineClient, Protocol):
 
 # builds the engine one worker runs: (worker id, the service's settings) -> engine
 EngineFactory = Callable[[str, dict[str, Any]], HostedEngine]
+# (checkpoint handle, node id) -> the handle of a copy in that node's keeper (RayCheckpointStore.send)
+ShipCheckpoint = Callable[[CheckpointHandle, str], CheckpointHandle]
 
 
 class GPUWorker:
@@ -90,6 +97,8 @@ class GPUWorker:
         *,
         labels: dict[str, Any] | None = None,
         frozen_objects: int = 0,
+        ship: ShipCheckpoint | None = None,
+        termination_notice: str | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.loop = engine  # the engine, seen as a client: an EngineLoop, or a mock in tests
@@ -104,6 +113,11 @@ class GPUWorker:
         self.feedback = SLOFeedback()
         self._feedback_lock = threading.Lock()
         self._stop = threading.Event()
+        self.ship = ship
+        self.termination_notice = termination_notice  # a file whose appearance starts a drain
+        self.drain_state: dict[str, Any] | None = None  # None while in service; see `drain`
+        self._drain_requested = False
+        self._drain_lock = threading.Lock()
 
     def _on_step(self, outputs: list[RequestOutput]) -> None:
         """Runs on the loop thread after every step (and every idle tick)."""
@@ -136,7 +150,9 @@ class GPUWorker:
 
     def apply(self, reply: dict[str, Any]) -> None:
         """The controller's answer to a heartbeat."""
-        self.set_offline(reply["offline"])
+        if reply.get("drain"):
+            self.drain(**reply["drain"])
+        self.set_offline(reply["offline"] and self.drain_state is None)
         if reply.get("slo") and tuple(reply["slo"]) != self.slo_target:
             self.set_slo(*reply["slo"])
 
@@ -146,6 +162,7 @@ class GPUWorker:
     def _heartbeats(self, period_s: float) -> None:
         me, controller = ray.get_runtime_context().current_actor, None
         while not self._stop.wait(period_s):
+            self.check_termination_notice()
             try:
                 controller = controller or ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
                 reply = ray.get(controller.heartbeat.remote(self.worker_id, self.stats(), me),
@@ -158,10 +175,89 @@ class GPUWorker:
             self.apply(reply)
             period_s = reply.get("period_s", period_s)  # a large fleet reports less often
 
+    # ------------------------------------------------------------------ drain
+
+    def check_termination_notice(self) -> bool:
+        """Drain once the termination notice file appears (a cloud's spot notice, written
+        by the operator's watcher or a preStop hook); the heartbeat thread looks each period."""
+        notice = self.termination_notice
+        if notice and not self._drain_requested and os.path.exists(notice):
+            self.request_drain(f"termination notice {notice}")
+            return True
+        return False
+
+    def request_drain(self, reason: str) -> None:
+        """Drain on this worker's own initiative (SIGTERM, a termination notice): through the
+        controller, which names the node to ship checkpoints to; without one, keep them here.
+        Returns at once (a signal handler calls it)."""
+        self._drain_requested = True
+
+        def ask() -> None:
+            order: dict[str, Any] = {"reason": reason}
+            try:
+                if ray.is_initialized():
+                    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+                    order = ray.get(controller.drain.remote(self.worker_id, reason), timeout=5)["order"]
+            except (ray.exceptions.RayError, ValueError) as exc:
+                log.warning("drain without the controller (%s): checkpoints stay on this node", exc)
+            self.drain(**order)
+
+        threading.Thread(target=ask, name="drain-request", daemon=True).start()
+
+    def drain(self, reason: str = "drain", keeper_node: str | None = None) -> None:
+        """Leave service gracefully; idempotent. Offline: lease nothing more, take the
+        running requests out of the engine with their KV checkpoints, ship those to the
+        keeper of `keeper_node` (a node that stays; None: this node's keeper keeps them),
+        record them as the shards' progress and give the shards back without spending an
+        attempt. Online: refuse new requests (503, which HAProxy retries on another worker)
+        and finish those in flight. Then the worker is `drained`: its health check fails
+        and Serve replaces it (its graceful shutdown has nothing left to give back)."""
+        with self._drain_lock:
+            if self.drain_state is not None:
+                return
+            self.drain_state = {"state": "draining", "reason": reason, "since": time.time(),
+                                "keeper_node": keeper_node}  # fmt: skip
+        self.offline.leasing = False
+        log.warning("%s draining (%s); checkpoints to node %s", self.worker_id, reason, keeper_node or "here")
+        threading.Thread(target=self._drain, args=(keeper_node,), name="drain", daemon=True).start()
+
+    def _drain(self, keeper_node: str | None) -> None:
+        ship = self.ship
+        keep = (lambda handle: ship(handle, keeper_node)) if ship and keeper_node else None
+        try:
+            offline = asdict(self.offline.hand_back(keep))
+        except Exception:  # a bug here must not keep the worker in service: its leases expire
+            log.exception("%s: giving the offline work back failed", self.worker_id)
+            offline = None
+        # the state is replaced, never changed in place: the heartbeat thread sends it meanwhile
+        self.drain_state = {**self.drain_state, "state": "serving out", "offline": offline,
+                            "online_inflight": self.loop.num_pending()}  # fmt: skip
+        while self.loop.num_pending() and self.loop.running:  # HTTP requests (online, flex) in flight
+            time.sleep(0.05)
+        since = self.drain_state["since"]
+        self.drain_state = {**self.drain_state, "state": "drained", "drained_after_s": time.time() - since}
+        log.warning("%s drained: %s", self.worker_id, self.drain_state)
+
+    def drain_and_wait(self, reason: str, timeout_s: float) -> None:
+        """Drain (unless shut down already) and wait until drained, `timeout_s` at most."""
+        if self._stop.is_set():
+            return
+        self.request_drain(reason)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and (self.drain_state or {}).get("state") != "drained":
+            time.sleep(0.05)
+
+    @property
+    def accepting(self) -> bool:
+        """False once draining: new HTTP requests go to another worker."""
+        return self.drain_state is None
+
     # ------------------------------------------------------------------ views
 
     def health(self, max_stall_s: float = 30.0) -> bool:
-        return self.loop.healthy(max_stall_s)
+        """The engine loop is alive and not stalled, and the worker has not drained."""
+        drained = self.drain_state is not None and self.drain_state["state"] == "drained"
+        return not drained and self.loop.healthy(max_stall_s)
 
     def stats(self) -> dict[str, Any]:
         """The loop's own report (its figures as of its last step) and the worker's."""
@@ -171,6 +267,7 @@ class GPUWorker:
             worker_id=self.worker_id,
             pid=os.getpid(),
             offline_enabled=self.offline.leasing,
+            draining=self.drain_state,  # None while in service
             offline_paused=self.offline.paused,  # e.g. "Redis unreachable since ...: cause"
             shards=sorted(self.offline.shards),
             offline_inflight=self.offline.inflight_requests,
@@ -221,6 +318,8 @@ class WorkerBackend(LocalBackend):
         request_id: str,
         request_class: RequestClass = RequestClass.ONLINE,
     ) -> AsyncIterator[RequestOutput]:
+        if not self.worker.accepting:  # before any byte: HAProxy retries the 503 on another worker
+            raise BackendUnavailable(f"worker {self.worker.worker_id} is draining")
         start, first = time.monotonic(), None
         online = request_class is RequestClass.ONLINE  # a flex request is outside the online SLO
         stream = super().generate(prompt_token_ids, params, request_id, request_class)
@@ -244,6 +343,18 @@ class WorkerBackend(LocalBackend):
             status = None
         workers = (status or {}).get("workers") or {self.worker.worker_id: self.worker.stats()}
         return render_engine_metrics(workers, status)
+
+
+def drain_on_sigterm(worker: GPUWorker, grace_s: float = 60.0) -> None:
+    """SIGTERM (a pod or VM being stopped) drains the worker before its process ends; whoever
+    sent it kills the process after its own grace period. Only the main thread may set a
+    signal handler, and a Serve replica's code runs on its event loop's thread: there Ray's
+    own handler ends the main thread, and the drain runs at exit (`grace_s` at most), while
+    the other threads still serve. A graceful stop has shut the worker down by then."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: worker.request_drain("SIGTERM"))
+    else:
+        atexit.register(worker.drain_and_wait, "process exit (SIGTERM)", grace_s)
 
 
 def load_engine(worker_id: str, config: dict[str, Any]) -> EngineLoop:
@@ -294,6 +405,7 @@ def worker_application(
             frozen = freeze_heap()  # the model is loaded: no full GC walks it again
             ctx = ray.get_runtime_context()  # the actor's name is in Serve's namespace
             where = {"node_id": ctx.get_node_id(), "actor_name": ctx.get_actor_name()}
+            store = getattr(engine, "checkpoint_store", None)
             self.worker = GPUWorker(
                 worker_id,
                 engine,
@@ -301,8 +413,11 @@ def worker_application(
                 WorkerConfig(**(config.get("queue_options") or {})),
                 labels=where,
                 frozen_objects=frozen,
+                ship=getattr(store, "send", None),  # a RayCheckpointStore's; tests' engines have none
+                termination_notice=config.get("termination_notice"),
             )
             self.worker.start_heartbeats(config.get("monitor_period_s", 0.25))
+            drain_on_sigterm(self.worker)
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             config = self.config
@@ -312,7 +427,9 @@ def worker_application(
 
         def check_health(self) -> None:  # Serve replaces a replica whose check raises
             if not self.worker.health():
-                raise RuntimeError(f"engine loop of {self.worker.worker_id} stalled or died")
+                drained = self.worker.drain_state and self.worker.drain_state["state"] == "drained"
+                why = "drained: leaving" if drained else "engine loop stalled or died"
+                raise RuntimeError(f"{self.worker.worker_id}: {why}")
 
         def __del__(self) -> None:  # Serve's graceful shutdown
             if hasattr(self, "worker"):  # the constructor may have failed
