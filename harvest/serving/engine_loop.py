@@ -259,14 +259,17 @@ class EngineLoop:
         done = threading.Event()
 
         def take() -> None:
-            try:
-                for request_id in request_ids:
-                    if request_id in self.engine.requests:
-                        states.append(self.engine.export(request_id))
-                        with self._lock:
-                            self._sinks.pop(request_id, None)
-            finally:
-                done.set()
+            for request_id in request_ids:
+                if request_id not in self.engine.requests:
+                    continue
+                try:
+                    states.append(self.engine.export(request_id))
+                except Exception:  # a bug must not end the loop: the request stays in the engine
+                    log.exception("could not export %s", request_id)
+                    continue
+                with self._lock:
+                    self._sinks.pop(request_id, None)
+            done.set()
 
         if not self.running:
             raise EngineLoopError(self._why_not_running())
