@@ -155,7 +155,7 @@ def test_the_engine_loop_exports_a_running_request_with_its_checkpoint(tiny_mode
     loop = EngineLoop(engine)
     loops.append(loop)
     prompt = engine.tokenizer.encode("The miller listened to the water wheel")
-    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     (expected,) = make_engine(tiny_model).generate([prompt], params)
     seen = []
     loop.submit(prompt, params, "r1", on_output=seen.append)

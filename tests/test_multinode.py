@@ -92,6 +92,10 @@ def drain_a_node(base: str, client: Any, keepers: dict[str, Any], node_id: str, 
                 return {**s, "name": name}
         return None
 
+    # the CLI, first with an id that names nothing: a clear error, and nothing drained
+    cli = [sys.executable, "-c", "from harvest.cli import app; app()", "drain", "no-such-worker",
+           "--address", ray.get_runtime_context().gcs_address]  # fmt: skip
+    unknown = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=REPO)
     victim = _wait("the node's worker to lease a shard", holder, 60)
     keeper = keepers[node_id]
     shipped = ray.get(keeper.stats.remote())["bytes_put"]
@@ -136,6 +140,7 @@ def drain_a_node(base: str, client: Any, keepers: dict[str, Any], node_id: str, 
     _wait("the drained worker's replacement", lambda: len(service.status()["workers"]) == 2, 120, 0.2)
     workers = service.status()["workers"]
     return {
+        "cli_unknown": {"code": unknown.returncode, "output": unknown.stdout + unknown.stderr},
         "victim": victim["name"],
         "victim_shards": victim["shards"],
         "answer": answer,
@@ -366,6 +371,8 @@ def test_a_shard_taken_over_on_the_other_node_restores_the_dead_workers_checkpoi
 
 def test_a_drained_node_hands_its_requests_to_the_other_worker_with_their_checkpoints(seen):
     part, nodes = seen["drain"], seen["nodes"]
+    assert part["cli_unknown"]["code"] == 4, part["cli_unknown"]  # `harvest drain` names what it did not find
+    assert "no worker or node 'no-such-worker'" in part["cli_unknown"]["output"], part["cli_unknown"]
     assert part["answer"]["workers"] == [part["victim"]]  # the node's one worker
     assert part["answer"]["order"]["keeper_node"] == nodes["head"]  # checkpoints go to a node that stays
     given = part["last_state"]["offline"]
@@ -378,14 +385,19 @@ def test_a_drained_node_hands_its_requests_to_the_other_worker_with_their_checkp
     assert all(r["worker"] != part["victim"] and r["resumed_tokens"] > 0 for r in handed), handed
     # their KV came back from the head's keeper: the drained node's own keeper was killed first
     restored = sum(w["totals"]["restored_tokens"] for w in part["workers"].values())
-    assert restored - sum(part["restored_before"].get(n, 0) for n in part["workers"]) > 0
+    restored -= sum(part["restored_before"].get(n, 0) for n in part["workers"])
+    assert restored > 0
     assert part["job"]["request_counts"]["failed"] == 0
     # online: the requests in flight finished, a new one went to the other worker, then it left
     assert all(o["status"] == 200 and o["tokens"] == 200 for o in part["online_in_flight"]), part
     assert part["online_during"]["usage"]["completion_tokens"] == 6, part["online_during"]
     assert part["last_state"]["state"] == "drained" and part["victim"] not in part["workers"]
-    print(f"drain: shards released {part['released_s']:.2f} s after the drain, left after "
-          f"{part['left_s']:.1f} s; {given}")  # fmt: skip
+    context = sum(r["prompt_tokens"] + r["resumed_tokens"] for r in handed)  # what the resumer needed
+    print(f"drain: shards released {part['released_s']:.2f} s after the call (hand-back itself "
+          f"{given['seconds']:.2f} s), the worker left after {part['left_s']:.1f} s; "
+          f"{given['generated_tokens']} generated tokens handed back, {given['checkpointed_tokens']} in "
+          f"checkpoints; on resume {restored} of {context} context tokens restored, "
+          f"{context - restored} recomputed")  # fmt: skip
 
 
 # flaky: failed once in five full runs on the 2-core box (cause not yet found), so it runs with

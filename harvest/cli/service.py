@@ -14,7 +14,7 @@ from rich.markup import escape  # errors quote user input, such as ORG/NAME[@REV
 from rich.table import Table
 
 from harvest.cli.app import app
-from harvest.cli.exits import EXIT_BAD_INPUT, EXIT_REDIS
+from harvest.cli.exits import EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_REDIS
 
 if TYPE_CHECKING:
     from harvest.config import HarvestConfig
@@ -267,7 +267,8 @@ def drain(
 ) -> None:
     """Drain a worker, or every worker on a node: it takes no new work, hands its offline
     requests back with their KV checkpoints shipped to a node that stays (no attempt
-    spent), finishes its online requests and leaves. `harvest status` shows its progress."""
+    spent), finishes its online requests and leaves. `harvest status` shows its progress.
+    Exit codes: 0 ordered (again: the same order), 1 harvest not running, 4 unknown worker or node."""
     from harvest import service
 
     try:
@@ -280,7 +281,7 @@ def drain(
         answer = service.drain(target, reason)
     except ValueError as exc:  # the controller's own error, through Ray
         console.print(f"[red]drain[/]: {escape(str(getattr(exc, 'cause', None) or exc))}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise typer.Exit(EXIT_NOT_FOUND) from None
     where = answer["order"]["keeper_node"] or "their own node (no other node stays)"
     console.print(f"draining {', '.join(answer['workers'])}; checkpoints go to node {where}")
 
