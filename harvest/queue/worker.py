@@ -416,7 +416,10 @@ class OfflineWorker:
         for state in states:
             handle = state.checkpoint
             if handle is not None and keep is not None:
-                handle = keep(handle)
+                try:
+                    handle = keep(handle)
+                except Exception:  # the checkpoint only saves work: the record stands without a move
+                    log.exception("could not move the checkpoint of %s", state.request_id)
             with self._lock:
                 req = runs[state.request_id].running.pop(state.request_id, None)
             if req is None:
