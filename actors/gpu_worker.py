@@ -19,11 +19,9 @@ answer: offline leasing on or off, and the SLO (through the engine's inbox).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -187,9 +185,9 @@ class GPUWorker:
         return False
 
     def request_drain(self, reason: str) -> None:
-        """Drain on this worker's own initiative (SIGTERM, a termination notice): through the
+        """Drain on this worker's own initiative (a termination notice): through the
         controller, which names the node to ship checkpoints to; without one, keep them here.
-        Returns at once (a signal handler calls it)."""
+        Returns at once."""
         self._drain_requested = True
 
         def ask() -> None:
@@ -237,15 +235,6 @@ class GPUWorker:
         since = self.drain_state["since"]
         self.drain_state = {**self.drain_state, "state": "drained", "drained_after_s": time.time() - since}
         log.warning("%s drained: %s", self.worker_id, self.drain_state)
-
-    def drain_and_wait(self, reason: str, timeout_s: float) -> None:
-        """Drain (unless shut down already) and wait until drained, `timeout_s` at most."""
-        if self._stop.is_set():
-            return
-        self.request_drain(reason)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and (self.drain_state or {}).get("state") != "drained":
-            time.sleep(0.05)
 
     @property
     def accepting(self) -> bool:
@@ -345,18 +334,6 @@ class WorkerBackend(LocalBackend):
         return render_engine_metrics(workers, status)
 
 
-def drain_on_sigterm(worker: GPUWorker, grace_s: float = 60.0) -> None:
-    """SIGTERM (a pod or VM being stopped) drains the worker before its process ends; whoever
-    sent it kills the process after its own grace period. Only the main thread may set a
-    signal handler, and a Serve replica's code runs on its event loop's thread: there Ray's
-    own handler ends the main thread, and the drain runs at exit (`grace_s` at most), while
-    the other threads still serve. A graceful stop has shut the worker down by then."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda _signum, _frame: worker.request_drain("SIGTERM"))
-    else:
-        atexit.register(worker.drain_and_wait, "process exit (SIGTERM)", grace_s)
-
-
 def load_engine(worker_id: str, config: dict[str, Any]) -> EngineLoop:
     """The model of `config` in an engine loop, with this node's checkpoint keeper as its store
     and the device's host tuning applied to this process (a worker's entry point)."""
@@ -417,7 +394,6 @@ def worker_application(
                 termination_notice=config.get("termination_notice"),
             )
             self.worker.start_heartbeats(config.get("monitor_period_s", 0.25))
-            drain_on_sigterm(self.worker)
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             config = self.config

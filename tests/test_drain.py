@@ -8,14 +8,12 @@ requests resumed there) runs in tests/test_multinode.py.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from actors.gpu_worker import GPUWorker, WorkerBackend, drain_on_sigterm
+from actors.gpu_worker import GPUWorker, WorkerBackend
 from controller.controller import HarvestController
 from harvest.api import BackendUnavailable, build_app
 from harvest.checkpoint.handle import CheckpointHandle
@@ -53,7 +51,7 @@ def survivor(handle: CheckpointHandle, node_id: str) -> CheckpointHandle:
 def test_a_drained_workers_shards_go_back_uncharged_and_resume_elsewhere(queue_client, workers):
     draining = make_worker(queue_client.store, workers, "draining", ship=survivor)
     prompts = ["w1 w2 w3", "w4 w5"]
-    job = queue_client.submit(prompts, max_tokens=300, temperature=0, shard_size=2, model=MODEL)
+    job = queue_client.submit(prompts, max_tokens=200, temperature=0, shard_size=2, model=MODEL)
     wait_for(lambda: draining.offline.inflight_requests == 2)
     # each request has made a full block (16 tokens) so its export names a checkpoint
     run = draining.offline.shards[f"{job.id}/0"]
@@ -79,7 +77,7 @@ def test_a_drained_workers_shards_go_back_uncharged_and_resume_elsewhere(queue_c
     tok = draining.loop.tokenizer
     for prompt, row in zip(prompts, queue_client.results(job.id).to_pylist(), strict=True):
         assert row["worker"] == "taker" and row["resumed_tokens"] > 20
-        assert row["output_token_ids"] == expected_tokens(tok.encode(prompt), 300)  # exactly as uninterrupted
+        assert row["output_token_ids"] == expected_tokens(tok.encode(prompt), 200)  # exactly as uninterrupted
 
 
 def test_a_draining_worker_finishes_requests_in_flight_and_refuses_new_ones(queue_store, workers):
@@ -117,19 +115,6 @@ def test_a_termination_notice_file_starts_the_drain(queue_store, workers, tmp_pa
     wait_for(lambda: worker.drain_state["state"] == "drained")
 
 
-def test_sigterm_starts_the_drain(queue_store, workers):
-    worker = make_worker(queue_store, workers, "terminated")
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        drain_on_sigterm(worker)  # the main thread here: a handler (a replica drains at exit)
-        os.kill(os.getpid(), signal.SIGTERM)
-        state = wait_for(lambda: worker.drain_state)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert state["reason"] == "SIGTERM"
-    wait_for(lambda: worker.drain_state["state"] == "drained")
-
-
 def test_the_controller_drains_a_worker_or_a_node_once_and_names_a_node_that_stays(redis_server):
     controller = HarvestController({"redis_url": redis_server.url, "monitor_period_s": 60, "num_workers": 3})
     try:
@@ -155,20 +140,24 @@ def test_the_engine_loop_exports_a_running_request_with_its_checkpoint(tiny_mode
     loop = EngineLoop(engine)
     loops.append(loop)
     prompt = engine.tokenizer.encode("The miller listened to the water wheel")
-    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
-    (expected,) = make_engine(tiny_model).generate([prompt], params)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    # another engine sharing the store, with no prefix cache to serve the blocks instead
+    other = make_engine(tiny_model, max_num_seqs=4, checkpoint_store=engine.checkpoint_store,
+                        enable_prefix_caching=False)  # fmt: skip
+    (expected,) = other.generate([prompt], params)
     seen = []
     loop.submit(prompt, params, "r1", on_output=seen.append)
-    wait_for(lambda: len(seen) >= 20)
+    wait_for(lambda: len(seen) >= 16)
     (state,) = loop.export(["r1", "finished-or-unknown"])
-    assert state.request_id == "r1" and len(state.token_ids) > len(prompt) + 19
+    assert state.request_id == "r1" and len(state.token_ids) > len(prompt) + 15
     assert state.checkpoint is not None and state.checkpoint.tokens >= 16  # full blocks of 4 saved
     assert engine.checkpoint_store.num_blocks("r1") * 4 >= state.checkpoint.tokens
     count = len(seen)
     assert loop.num_pending() == 0 and not seen[-1].finished
+    loops.append(other_loop := EngineLoop(other))
     resumed = []
-    loop.resume(state, on_output=resumed.append)
+    other_loop.resume(state, on_output=resumed.append)
     wait_for(lambda: resumed and resumed[-1].finished)
     assert len(seen) == count  # the exported request's sink heard nothing more
     assert resumed[-1].token_ids == expected.token_ids
-    assert engine.stats.restored_tokens > 0  # from the checkpoint the export saved
+    assert other.stats.restored_tokens >= 16  # from the checkpoint the export saved

@@ -92,11 +92,12 @@ def drain_a_node(base: str, client: Any, keepers: dict[str, Any], node_id: str, 
                 return {**s, "name": name}
         return None
 
-    # the CLI, first with an id that names nothing: a clear error, and nothing drained
-    cli = [sys.executable, "-c", "from harvest.cli import app; app()", "drain", "no-such-worker",
-           "--address", ray.get_runtime_context().gcs_address]  # fmt: skip
-    unknown = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=REPO)
-    victim = _wait("the node's worker to lease a shard", holder, 60)
+    try:
+        victim = _wait("the node's worker to lease a shard", holder, 60)
+    except TimeoutError as exc:  # say who held what
+        workers = {n: {k: s.get(k) for k in ("node_id", "shards", "offline_enabled", "healthy", "draining")}
+                   for n, s in service.status()["workers"].items()}  # fmt: skip
+        raise TimeoutError(f"{exc}: node {node_id}, workers {workers}, job {client.get(job.id)}") from None
     keeper = keepers[node_id]
     shipped = ray.get(keeper.stats.remote())["bytes_put"]
     _wait("a checkpoint at the node's keeper",
@@ -137,6 +138,10 @@ def drain_a_node(base: str, client: Any, keepers: dict[str, Any], node_id: str, 
         thread.join(timeout=120)
     client.wait(job.id, timeout=240, progress=False)
     mark("drain_done")
+    # the CLI with an id that names nothing: a clear error, and nothing drained
+    cli = [sys.executable, "-c", "from harvest.cli import app; app()", "drain", "no-such-worker",
+           "--address", ray.get_runtime_context().gcs_address]  # fmt: skip
+    unknown = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=REPO)
     _wait("the drained worker's replacement", lambda: len(service.status()["workers"]) == 2, 120, 0.2)
     workers = service.status()["workers"]
     return {
