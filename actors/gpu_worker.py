@@ -14,7 +14,8 @@ the engine as an `EngineClient`. Offline shards are leased from the Redis job st
 the same `OfflineWorker` that `harvest work --local` uses: it submits their requests
 through the engine with each shard as their sink, and its I/O thread does the Redis
 traffic. A heartbeat thread reports the worker's stats to the controller and applies its
-answer: offline leasing on or off, and the SLO (through the engine's inbox).
+answer: offline leasing on or off, the SLO (through the engine's inbox), and a drain order
+(`GPUWorker.drain`: the worker hands its work back and leaves; docs/ARCHITECTURE.md, Drain).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from fastapi import FastAPI
 from ray import serve
 
 from harvest.api.app import build_app
-from harvest.api.backend import BackendUnavailable
 from harvest.api.local import LocalBackend
 from harvest.batch import BatchService
 from harvest.checkpoint.handle import CheckpointHandle
@@ -207,9 +207,12 @@ class GPUWorker:
         running requests out of the engine with their KV checkpoints, ship those to the
         keeper of `keeper_node` (a node that stays; None: this node's keeper keeps them),
         record them as the shards' progress and give the shards back without spending an
-        attempt. Online: refuse new requests (503, which HAProxy retries on another worker)
-        and finish those in flight. Then the worker is `drained`: its health check fails
-        and Serve replaces it (its graceful shutdown has nothing left to give back)."""
+        attempt. Online: its health check fails from now on, so Serve's replica answers
+        HAProxy's checks with 503 and HAProxy stops sending it requests; until then it
+        serves them as before (refusing them drew traffic to it: least connections sent
+        each retry back to the worker that answered fastest). After three failed checks
+        Serve stops it gracefully (its requests in flight finish; nothing offline is left to
+        give back) and starts a replacement."""
         with self._drain_lock:
             if self.drain_state is not None:
                 return
@@ -236,17 +239,11 @@ class GPUWorker:
         self.drain_state = {**self.drain_state, "state": "drained", "drained_after_s": time.time() - since}
         log.warning("%s drained: %s", self.worker_id, self.drain_state)
 
-    @property
-    def accepting(self) -> bool:
-        """False once draining: new HTTP requests go to another worker."""
-        return self.drain_state is None
-
     # ------------------------------------------------------------------ views
 
     def health(self, max_stall_s: float = 30.0) -> bool:
-        """The engine loop is alive and not stalled, and the worker has not drained."""
-        drained = self.drain_state is not None and self.drain_state["state"] == "drained"
-        return not drained and self.loop.healthy(max_stall_s)
+        """The engine loop is alive and not stalled, and the worker is not draining."""
+        return self.drain_state is None and self.loop.healthy(max_stall_s)
 
     def stats(self) -> dict[str, Any]:
         """The loop's own report (its figures as of its last step) and the worker's."""
@@ -307,8 +304,6 @@ class WorkerBackend(LocalBackend):
         request_id: str,
         request_class: RequestClass = RequestClass.ONLINE,
     ) -> AsyncIterator[RequestOutput]:
-        if not self.worker.accepting:  # before any byte: HAProxy retries the 503 on another worker
-            raise BackendUnavailable(f"worker {self.worker.worker_id} is draining")
         start, first = time.monotonic(), None
         online = request_class is RequestClass.ONLINE  # a flex request is outside the online SLO
         stream = super().generate(prompt_token_ids, params, request_id, request_class)
@@ -403,8 +398,7 @@ def worker_application(
 
         def check_health(self) -> None:  # Serve replaces a replica whose check raises
             if not self.worker.health():
-                drained = self.worker.drain_state and self.worker.drain_state["state"] == "drained"
-                why = "drained: leaving" if drained else "engine loop stalled or died"
+                why = "draining" if self.worker.drain_state else "engine loop stalled or died"
                 raise RuntimeError(f"{self.worker.worker_id}: {why}")
 
         def __del__(self) -> None:  # Serve's graceful shutdown

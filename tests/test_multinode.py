@@ -1,6 +1,8 @@
 """The service across two Ray nodes on this machine (`ray.cluster_utils.Cluster`): one worker
 per node, a shard taken over across nodes with its KV checkpoint restored from the dead
-worker's node keeper, and a whole node lost mid-job without losing an offline request.
+worker's node keeper, a node drained mid-job (its requests resume on the other node from the
+checkpoints it shipped to the head's keeper), and a whole node lost mid-job without losing an
+offline request.
 
 A pytest process holds one Ray (the session's `ray_cluster` fixture) and a driver cannot
 join a second one, so the cluster runs in a child process (this file run as a script). The
@@ -73,8 +75,8 @@ def _stream_online(base: str, prompt: str, max_tokens: int, started: threading.E
 def drain_a_node(base: str, client: Any, keepers: dict[str, Any], node_id: str, mark: Callable) -> dict:
     """Drain the worker of `node_id` while it holds a shard and streams an online request: its
     requests must resume on another worker from the checkpoints it shipped to the head's keeper
-    (its own node's keeper is killed once it is drained, as the node would go), its online
-    requests finish, new ones go to the other worker, and it leaves (Serve replaces it)."""
+    (its own node's keeper is killed once they are handed back, as the node would go), online
+    requests in flight and new ones are served, and it leaves (Serve replaces it)."""
     import httpx
     import ray
 
@@ -393,10 +395,11 @@ def test_a_drained_node_hands_its_requests_to_the_other_worker_with_their_checkp
     restored -= sum(part["restored_before"].get(n, 0) for n in part["workers"])
     assert restored > 0
     assert part["job"]["request_counts"]["failed"] == 0
-    # online: the requests in flight finished, a new one went to the other worker, then it left
+    # online: the requests in flight finished and one sent during the drain was served (by
+    # either worker: the drained one serves until HAProxy's checks take it out), then it left
     assert all(o["status"] == 200 and o["tokens"] == 200 for o in part["online_in_flight"]), part
     assert part["online_during"]["usage"]["completion_tokens"] == 6, part["online_during"]
-    assert part["last_state"]["state"] == "drained" and part["victim"] not in part["workers"]
+    assert part["last_state"]["state"] in ("serving out", "drained") and part["victim"] not in part["workers"]
     context = sum(r["prompt_tokens"] + r["resumed_tokens"] for r in handed)  # what the resumer needed
     print(f"drain: shards released {part['released_s']:.2f} s after the call (hand-back itself "
           f"{given['seconds']:.2f} s), the worker left after {part['left_s']:.1f} s; "
