@@ -209,8 +209,9 @@ class GPUWorker:
         record them as the shards' progress and give the shards back without spending an
         attempt. Online: its health check fails from now on, so Serve's replica answers
         HAProxy's checks with 503 and HAProxy stops sending it requests; until then it
-        serves them as before (refusing them drew traffic to it: least connections sent
-        each retry back to the worker that answered fastest). After three failed checks
+        serves them as before (a 503 at once came back to the client in the two-node test:
+        least connections most likely sent each retry back to the refusing worker, the one
+        with the fewest connections). After three failed checks
         Serve stops it gracefully (its requests in flight finish; nothing offline is left to
         give back) and starts a replacement."""
         with self._drain_lock:
