@@ -133,9 +133,13 @@ def keeper_name(node_id: str) -> str:
 
 def keeper_for_this_node() -> tuple[str, Any]:
     """The keeper of the node we run on, created on first use (detached, pinned to the node)."""
+    return keeper_on(ray.get_runtime_context().get_node_id())
+
+
+def keeper_on(node_id: str) -> tuple[str, Any]:
+    """The keeper of node `node_id`, created on first use (detached, pinned to that node)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node_id = ray.get_runtime_context().get_node_id()
     name = keeper_name(node_id)
     # no task events: every call would be kept in the GCS (up to 100,000 of them), and workers
     # call the keeper several times a second for as long as they run
@@ -224,6 +228,25 @@ class RayCheckpointStore(HostCheckpointStore):
         other.drop.remote(handle.key)
         super().put(key, 0, data)
         self.keeper.put.remote(key, 0, data)  # for whoever resumes it after this worker dies
+
+    def send(self, handle: CheckpointHandle, node_id: str) -> CheckpointHandle:
+        """Put checkpoint `handle` of this store into the keeper of node `node_id`, and return
+        its handle there: a draining worker's, so that whoever resumes the request finds it
+        after this node is gone. Waits until that keeper holds it. A handle of another store,
+        or a keeper that fails, comes back as it was (the request may then recompute)."""
+        data = self.get(handle.key) if handle.store == self.name else None
+        if data is None:
+            return handle
+        try:
+            name, keeper = keeper_on(node_id)
+            ray.get(keeper.put_many.remote([(handle.key, 0, *_pack(data))]), timeout=self.adopt_timeout_s)
+        except (ValueError, ray.exceptions.RayError):  # the node is gone, or its keeper failed
+            return handle
+        if name == self.name:  # our own keeper: it keeps the one copy; the host copy goes
+            super().drop(handle.key)
+        else:
+            self.drop(handle.key)
+        return CheckpointHandle(name, handle.key, min(handle.tokens, data.shape[2] * data.shape[3]))
 
 
 def _join_runs(items: list[tuple[str, int, np.ndarray, str]]) -> list[tuple[str, int, np.ndarray, str]]:

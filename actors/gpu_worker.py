@@ -14,7 +14,8 @@ the engine as an `EngineClient`. Offline shards are leased from the Redis job st
 the same `OfflineWorker` that `harvest work --local` uses: it submits their requests
 through the engine with each shard as their sink, and its I/O thread does the Redis
 traffic. A heartbeat thread reports the worker's stats to the controller and applies its
-answer: offline leasing on or off, and the SLO (through the engine's inbox).
+answer: offline leasing on or off, the SLO (through the engine's inbox), and a drain order
+(`GPUWorker.drain`: the worker hands its work back and leaves; docs/ARCHITECTURE.md, Drain).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import ray
@@ -34,6 +36,7 @@ from ray import serve
 from harvest.api.app import build_app
 from harvest.api.local import LocalBackend
 from harvest.batch import BatchService
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.engine import Engine, RequestClass, RequestOutput, SamplingParams
 from harvest.names import CONTROLLER_NAME, NAMESPACE
 from harvest.protocol.engine_client import EngineClient
@@ -72,6 +75,8 @@ class HostedEngine(EngineClient, Protocol):
 
 # builds the engine one worker runs: (worker id, the service's settings) -> engine
 EngineFactory = Callable[[str, dict[str, Any]], HostedEngine]
+# (checkpoint handle, node id) -> the handle of a copy in that node's keeper (RayCheckpointStore.send)
+ShipCheckpoint = Callable[[CheckpointHandle, str], CheckpointHandle]
 
 
 class GPUWorker:
@@ -90,6 +95,8 @@ class GPUWorker:
         *,
         labels: dict[str, Any] | None = None,
         frozen_objects: int = 0,
+        ship: ShipCheckpoint | None = None,
+        termination_notice: str | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.loop = engine  # the engine, seen as a client: an EngineLoop, or a mock in tests
@@ -104,6 +111,11 @@ class GPUWorker:
         self.feedback = SLOFeedback()
         self._feedback_lock = threading.Lock()
         self._stop = threading.Event()
+        self.ship = ship
+        self.termination_notice = termination_notice  # a file whose appearance starts a drain
+        self.drain_state: dict[str, Any] | None = None  # None while in service; see `drain`
+        self._drain_requested = False
+        self._drain_lock = threading.Lock()
 
     def _on_step(self, outputs: list[RequestOutput]) -> None:
         """Runs on the loop thread after every step (and every idle tick)."""
@@ -136,7 +148,9 @@ class GPUWorker:
 
     def apply(self, reply: dict[str, Any]) -> None:
         """The controller's answer to a heartbeat."""
-        self.set_offline(reply["offline"])
+        if reply.get("drain"):
+            self.drain(**reply["drain"])
+        self.set_offline(reply["offline"] and self.drain_state is None)
         if reply.get("slo") and tuple(reply["slo"]) != self.slo_target:
             self.set_slo(*reply["slo"])
 
@@ -146,6 +160,7 @@ class GPUWorker:
     def _heartbeats(self, period_s: float) -> None:
         me, controller = ray.get_runtime_context().current_actor, None
         while not self._stop.wait(period_s):
+            self.check_termination_notice()
             try:
                 controller = controller or ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
                 reply = ray.get(controller.heartbeat.remote(self.worker_id, self.stats(), me),
@@ -158,10 +173,78 @@ class GPUWorker:
             self.apply(reply)
             period_s = reply.get("period_s", period_s)  # a large fleet reports less often
 
+    # ------------------------------------------------------------------ drain
+
+    def check_termination_notice(self) -> bool:
+        """Drain once the termination notice file appears (a cloud's spot notice, written
+        by the operator's watcher or a preStop hook); the heartbeat thread looks each period."""
+        notice = self.termination_notice
+        if notice and not self._drain_requested and os.path.exists(notice):
+            self.request_drain(f"termination notice {notice}")
+            return True
+        return False
+
+    def request_drain(self, reason: str) -> None:
+        """Drain on this worker's own initiative (a termination notice): through the
+        controller, which names the node to ship checkpoints to; without one, keep them here.
+        Returns at once."""
+        self._drain_requested = True
+
+        def ask() -> None:
+            order: dict[str, Any] = {"reason": reason}
+            try:
+                if ray.is_initialized():
+                    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+                    order = ray.get(controller.drain.remote(self.worker_id, reason), timeout=5)["order"]
+            except (ray.exceptions.RayError, ValueError) as exc:
+                log.warning("drain without the controller (%s): checkpoints stay on this node", exc)
+            self.drain(**order)
+
+        threading.Thread(target=ask, name="drain-request", daemon=True).start()
+
+    def drain(self, reason: str = "drain", keeper_node: str | None = None) -> None:
+        """Leave service gracefully; idempotent. Offline: lease nothing more, take the
+        running requests out of the engine with their KV checkpoints, ship those to the
+        keeper of `keeper_node` (a node that stays; None: this node's keeper keeps them),
+        record them as the shards' progress and give the shards back without spending an
+        attempt. Online: its health check fails from now on, so Serve's replica answers
+        HAProxy's checks with 503 and HAProxy stops sending it requests; until then it
+        serves them as before (a 503 at once came back to the client in the two-node test:
+        least connections most likely sent each retry back to the refusing worker, the one
+        with the fewest connections). After three failed checks
+        Serve stops it gracefully (its requests in flight finish; nothing offline is left to
+        give back) and starts a replacement."""
+        with self._drain_lock:
+            if self.drain_state is not None:
+                return
+            self.drain_state = {"state": "draining", "reason": reason, "since": time.time(),
+                                "keeper_node": keeper_node}  # fmt: skip
+        self.offline.leasing = False
+        log.warning("%s draining (%s); checkpoints to node %s", self.worker_id, reason, keeper_node or "here")
+        threading.Thread(target=self._drain, args=(keeper_node,), name="drain", daemon=True).start()
+
+    def _drain(self, keeper_node: str | None) -> None:
+        ship = self.ship
+        keep = (lambda handle: ship(handle, keeper_node)) if ship and keeper_node else None
+        try:
+            offline = asdict(self.offline.hand_back(keep))
+        except Exception:  # a bug here must not keep the worker in service: its leases expire
+            log.exception("%s: giving the offline work back failed", self.worker_id)
+            offline = None
+        # the state is replaced, never changed in place: the heartbeat thread sends it meanwhile
+        self.drain_state = {**self.drain_state, "state": "serving out", "offline": offline,
+                            "online_inflight": self.loop.num_pending()}  # fmt: skip
+        while self.loop.num_pending() and self.loop.running:  # HTTP requests (online, flex) in flight
+            time.sleep(0.05)
+        since = self.drain_state["since"]
+        self.drain_state = {**self.drain_state, "state": "drained", "drained_after_s": time.time() - since}
+        log.warning("%s drained: %s", self.worker_id, self.drain_state)
+
     # ------------------------------------------------------------------ views
 
     def health(self, max_stall_s: float = 30.0) -> bool:
-        return self.loop.healthy(max_stall_s)
+        """The engine loop is alive and not stalled, and the worker is not draining."""
+        return self.drain_state is None and self.loop.healthy(max_stall_s)
 
     def stats(self) -> dict[str, Any]:
         """The loop's own report (its figures as of its last step) and the worker's."""
@@ -171,6 +254,7 @@ class GPUWorker:
             worker_id=self.worker_id,
             pid=os.getpid(),
             offline_enabled=self.offline.leasing,
+            draining=self.drain_state,  # None while in service
             offline_paused=self.offline.paused,  # e.g. "Redis unreachable since ...: cause"
             shards=sorted(self.offline.shards),
             offline_inflight=self.offline.inflight_requests,
@@ -294,6 +378,7 @@ def worker_application(
             frozen = freeze_heap()  # the model is loaded: no full GC walks it again
             ctx = ray.get_runtime_context()  # the actor's name is in Serve's namespace
             where = {"node_id": ctx.get_node_id(), "actor_name": ctx.get_actor_name()}
+            store = getattr(engine, "checkpoint_store", None)
             self.worker = GPUWorker(
                 worker_id,
                 engine,
@@ -301,6 +386,8 @@ def worker_application(
                 WorkerConfig(**(config.get("queue_options") or {})),
                 labels=where,
                 frozen_objects=frozen,
+                ship=getattr(store, "send", None),  # a RayCheckpointStore's; tests' engines have none
+                termination_notice=config.get("termination_notice"),
             )
             self.worker.start_heartbeats(config.get("monitor_period_s", 0.25))
 
@@ -312,7 +399,8 @@ def worker_application(
 
         def check_health(self) -> None:  # Serve replaces a replica whose check raises
             if not self.worker.health():
-                raise RuntimeError(f"engine loop of {self.worker.worker_id} stalled or died")
+                why = "draining" if self.worker.drain_state else "engine loop stalled or died"
+                raise RuntimeError(f"{self.worker.worker_id}: {why}")
 
         def __del__(self) -> None:  # Serve's graceful shutdown
             if hasattr(self, "worker"):  # the constructor may have failed

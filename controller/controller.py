@@ -76,6 +76,7 @@ class HarvestController:
         self.max_heartbeats_per_s = self.config.get("max_heartbeats_per_s", 400.0)
         self.view: dict[str, dict[str, Any]] = {}  # worker -> its last report, and when it came
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
+        self.drains: dict[str, dict[str, Any]] = {}  # worker -> its drain order, until it leaves
         self.deaths: list[dict[str, Any]] = []
         self.redis_error: str | None = None  # why the monitor's last round failed (it retries)
         self._last_jobs = 0.0  # monotonic time of the last job sweep
@@ -98,7 +99,12 @@ class HarvestController:
             self.actors[name] = actor
         slo = self._slo()
         target = (slo["ttft_s"], slo["tpot_s"]) if slo else None
-        return {"offline": self._offline_allowed(stats), "slo": target, "period_s": self.heartbeat_period()}
+        return {
+            "offline": self._offline_allowed(stats),
+            "slo": target,
+            "period_s": self.heartbeat_period(),
+            "drain": self.drains.get(name),
+        }
 
     def heartbeat_period(self) -> float:
         """Seconds between a worker's heartbeats: the monitor period while the fleet is small,
@@ -143,6 +149,7 @@ class HarvestController:
         with self._lock:
             self.view.pop(name, None)
             self.actors.pop(name, None)
+            self.drains.pop(name, None)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -188,6 +195,40 @@ class HarvestController:
                 return True
             time.sleep(self.period_s / 4)
         return False
+
+    def drain(self, target: str, reason: str = "harvest drain") -> dict[str, Any]:
+        """Drain a worker, or every worker on a node (its id, or a prefix of it naming one
+        node): each stops taking work, hands its offline requests back with their KV
+        checkpoints shipped to a node that stays, finishes its online requests and leaves
+        (GPUWorker.drain). The order reaches a worker with its next heartbeat. Idempotent;
+        an unknown target is a ValueError naming the workers and nodes there are."""
+        with self._lock:
+            nodes = {name: s.get("node_id") or "" for name, s in self.view.items()}
+            if target in nodes:
+                names = [target]
+            else:
+                matched = {node for node in nodes.values() if target and node.startswith(target)}
+                if len(matched) > 1:
+                    raise ValueError(f"{target!r} names {len(matched)} nodes: give more of the node id")
+                names = [name for name, node in nodes.items() if node in matched]
+            if not names:
+                raise ValueError(f"no worker or node {target!r}; workers: {sorted(nodes)}, "
+                                 f"nodes: {sorted(set(nodes.values()))}")  # fmt: skip
+            leaving = {nodes.get(name) for name in [*names, *self.drains]}
+            keeper_node = self._keeper_node(leaving, nodes)
+            for name in names:
+                self.drains.setdefault(name, {"reason": reason, "keeper_node": keeper_node})
+            order = self.drains[names[0]]
+        log.warning("draining %s (%s); checkpoints to node %s", names, reason, order["keeper_node"])
+        return {"workers": names, "order": order}
+
+    def _keeper_node(self, leaving: set[str | None], nodes: dict[str, str]) -> str | None:
+        """Where a draining worker ships its checkpoints: this controller's node (the head,
+        normally: no spot capacity), else a node of a worker that is not draining; None (the
+        worker's own node) when every node is leaving."""
+        here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        candidates = [here, *(node for name, node in nodes.items() if name not in self.drains)]
+        return next((node for node in candidates if node and node not in leaving), None)
 
     def leave(self, name: str) -> None:
         """A worker shutting down, its shards already given back."""

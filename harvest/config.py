@@ -73,6 +73,7 @@ class HarvestConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     job_ttl: str | None = None  # e.g. 7d, 12h, 3600; None: 7 days
+    termination_notice: Path | None = None  # a worker drains when this file appears on its node
 
     @field_validator("served_model_name", mode="before")
     @classmethod

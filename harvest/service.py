@@ -37,6 +37,8 @@ class ServiceConfig:
     monitor_period_s: float = 0.25
     job_ttl_s: float | None = None  # how long finished jobs are kept (None: as the store has it, 7 days)
     files_uri: str | None = None  # Batch API file bytes: a directory or pyarrow.fs URI (None: the data dir)
+    # a file path on every node: a worker drains when it appears there (a spot termination notice)
+    termination_notice: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_workers is not None and self.num_workers < 1:
@@ -64,6 +66,7 @@ def service_config(config: HarvestConfig, model: str, redis_url: str) -> Service
         api_key=config.resolved_api_key(),
         engine_options=config.engine_options(),
         job_ttl_s=config.job_ttl_s,
+        termination_notice=str(config.termination_notice) if config.termination_notice else None,
     )
 
 
@@ -125,6 +128,11 @@ def controller_handle() -> Any:
 
 def status() -> dict[str, Any]:
     return ray.get(controller_handle().status.remote(), timeout=30)
+
+
+def drain(target: str, reason: str = "harvest drain") -> dict[str, Any]:
+    """Drain a worker or every worker of a node (controller.drain); ValueError if unknown."""
+    return ray.get(controller_handle().drain.remote(target, reason), timeout=30)
 
 
 def stop() -> None:

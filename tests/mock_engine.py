@@ -17,12 +17,13 @@ import threading
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from harvest.checkpoint.handle import CheckpointHandle
 from harvest.protocol.engine_client import EngineLimits, EngineLoopError, ErrorSink, OutputSink
 from harvest.protocol.sampling_params import SamplingParams
 from harvest.protocol.types import FinishReason, RequestClass, RequestOutput, RequestState
@@ -188,6 +189,30 @@ class MockEngine:
     ) -> str:
         # no KV here: starting over from the tokens is what an engine does with lost blocks
         return self.submit(token_ids, params, request_id, RequestClass.OFFLINE, on_output, on_error=on_error)
+
+    def export(self, request_ids: list[str], timeout_s: float = 30.0) -> list[RequestState]:
+        """As the engine's: each state names a checkpoint in store "mock" of the full blocks
+        (there is no KV: resuming from it recomputes, as with a lost checkpoint)."""
+        states: list[RequestState] = []
+        done = threading.Event()
+
+        def take() -> None:
+            for request_id in request_ids:
+                if (req := self._requests.pop(request_id, None)) is None:
+                    continue
+                with self._lock:
+                    self._pending.pop(request_id, None)
+                ids = req.prompt_ids + req.output_ids
+                full = (len(ids) - 1) // self.limits.block_size * self.limits.block_size
+                handle = CheckpointHandle("mock", request_id, full) if full else None
+                states.append(RequestState(request_id, ids, len(req.prompt_ids), asdict(req.params),
+                                           req.request_class.value, 0.0, handle))  # fmt: skip
+            done.set()
+
+        self._send(take)
+        if not done.wait(timeout_s):
+            raise EngineLoopError("the mock did not export in time")
+        return states
 
     def abort(self, request_id: str) -> None:
         self._send(lambda: self._finish_now(request_id, FinishReason.ABORT))

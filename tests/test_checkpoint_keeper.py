@@ -163,3 +163,19 @@ def test_a_gone_or_slow_keeper_costs_a_recompute_not_a_hang(ray_cluster):
     assert store.adopt(CheckpointHandle("harvest-ckpt-slow", "req-2", 32), "mine-2") == 0
     assert time.monotonic() - start < 10  # the timeout, not the keeper's 30 s
     ray.kill(slow)
+
+
+def test_a_draining_store_sends_a_checkpoint_to_a_named_nodes_keeper_and_waits(ray_cluster):
+    store = RayCheckpointStore(*keeper_for_this_node(), ship_interval_s=60)  # its own shipping: never
+    data = chunks(3)
+    store.put("leaving", 0, data[0])
+    store.put("leaving", 3, data[1])
+    handle = CheckpointHandle(store.name, "leaving", 70)  # 4 blocks and a bit, as the engine saw it
+    node = ray.get_runtime_context().get_node_id()  # one node here: its keeper is the worker's own
+    sent = store.send(handle, node)
+    assert sent == CheckpointHandle(keeper_for_this_node()[0], "leaving", 70)
+    assert store.num_blocks("leaving") == 0  # the host copy went; the keeper holds it already
+    assert torch.equal(ray.get(store.keeper.get.remote("leaving")), torch.cat(data, dim=2))
+    assert store.send(CheckpointHandle("another-store", "x", 16), node).store == "another-store"
+    adopter = RayCheckpointStore(*keeper_for_this_node())
+    assert adopter.adopt(sent, "resumed") == 5

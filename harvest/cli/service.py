@@ -14,7 +14,7 @@ from rich.markup import escape  # errors quote user input, such as ORG/NAME[@REV
 from rich.table import Table
 
 from harvest.cli.app import app
-from harvest.cli.exits import EXIT_BAD_INPUT, EXIT_REDIS
+from harvest.cli.exits import EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_REDIS
 
 if TYPE_CHECKING:
     from harvest.config import HarvestConfig
@@ -83,6 +83,11 @@ AddressOpt = typer.Option(None, "--address", help="Existing Ray cluster (e.g. au
 TTLOpt = typer.Option(
     None, "--job-ttl", help="Keep finished jobs and their results this long (e.g. 7d, 12h); default 7d."
 )
+NoticeOpt = typer.Option(
+    None,
+    "--termination-notice",
+    help="A file path on every node: a worker drains when it appears there (spot termination notice).",
+)
 
 
 def _api_keys(given: list[str] | None) -> str | list[str] | None:
@@ -109,6 +114,7 @@ def up(
     api_key: list[str] | None = KeyOpt,
     api_key_file: Path | None = KeyFileOpt,
     job_ttl: str | None = TTLOpt,
+    termination_notice: Path | None = NoticeOpt,
 ) -> None:
     """Start Redis (unless HARVEST_REDIS_URL is set), Ray (unless --address), the controller,
     the workers and the Serve app; print the endpoint and what to try next."""
@@ -207,6 +213,7 @@ def config_show(
     api_key: list[str] | None = KeyOpt,
     api_key_file: Path | None = KeyFileOpt,
     job_ttl: str | None = TTLOpt,
+    termination_notice: Path | None = NoticeOpt,
 ) -> None:
     """Print the config `harvest up` would run with these flags (file, then flags) as YAML,
     secrets masked; nothing is started and no model is fetched."""
@@ -256,6 +263,39 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"  # absent from an older controller
 
 
+@app.command()
+def drain(
+    target: str = typer.Argument(..., help="A worker id, or a node id (or a prefix naming one node)."),
+    address: str = typer.Option("auto", "--address", help="Ray address of the service."),
+    reason: str = typer.Option("harvest drain", "--reason", help="Why: shown in `harvest status`."),
+) -> None:
+    """Drain a worker, or every worker on a node: it takes no new work, hands its offline
+    requests back with their KV checkpoints shipped to a node that stays (no attempt
+    spent), finishes its online requests and leaves. `harvest status` shows its progress.
+    Exit codes: 0 ordered (again: the same order), 1 harvest not running, 4 unknown worker or node."""
+    from harvest import service
+
+    try:
+        service.connect(address)
+        service.controller_handle()
+    except (ConnectionError, ValueError) as exc:
+        console.print(f"[red]harvest is not running[/] ({exc}); start it with `harvest up`")
+        raise typer.Exit(1) from None
+    try:
+        answer = service.drain(target, reason)
+    except ValueError as exc:  # the controller's own error, through Ray
+        console.print(f"[red]drain[/]: {escape(str(getattr(exc, 'cause', None) or exc))}")
+        raise typer.Exit(EXIT_NOT_FOUND) from None
+    where = answer["order"]["keeper_node"] or "their own node (no other node stays)"
+    console.print(f"draining {', '.join(answer['workers'])}; checkpoints go to node {where}")
+
+
+def _offline_column(s: dict[str, Any]) -> str:
+    if s.get("draining"):
+        return f"[yellow]{s['draining']['state']}[/]"  # draining, serving out, drained
+    return "[red]paused[/]" if s.get("offline_paused") else "on" if s.get("offline_enabled") else "off"
+
+
 def show_service_status(address: str, as_json: bool) -> None:
     from harvest import service
 
@@ -287,7 +327,7 @@ def show_service_status(address: str, as_json: bool) -> None:
             "yes" if s.get("healthy") else "NO",
             f"{step.get('online_running', 0)}/{step.get('online_waiting', 0)}",
             f"{step.get('offline_running', 0)}/{step.get('offline_waiting', 0)}",
-            "[red]paused[/]" if s.get("offline_paused") else "on" if s.get("offline_enabled") else "off",
+            _offline_column(s),
             f"{s.get('slo_scale', 1.0):.2f}",  # of the SLO the engine plans for (harvest/serving/feedback.py)
             f"{s.get('kv_blocks_used', 0)}/{s.get('kv_blocks_total', 0)}",
             f"{1e3 * step.get('measured_latency_s', 0):.1f}",
@@ -295,6 +335,11 @@ def show_service_status(address: str, as_json: bool) -> None:
         )
     console.print(table)
     for name, s in sorted(snapshot["workers"].items()):
+        if drain := s.get("draining"):
+            given = drain.get("offline") or {}
+            handed = f"{given.get('shards', 0)} shards, {given.get('requests', 0)} requests handed back"
+            console.print(f"{name}: {drain['state']} ({escape(drain['reason'])}); {handed}, "
+                          f"{given.get('checkpointed_tokens', 0)} tokens checkpointed")  # fmt: skip
         if s.get("offline_paused"):
             console.print(f"[yellow]{name}: offline paused: {s['offline_paused']}[/]")
     if snapshot.get("redis_error"):

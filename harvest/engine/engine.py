@@ -200,9 +200,16 @@ class Engine:
             req.checkpointed_tokens, req.checkpoint = 0, None
         elif req.status is RequestStatus.RUNNING:  # a waiting or loading one's handle is as it was
             self._refresh_handle(req)
-        self.scheduler.finish(req)
+        self.scheduler.finish(req)  # a loading one's load is cancelled first
+        store = self.checkpoint_store
+        if req.status is RequestStatus.LOADING and (held := store.num_blocks(request_id)):
+            # adopted already: the handle it came with may name a source that is gone now
+            tokens = min(req.checkpointed_tokens, held * self.block_manager.block_size)
+            req.checkpoint = CheckpointHandle(store.name, request_id, tokens)
         self._forget(request_id)
-        return req.export_state()
+        state = req.export_state()
+        req.status = RequestStatus.FINISHED
+        return state
 
     def _take_from_inbox(self, request_id: str) -> Request:
         with self._inbox_lock:

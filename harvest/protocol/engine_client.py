@@ -105,6 +105,12 @@ class EngineClient(Protocol):
         Without usable blocks it starts over from the tokens, which is as correct."""
         ...
 
+    def export(self, request_ids: list[str], timeout_s: float = 30.0) -> list[RequestState]:
+        """Take requests out of the engine, each with its KV checkpoint, for another engine to
+        `resume` (a draining worker hands its offline work back this way); their sinks get
+        nothing more. Finished ones are skipped. Blocks until done: not for an event loop."""
+        ...
+
     def abort(self, request_id: str) -> None:
         """Abort a request; its sink still gets a final `abort` output. Unknown ids are ignored."""
         ...

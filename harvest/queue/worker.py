@@ -35,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from harvest.protocol.engine_client import EngineClient
+from harvest.checkpoint.handle import CheckpointHandle
+from harvest.protocol.engine_client import EngineClient, EngineLoopError
 from harvest.protocol.types import RequestOutput
 from harvest.queue.config import WorkerConfig
+from harvest.queue.models import Progress
 from harvest.queue.pause import Pause, describe_error
 from harvest.queue.shard import Prepared, ShardRun, prefix_primers
 from harvest.queue.store import JobStore
@@ -67,6 +69,18 @@ class QueueStats:
     @property
     def queue_s(self) -> float:
         return sum(self.seconds.values())
+
+
+@dataclass
+class HandBack:
+    """What a drain gave back: shards released, requests taken out of the engine, their
+    tokens generated so far and how many of those their KV checkpoints hold."""
+
+    shards: int = 0
+    requests: int = 0
+    generated_tokens: int = 0
+    checkpointed_tokens: int = 0
+    seconds: float = 0.0  # from the drain's start until every shard was released
 
 
 def make_worker_id() -> str:
@@ -143,7 +157,7 @@ class OfflineWorker:
         be renewed. Without the I/O thread, also this round's Redis work. Never raises
         because of Redis: see `paused`."""
         self._loop_seen = time.monotonic()
-        if self._thread is None:
+        if self._thread is None and not self._stopping.is_set():
             self.io_round()
 
     def _on_output(self, run: ShardRun, out: RequestOutput) -> None:
@@ -381,14 +395,62 @@ class OfflineWorker:
             if why == "closed":
                 self.store.release(run.lease)
 
+    def hand_back(self, keep: Callable[[CheckpointHandle], CheckpointHandle] | None = None) -> HandBack:
+        """Drain the offline side: lease nothing more, take the running requests out of the
+        engine with their KV checkpoints, record how far each got (its token ids and its
+        checkpoint, which `keep` may move to a store that outlives this node), write what
+        finished and give every shard back without spending an attempt. The next holder
+        resumes each request from that record. Called once, off the engine's thread."""
+        start = time.monotonic()
+        self.leasing = False
+        self._stop_io()  # from here on only this thread writes: no older progress lands after ours
+        with self._lock:
+            self._waiting.clear()  # nothing more enters the engine
+            runs = {rid: run for run in self.shards.values() for rid in run.running}
+        report = HandBack()
+        try:
+            states = self.client.export(list(runs)) if runs else []
+        except EngineLoopError:  # no engine: the recorded progress is what there is
+            states = []
+        saves: dict[str, tuple[ShardRun, dict[int, Progress]]] = {}
+        for state in states:
+            handle = state.checkpoint
+            if handle is not None and keep is not None:
+                try:
+                    handle = keep(handle)
+                except Exception:  # the checkpoint only saves work: the record stands without a move
+                    log.exception("could not move the checkpoint of %s", state.request_id)
+            with self._lock:
+                req = runs[state.request_id].running.pop(state.request_id, None)
+            if req is None:
+                continue
+            run = runs[state.request_id]
+            tokens = state.token_ids[len(req.prompt_ids) :]  # resumed ones included
+            saves.setdefault(run.lease.key, (run, {}))[1][req.index] = Progress(tokens, handle)
+            report.requests += 1
+            report.generated_tokens += len(tokens)
+            report.checkpointed_tokens += handle.tokens if handle is not None else 0
+        try:
+            for run, progress in saves.values():
+                self.store.save_progress(run.lease, progress)
+        except redis.RedisError as exc:  # the release below fails too: the leases expire instead
+            log.warning("could not record the progress of a drain (%s)", describe_error(exc))
+        report.shards = len(self.shards)
+        self.release_all()
+        report.seconds = time.monotonic() - start
+        return report
+
+    def _stop_io(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
     def release_all(self, crashed: bool = False) -> None:
         """Stop: write what is finished, then give the rest back. A graceful stop spends no
         attempt and charges no request; `crashed` (the engine loop died) counts as the crash it
         is: each shard spends its attempt and its admitted, unfinished requests are charged."""
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._stop_io()
         try:
             if self._pause is not None:  # maybe back by now; a restarted Redis needs its scripts
                 self.store.load_scripts()

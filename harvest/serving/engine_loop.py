@@ -23,6 +23,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from harvest.checkpoint.handle import CheckpointHandle
+from harvest.checkpoint.store import CheckpointStore
 from harvest.engine import Engine, RequestClass, RequestOutput, RequestState, SamplingParams
 from harvest.engine.config import SLOConfig
 from harvest.engine.metrics import EngineStats, StepMetrics
@@ -257,6 +258,38 @@ class EngineLoop:
                 self._detach(request_id)
                 self.abort(request_id)
 
+    def export(self, request_ids: list[str], timeout_s: float = 30.0) -> list[RequestState]:
+        """Take requests out of the engine between two steps, each with its KV checkpoint
+        (full blocks saved first); their sinks get nothing more. Requests that finished
+        meanwhile are skipped. Raises `EngineLoopError` when the loop stops first."""
+        states: list[RequestState] = []
+        done = threading.Event()
+
+        def take() -> None:
+            for request_id in request_ids:
+                if request_id not in self.engine.requests:
+                    continue
+                try:
+                    states.append(self.engine.export(request_id))
+                except Exception:  # a bug must not end the loop: the request stays in the engine
+                    log.exception("could not export %s", request_id)
+                    continue
+                with self._lock:
+                    self._sinks.pop(request_id, None)
+            done.set()
+
+        if not self.running:
+            raise EngineLoopError(self._why_not_running())
+        self._commands.append(take)
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(0.05):  # the loop may die before it runs the command
+            if not self.running:
+                raise EngineLoopError(self._why_not_running())
+            if time.monotonic() > deadline:
+                raise EngineLoopError(f"export did not run within {timeout_s} s")
+        return states
+
     def abort(self, request_id: str) -> None:
         """Abort from any thread; the request's sink still gets its final `abort` output."""
         self.engine.abort(request_id)
@@ -290,6 +323,11 @@ class EngineLoop:
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tokenizer
+
+    @property
+    def checkpoint_store(self) -> CheckpointStore:
+        """Where the engine's KV checkpoints live (what a draining worker ships elsewhere)."""
+        return self.engine.checkpoint_store
 
     def wake(self) -> None:
         """Make an idle loop look at the engine again."""

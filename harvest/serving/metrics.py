@@ -73,6 +73,8 @@ GAUGES: list[tuple[str, str, Callable[[Stats], float | None]]] = [
      lambda s: s["slo_target"][1] if "slo_target" in s else None),
     ("harvest_worker_offline_enabled", "1 while the controller lets the worker lease offline shards.",
      lambda s: float(s["offline_enabled"]) if "offline_enabled" in s else None),
+    ("harvest_worker_draining", "1 from the moment the worker starts draining until it leaves.",
+     lambda s: float(s["draining"] is not None) if "draining" in s else None),
 ]  # fmt: skip
 
 # name, help, key in stats["totals"]["latency"]: per worker and class
