@@ -62,6 +62,7 @@ def service_config(config: HarvestConfig, model: str, redis_url: str) -> Service
         host=config.host,
         api_key=config.resolved_api_key(),
         engine_options=config.engine_options(),
+        queue_options=config.queue.options(),
         job_ttl_s=config.job_ttl_s,
     )
 
