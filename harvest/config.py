@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harvest.engine.config import Policy, SLOConfig
+from harvest.queue.config import WorkerConfig
 
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNIT = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -51,6 +52,30 @@ def parse_kv_cache_memory(value: str | int | float) -> int | float:
     return size
 
 
+class QueueConfig(BaseModel):
+    """How each worker takes offline work (the `queue:` mapping): the fields of
+    harvest/queue/config.py's WorkerConfig, whose defaults hold for the keys not given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    visibility_timeout_s: float | None = Field(None, gt=0)  # a lease not renewed this long goes back
+    renew_interval_s: float | None = Field(None, gt=0)
+    progress_interval_s: float | None = Field(None, gt=0)  # bound on decode work a crash loses
+    result_flush_s: float | None = Field(None, ge=0)
+    max_inflight_requests: int | None = Field(None, ge=1)
+    max_shards: int | None = Field(None, ge=1)  # shards one worker holds at a time
+    idle_poll_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QueueConfig:
+        WorkerConfig(**self.options())  # the checks across keys (renewal within the timeout)
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The keys given, as WorkerConfig's keyword arguments."""
+        return self.model_dump(exclude_none=True)
+
+
 class HarvestConfig(BaseModel):
     """Every option of `harvest up`; keys are the flags' names with `_` for `-`."""
 
@@ -74,6 +99,7 @@ class HarvestConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     job_ttl: str | None = None  # e.g. 7d, 12h, 3600; None: 7 days
     termination_notice: Path | None = None  # a worker drains when this file appears on its node
+    queue: QueueConfig = Field(default_factory=QueueConfig)
 
     @field_validator("served_model_name", mode="before")
     @classmethod

@@ -65,6 +65,7 @@ def service_config(config: HarvestConfig, model: str, redis_url: str) -> Service
         host=config.host,
         api_key=config.resolved_api_key(),
         engine_options=config.engine_options(),
+        queue_options=config.queue.options(),
         job_ttl_s=config.job_ttl_s,
         termination_notice=str(config.termination_notice) if config.termination_notice else None,
     )
@@ -91,7 +92,11 @@ def application(config: ServiceConfig) -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # on the node that starts the service (the head, for `harvest up` there): a controller
-    # that landed on a GPU node would restart whenever that node goes (spot, drain, failure)
+    # that landed on a GPU node would restart whenever that node goes (spot, drain, failure).
+    # Ray puts an actor that asks for no resources on a random node, soft affinity or not
+    # (only a hard one holds; raylet cluster_resource_scheduler.cc), so the controller asks
+    # for one byte of memory: the affinity holds, and a restart once this node is gone
+    # still goes elsewhere (it lost the second node of a two-node cluster one run in two)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     controller_actor().options(
         name=CONTROLLER_NAME,
@@ -99,6 +104,7 @@ def application(config: ServiceConfig) -> Any:
         lifetime="detached",
         get_if_exists=True,
         scheduling_strategy=here,
+        memory=1,
     ).remote(settings)
     return worker_application(settings, workers, gpus > 0)
 

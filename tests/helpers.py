@@ -81,3 +81,19 @@ def uvicorn_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_healthy(base: str, timeout_s: float = 60) -> None:
+    """Until the service at `base` answers /health 200 (HAProxy may still be picking up the
+    replicas after `harvest up` or `service.start` returned)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the service at {base} never became healthy"
+        time.sleep(0.2)

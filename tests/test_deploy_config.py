@@ -45,6 +45,9 @@ def one_line(output: str) -> str:  # rich wraps long lines to the terminal's wid
         ({"job_ttl": "soon"}, "job_ttl"),
         ({"slo_ttft_ms": -5}, "slo_ttft_ms"),
         ({"modle": "org/name"}, "modle"),
+        ({"queue": {"max_shards": 0}}, "queue.max_shards"),
+        ({"queue": {"visibility": 5}}, "queue.visibility"),
+        ({"queue": {"visibility_timeout_s": 3, "renew_interval_s": 4}}, "queue"),
     ],
 )
 def test_a_bad_key_in_the_file_is_named_with_the_file(tmp_path, keys, named):
@@ -117,6 +120,7 @@ def test_the_config_reaches_the_engine_and_the_service(tmp_path, tiny_model):
     config = build_config({
         "model": "org/name@v1", "kv_cache_memory": "1GiB", "max_model_len": 2048, "policy": "fcfs",
         "slo_ttft_ms": 250, "api_key_file": str(key_file), "job_ttl": "12h", "workers": 2,
+        "queue": {"visibility_timeout_s": 5, "max_shards": 1},
     })  # fmt: skip
     settings = service_config(config, "/models/snapshot", "redis://localhost:6379")
     assert settings.engine_options == {
@@ -125,6 +129,7 @@ def test_the_config_reaches_the_engine_and_the_service(tmp_path, tiny_model):
     }  # fmt: skip
     assert settings.model_name == "org/name" and settings.model_aliases == []  # the Hub id, no revision
     assert (settings.api_key, settings.job_ttl_s, settings.num_workers) == (SECRET_KEY, 12 * 3600, 2)
+    assert settings.queue_options == {"visibility_timeout_s": 5, "max_shards": 1}  # the rest: WorkerConfig's
     named = build_config({"model": "org/name", "served_model_name": ["a", "b"], "kv_cache_memory": 0.9})
     assert named.engine_options()["kv_cache_fraction"] == 0.9
     settings = service_config(named, "org/name", "redis://localhost:6379")

@@ -1,8 +1,9 @@
-"""The service across two Ray nodes on this machine (`ray.cluster_utils.Cluster`): one worker
-per node, a shard taken over across nodes with its KV checkpoint restored from the dead
-worker's node keeper, a node drained mid-job (its requests resume on the other node from the
-checkpoints it shipped to the head's keeper), and a whole node lost mid-job without losing an
-offline request.
+"""The service across two Ray nodes on this machine (`ray.cluster_utils.Cluster`), started
+as an operator starts it (`harvest up --address` with a config file): one worker per node, a
+shard taken over across nodes with its KV checkpoint restored from the dead worker's node
+keeper, a node drained mid-job (its requests resume on the other node from the checkpoints
+it shipped to the head's keeper), a whole node lost mid-job without losing an offline
+request, and `harvest down` leaving the cluster it did not start.
 
 A pytest process holds one Ray (the session's `ray_cluster` fixture) and a driver cannot
 join a second one, so the cluster runs in a child process (this file run as a script). The
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,14 +165,191 @@ def drain_a_node(base: str, client: Any, keepers: dict[str, Any], node_id: str, 
     }
 
 
-def run_cluster(model: str, work: Path) -> dict[str, Any]:
-    """Start a two-node cluster and the service on it, run the scenarios, report what happened."""
+@dataclass
+class Run:
+    """What the scenarios share: the cluster, the service's endpoint and queue, and a `mark`
+    that times each step."""
+
+    cluster: Any  # ray.cluster_utils.Cluster
+    second: Any  # its second node
+    base: str  # the service's HTTP endpoint
+    client: Any  # a HarvestClient of the service's Redis
+    env: dict[str, str]  # the `harvest` command's environment
+    mark: Callable[[str], None]
+
+    def harvest(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        """`python -m harvest ARGS` against this cluster, as an operator runs it."""
+        command = [sys.executable, "-m", "harvest", *args, "--address", self.cluster.address]
+        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def start_service(run: Run, model: str, work: Path, port: int) -> None:
+    """`harvest up --address` with a config file: two workers (one CPU each, so one a node)
+    and the queue options that make a takeover quick."""
+    import yaml
+
+    # one shard at a time, so the idle worker takes the next; leases that lapse in 5 s
+    queue = {"visibility_timeout_s": 5, "progress_interval_s": 0.1, "idle_poll_s": 0.05, "max_shards": 1}
+    config = {"model": model, "served_model_name": [MODEL_NAME], "workers": 2, "port": port, "queue": queue}
+    (work / "harvest.yaml").write_text(yaml.safe_dump(config))
+    up = run.harvest("up", "--config", str(work / "harvest.yaml"))
+    assert up.returncode == 0, f"harvest up failed:\n{up.stdout}\n{up.stderr}"
+    run.mark("service")
+
+
+def online(run: Run, seen: dict[str, Any]) -> None:
+    """Serve one completion; `harvest status` lists a worker on each node."""
     import httpx
     import ray
-    from ray.cluster_utils import Cluster
 
     from actors.checkpoint_keeper import keeper_name
     from harvest import service
+    from harvest.names import NAMESPACE
+    from tests.helpers import wait_healthy
+
+    wait_healthy(run.base, 60)
+    body = {"model": MODEL_NAME, "prompt": "hello across nodes", "max_tokens": 6, "ignore_eos": True}
+    seen["online"] = httpx.post(f"{run.base}/v1/completions", json=body, timeout=60).json()
+    status = run.harvest("status", "--json")
+    assert status.returncode == 0, status.stderr
+    seen["workers_at_start"] = {n: s["node_id"] for n, s in json.loads(status.stdout)["workers"].items()}
+    where = service.controller_handle().__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+    seen["controller_node"] = ray.get(where, timeout=30)
+    # each node's keeper is a process of its own, started with its worker: wait for both,
+    # or the first checkpoints reach a keeper only after the shard is done
+    keepers = [ray.get_actor(keeper_name(n), namespace=NAMESPACE) for n in seen["nodes"].values()]
+    ray.get([k.stats.remote() for k in keepers], timeout=120)
+    run.mark("online")
+
+
+def takeover(run: Run, seen: dict[str, Any]) -> None:
+    """SIGKILL the worker holding the only shard: the other node's worker takes it over."""
+    import ray
+
+    from actors.checkpoint_keeper import keeper_name
+    from harvest import service
+    from harvest.names import NAMESPACE
+
+    job = run.client.submit(TAKEOVER_PROMPTS, model=MODEL_NAME, max_tokens=TAKEOVER_TOKENS,
+                            temperature=0, shard_size=len(TAKEOVER_PROMPTS),
+                            defaults={"ignore_eos": True})  # fmt: skip
+    victim = _wait("a worker to lease the shard", lambda: _holder(service.status, job.id), 60)
+    run.mark("leased")
+    keeper = ray.get_actor(keeper_name(victim["node_id"]), namespace=NAMESPACE)
+    _wait("a checkpoint at the victim's keeper",
+          lambda: ray.get(keeper.stats.remote())["bytes_put"] > 0, 60)  # fmt: skip
+    run.mark("checkpointed")
+    victim = _holder(service.status, job.id)
+    assert victim is not None, "the shard finished before the kill: make it longer"
+    seen["takeover"] = {"victim": victim["name"], "victim_node": victim["node_id"],
+                        "victim_keeper": ray.get(keeper.stats.remote())}  # fmt: skip
+    os.kill(victim["pid"], signal.SIGKILL)
+    run.mark("takeover_kill")
+    run.client.wait(job.id, timeout=180, progress=False)
+    run.mark("takeover_done")
+    seen["takeover"]["job"] = run.client.get(job.id).to_dict()
+    seen["takeover"]["rows"] = run.client.results(job.id).to_pylist()
+    status = service.status()
+    seen["takeover"]["workers"] = {n: {"node_id": s["node_id"], "totals": s["totals"]}
+                                   for n, s in status["workers"].items()}  # fmt: skip
+    seen["takeover"]["deaths"] = status["deaths"]
+
+    def replaced() -> bool:  # the dead one gone from the view, its replacement in it
+        workers = service.status()["workers"]
+        return len(workers) == 2 and victim["name"] not in workers
+
+    _wait("both workers back", replaced, 120, 0.2)
+    run.mark("replaced")
+
+
+def drain(run: Run, seen: dict[str, Any]) -> None:
+    """Drain the second node mid-job (`drain_a_node`)."""
+    import ray
+
+    from actors.checkpoint_keeper import keeper_name
+    from harvest.names import NAMESPACE
+
+    keepers = {n: ray.get_actor(keeper_name(n), namespace=NAMESPACE) for n in seen["nodes"].values()}
+    seen["drain"] = drain_a_node(run.base, run.client, keepers, run.second.node_id, run.mark)
+
+
+def node_loss(run: Run, seen: dict[str, Any]) -> None:
+    """Lose the second node (its raylet, worker and keeper) while it holds shards."""
+
+    from harvest import service
+
+    job = run.client.submit(NODE_LOSS_PROMPTS, model=MODEL_NAME, max_tokens=NODE_LOSS_TOKENS,
+                            temperature=0, shard_size=2, defaults={"ignore_eos": True})  # fmt: skip
+    second = run.second.node_id
+
+    def second_node_holds() -> dict[str, Any] | None:
+        for name, s in service.status()["workers"].items():
+            if s["node_id"] == second and any(k.startswith(job.id) for k in s["shards"]):
+                return {**s, "name": name}
+        return None
+
+    doomed = _wait("the second node's worker to lease a shard", second_node_holds, 60)
+    run.cluster.remove_node(run.second, allow_graceful=False)
+    run.mark("node_removed")
+    run.client.wait(job.id, timeout=240, progress=False)
+    run.mark("node_loss_done")
+
+    # The controller learns that the lost worker died when Ray does: once the node has failed
+    # its health checks (5 every 3 s by default), 15 s or more after the kill. The job needs
+    # no controller (the lease lapses in 5 s) and may be done sooner: wait for the view.
+    def lost_worker_dropped() -> dict[str, Any] | None:
+        status = service.status()  # the controller lives on the head: it answers throughout
+        return status if status["workers"] and doomed["name"] not in status["workers"] else None
+
+    status = _wait("the controller to drop the lost node's worker", lost_worker_dropped, 90, 0.2)
+    run.mark("node_loss_seen")
+    seen["node_loss"] = {
+        "doomed": doomed["name"],
+        "doomed_shards": doomed["shards"],
+        "job": run.client.get(job.id).to_dict(),
+        "rows": run.client.results(job.id).to_pylist(),
+        "workers": {n: s["node_id"] for n, s in status["workers"].items()},
+        "deaths": status["deaths"],
+    }
+
+
+def down(run: Run, seen: dict[str, Any]) -> None:
+    """`harvest down` stops the service and leaves the Ray cluster it did not start."""
+    import ray
+
+    from harvest import service
+
+    stopped = run.harvest("down")
+    run.mark("down")
+
+    def controller_gone() -> bool:
+        try:
+            service.controller_handle()
+        except ValueError:  # no actor of that name
+            return True
+        return False
+
+    try:  # ray.kill returns before the actor's name is released
+        gone = _wait("the controller to go", controller_gone, 30, 0.2)
+    except TimeoutError:
+        gone = False
+    seen["down"] = {
+        "rc": stopped.returncode,
+        "output": stopped.stdout + stopped.stderr,
+        "controller_gone": gone,
+        "alive_nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+        "task": ray.get(ray.remote(num_cpus=0)(lambda: "ran").remote(), timeout=60),
+    }
+
+
+SCENARIOS = (online, takeover, drain, node_loss, down)  # in this order, on one cluster
+
+
+def run_cluster(model: str, work: Path) -> dict[str, Any]:
+    """Start a two-node cluster and the service on it, run the scenarios, report what happened."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     from harvest.client import HarvestClient
     from harvest.local_redis import free_port
     from harvest.names import NAMESPACE
@@ -184,7 +363,7 @@ def run_cluster(model: str, work: Path) -> dict[str, Any]:
         seen["timings"][step] = round(time.monotonic() - t0, 1)
         print(f"{step}: {seen['timings'][step]} s", file=sys.stderr, flush=True)
 
-    use_serve_env(private_ports=True)
+    use_serve_env(private_ports=True)  # the cluster's processes, started from here, inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -194,107 +373,15 @@ def run_cluster(model: str, work: Path) -> dict[str, Any]:
     (work / "redis").mkdir(exist_ok=True)
     redis = RedisServer(work / "redis")
     redis.start()
+    # a data dir of its own: `harvest down` must find no record of a Ray that `up` started
+    env = {**os.environ, "HARVEST_REDIS_URL": redis.url, "HARVEST_HOME": str(work / "home")}
     port = free_port()
+    run = Run(cluster, second, f"http://127.0.0.1:{port}", HarvestClient(redis.url), env, mark)
     try:
-        service.start(
-            service.ServiceConfig(
-                model=model,
-                redis_url=redis.url,
-                model_name=MODEL_NAME,
-                num_workers=2,
-                port=port,
-                engine_options={"profile_latency": False, "block_size": 16},
-                queue_options={
-                    "visibility_timeout_s": 5,
-                    "progress_interval_s": 0.1,
-                    "idle_poll_s": 0.05,
-                    "max_shards": 1,
-                },  # one shard at a time: the idle worker takes the next
-            ),
-            ready_timeout_s=180,
-        )
-        mark("service")
-        base = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait("the service's /health", healthy, 60, 0.2)
-        body = {"model": MODEL_NAME, "prompt": "hello across nodes", "max_tokens": 6, "ignore_eos": True}
-        seen["online"] = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
-        seen["workers_at_start"] = {n: s["node_id"] for n, s in service.status()["workers"].items()}
-        # each node's keeper is a process of its own, started with its worker: wait for both,
-        # or the first checkpoints reach a keeper only after the shard is done
-        keepers = {n: ray.get_actor(keeper_name(n), namespace=NAMESPACE) for n in seen["nodes"].values()}
-        ray.get([k.stats.remote() for k in keepers.values()], timeout=120)
-        mark("online")
-
-        # 1. SIGKILL the worker holding the only shard: the other node's worker takes it over
-        client = HarvestClient(redis.url)
-        job = client.submit(TAKEOVER_PROMPTS, model=MODEL_NAME, max_tokens=TAKEOVER_TOKENS,
-                            temperature=0, shard_size=len(TAKEOVER_PROMPTS),
-                            defaults={"ignore_eos": True})  # fmt: skip
-        victim = _wait("a worker to lease the shard", lambda: _holder(service.status, job.id), 60)
-        mark("leased")
-        keeper = keepers[victim["node_id"]]
-        _wait("a checkpoint at the victim's keeper",
-              lambda: ray.get(keeper.stats.remote())["bytes_put"] > 0, 60)  # fmt: skip
-        mark("checkpointed")
-        victim = _holder(service.status, job.id)
-        assert victim is not None, "the shard finished before the kill: make it longer"
-        seen["takeover"] = {"victim": victim["name"], "victim_node": victim["node_id"],
-                            "victim_keeper": ray.get(keeper.stats.remote())}  # fmt: skip
-        os.kill(victim["pid"], signal.SIGKILL)
-        mark("takeover_kill")
-        client.wait(job.id, timeout=180, progress=False)
-        mark("takeover_done")
-        seen["takeover"]["job"] = client.get(job.id).to_dict()
-        seen["takeover"]["rows"] = client.results(job.id).to_pylist()
-        status = service.status()
-        seen["takeover"]["workers"] = {n: {"node_id": s["node_id"], "totals": s["totals"]}
-                                       for n, s in status["workers"].items()}  # fmt: skip
-        seen["takeover"]["deaths"] = status["deaths"]
-
-        # 2. drain the second node mid-job: its requests resume elsewhere from their checkpoints
-        seen["drain"] = drain_a_node(base, client, keepers, second.node_id, mark)
-
-        # 3. lose the second node (its raylet, worker and keeper) while it holds shards
-        _wait("both workers back", lambda: len(service.status()["workers"]) == 2, 120, 0.2)
-        mark("replaced")
-        job = client.submit(NODE_LOSS_PROMPTS, model=MODEL_NAME, max_tokens=NODE_LOSS_TOKENS,
-                            temperature=0, shard_size=2, defaults={"ignore_eos": True})  # fmt: skip
-
-        def second_node_holds() -> dict[str, Any] | None:
-            for name, s in service.status()["workers"].items():
-                if s["node_id"] == second.node_id and any(k.startswith(job.id) for k in s["shards"]):
-                    return {**s, "name": name}
-            return None
-
-        doomed = _wait("the second node's worker to lease a shard", second_node_holds, 60)
-        cluster.remove_node(second, allow_graceful=False)
-        mark("node_removed")
-        client.wait(job.id, timeout=240, progress=False)
-        mark("node_loss_done")
-
-        def head_worker_reports() -> dict[str, Any] | None:
-            try:  # the controller (no CPU of its own) may have lived on the lost node: it restarts
-                status = service.status()
-            except ray.exceptions.RayError:
-                return None
-            return status if status["workers"] else None
-
-        status = _wait("the head's worker in the controller's view", head_worker_reports, 60, 0.2)
-        seen["node_loss"] = {
-            "doomed": doomed["name"],
-            "doomed_shards": doomed["shards"],
-            "job": client.get(job.id).to_dict(),
-            "rows": client.results(job.id).to_pylist(),
-            "workers": {n: s["node_id"] for n, s in status["workers"].items()},
-        }
-    finally:  # no graceful stop (Serve's took 25 s here): the whole cluster goes
+        start_service(run, model, work, port)
+        for scenario in SCENARIOS:
+            scenario(run, seen)
+    finally:  # the cluster goes whole (Serve's graceful stop took 25 s here)
         ray.shutdown()
         cluster.shutdown()
         redis.stop()
@@ -361,6 +448,8 @@ def test_the_service_serves_online_with_one_worker_on_each_node(seen):
     assert seen["online"]["usage"]["completion_tokens"] == 6, seen["online"]
     # the controller's view: two workers, on the two distinct nodes of the cluster
     assert sorted(seen["workers_at_start"].values()) == sorted(seen["nodes"].values())
+    # the controller on the node `harvest up` ran on (the head), not wherever Ray likes
+    assert seen["controller_node"] == seen["nodes"]["head"]
 
 
 def test_a_shard_taken_over_on_the_other_node_restores_the_dead_workers_checkpoint(seen):
@@ -415,8 +504,16 @@ def test_losing_a_whole_node_mid_job_loses_no_offline_request(seen):
     part = seen["node_loss"]
     assert any(k.startswith(part["job"]["id"]) for k in part["doomed_shards"])  # it held work
     check_exactly_once(part, NODE_LOSS_PROMPTS, seen["expected"]["node_loss"])
+    assert any(d["worker"] == part["doomed"] for d in part["deaths"])  # the controller saw it die
     assert seen["nodes"]["second"] not in part["workers"].values()  # the node and its worker are gone
     assert part["workers"]  # the head's worker finished the job and still reports
+
+
+def test_harvest_down_stops_the_service_and_leaves_the_cluster_running(seen):
+    part = seen["down"]
+    assert part["rc"] == 0 and "Ray left running" in part["output"], part["output"]
+    assert part["controller_gone"]
+    assert part["alive_nodes"] == [seen["nodes"]["head"]] and part["task"] == "ran"  # Ray still runs
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from harvest.client import HarvestClient
 from harvest.engine import Engine, SamplingParams
 from harvest.local_redis import free_port
 from tests.conftest import RedisServer
+from tests.helpers import wait_healthy
 
 MODEL_NAME = "tiny"
 
@@ -46,15 +47,7 @@ def svc(tiny_model, tmp_path_factory, ray_cluster):
     )
     service.start(config)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:  # HAProxy may still be picking up the replicas
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the service never became healthy"
-        time.sleep(0.2)
+    wait_healthy(base)
     yield {"base": base, "redis": redis_server, "model": tiny_model}
     service.stop()
     redis_server.stop()
