@@ -59,11 +59,13 @@ class Scheduler:
         blocks: BlockManager,
         latency: LatencyModel,
         cancel_load: Callable[[Request], None] = _no_loads,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.blocks = blocks
         self.latency = latency
         self.cancel_load = cancel_load
+        self.now = now
         self.online_waiting: deque[Request] = deque()
         self.waiting: deque[Request] = deque()  # offline, or everything under fcfs
         self.running: list[Request] = []  # everything holding blocks: RUNNING, or LOADING a checkpoint
@@ -129,7 +131,7 @@ class Scheduler:
         online = [r for r in (*self.running, *self.online_waiting) if r.is_online]
         if not online:
             return None
-        slo, now = self.config.slo, time.monotonic()
+        slo, now = self.config.slo, self.now()
         budget = slo.tpot_s
         for r in online:
             if r.first_token_time is None:
@@ -176,7 +178,7 @@ class Scheduler:
                 return None
         queue.popleft()
         if req.first_scheduled_time is None:
-            req.first_scheduled_time = time.monotonic()
+            req.first_scheduled_time = self.now()
         self.running.append(req)
         if self.blocks.enable_prefix_caching:
             batch.prefix_queried_tokens += req.num_tokens

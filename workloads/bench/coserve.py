@@ -11,7 +11,10 @@ One process, one model, one machine, run back to back:
 On the simulated device (`--device sim[:PROFILE]`, harvest/engine/sim_runner.py) the same
 run puts the real scheduler over steps that sleep for what the profile predicts (e.g. an 8B
 model on one H100), with the engine sized as on that GPU (`SIM`): a simulation from the
-profile's derived numbers, not a measurement. The results then go to coserve-PROFILE.json.
+profile's derived numbers, not a measurement. It runs in virtual time
+(harvest/engine/clock.py): a step takes exactly the profile's time however busy this box
+is, and the host's scheduling and sampling cost no device time. The results go to
+coserve-PROFILE.json.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from __future__ import annotations
 import random
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harvest.engine import Engine
+from harvest.engine.clock import WALL, VirtualClock
 from harvest.engine.sim_profile import profile_for
 from workloads.bench.common import console, print_table, write_result
 from workloads.bench.plots import plot_coserve
@@ -45,8 +48,9 @@ QUICK = dict(
 # The engine on the simulated GPU, sized as one 80 GB GPU serving an 8B model: KV for
 # (0.9 x 80 GB - 16 GB of weights - ~4 GB of activations) / 128 KiB a token = ~400k tokens;
 # 64 seats (the engine's default, and `bench scale`'s); 2048 tokens a step (vLLM V1's default
-# for online serving). The trace and the backlog are the CPU run's: only the device differs.
-SIM = dict(num_blocks=24_000, max_num_seqs=64, max_num_batched_tokens=2048)
+# for online serving). The trace and the offline lengths are the CPU run's; the backlog is
+# 10x longer, since the simulated GPU would finish the CPU's 5x before the trace ends.
+SIM = dict(num_blocks=24_000, max_num_seqs=64, max_num_batched_tokens=2048, backlog_factor=50)
 
 
 @dataclass
@@ -109,6 +113,7 @@ def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, en
 def make_engine(model_dir: Path, cfg: CoserveConfig, policy: str, slo: dict | None = None) -> Engine:
     return Engine.from_pretrained(
         str(model_dir),
+        clock=VirtualClock() if cfg.simulated else WALL,
         policy=policy,
         block_size=cfg.block_size,
         num_blocks=cfg.num_blocks,
@@ -137,11 +142,11 @@ def calibrate_rate(model_dir: Path, cfg: CoserveConfig, vocab: int) -> float:
         from harvest.engine import SamplingParams
 
         params = SamplingParams(max_tokens=a.output_tokens, temperature=0, ignore_eos=True)
-        start = time.perf_counter()
+        start = engine.clock.now()
         engine.add_request(random_prompt(a.prompt_tokens, vocab, rng), params, request_class="online")
         while engine.has_unfinished():
             engine.step()
-        times.append(time.perf_counter() - start)
+        times.append(engine.clock.now() - start)
     return cfg.target_busy / statistics.median(times[2:])  # first ones warm up
 
 
@@ -153,10 +158,11 @@ def saturated_rate(model_dir: Path, cfg: CoserveConfig, backlog, seconds: float)
         engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     for _ in range(3):
         engine.step()
-    before, start = engine.stats.generated_offline, time.perf_counter()
-    while time.perf_counter() - start < seconds and engine.has_unfinished():
+    now = engine.clock.now
+    before, start = engine.stats.generated_offline, now()
+    while now() - start < seconds and engine.has_unfinished():
         engine.step()
-    return (engine.stats.generated_offline - before) / (time.perf_counter() - start)
+    return (engine.stats.generated_offline - before) / (now() - start)
 
 
 def run(quick: bool, out: Path, **overrides) -> dict:
@@ -203,7 +209,6 @@ def run(quick: bool, out: Path, **overrides) -> dict:
             for policy in POLICIES:
                 task = progress.add_task(f"{policy}: online requests done", total=len(arrivals))
                 engine = make_engine(model_dir, cfg, policy, slo)
-                device_s = engine.runner.device_s if cfg.simulated else 0.0
                 run_ = replay(
                     engine,
                     arrivals,
@@ -211,6 +216,7 @@ def run(quick: bool, out: Path, **overrides) -> dict:
                     vocab,
                     cfg.seed,
                     on_step=lambda done, task=task: progress.update(task, completed=done),
+                    clock=engine.clock if cfg.simulated else None,
                 )
                 progress.update(task, completed=len(arrivals))
                 if policy == "online-only":
@@ -220,8 +226,6 @@ def run(quick: bool, out: Path, **overrides) -> dict:
                         "tpot_s": cfg.tpot_slo_s or 2.0 * base["tpot_p50_s"],
                     }
                 results[policy] = summarize(run_, slo["ttft_s"], slo["tpot_s"], engine)
-                if cfg.simulated:
-                    results[policy] |= simulated_busy(run_, engine.runner.device_s - device_s)
                 timelines[policy] = run_.timeline
                 online_latency[policy] = {
                     "ttft_s": [r.ttft_s for r in run_.online],
@@ -253,15 +257,6 @@ def run(quick: bool, out: Path, **overrides) -> dict:
     plot_coserve(timelines, online_latency, slo, out, prefix=name, note=note)
     write_result(out, name, result)
     return result
-
-
-def simulated_busy(run: ReplayRun, device_s: float) -> dict:
-    """How busy the host kept the simulated device, and by how much its steps overran the
-    profile (the host's scheduling and sampling, and a busy box's lag)."""
-    return {
-        "device_busy_fraction": device_s / run.duration_s,
-        "step_overrun": run.busy_s / device_s if device_s > 0 else float("nan"),
-    }
 
 
 def harvested(r: dict[str, dict], saturated: float) -> dict:
