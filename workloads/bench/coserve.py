@@ -47,9 +47,10 @@ QUICK = dict(
 )
 # The engine on the simulated GPU, sized as one 80 GB GPU serving an 8B model: KV for
 # (0.9 x 80 GB - 16 GB of weights - ~4 GB of activations) / 128 KiB a token = ~400k tokens;
-# 64 seats (the engine's default, and `bench scale`'s); 2048 tokens a step (vLLM V1's default
-# for online serving). The trace and the offline lengths are the CPU run's; the backlog is
-# 10x longer, since the simulated GPU would finish the CPU's 5x before the trace ends.
+# 64 seats (the engine's default, and `bench scale`'s; vLLM V1's are 256-1024); 2048 tokens a
+# step (vLLM V1's API-server default below H100 class; 8192 on an H100). The trace and the
+# offline lengths are the CPU run's; the backlog is 10x longer, since the simulated GPU would
+# finish the CPU's 5x before the trace ends.
 SIM = dict(num_blocks=24_000, max_num_seqs=64, max_num_batched_tokens=2048, backlog_factor=50)
 
 
