@@ -3,7 +3,9 @@
 Online requests arrive from a feeder thread at their trace times (the engine's inbox is
 thread-safe, so an arrival can cut an offline-only step short at a layer boundary, as it
 would in the service); the calling thread runs the step loop until every online request
-has finished. Everything is timed with the monotonic clock.
+has finished. Everything is timed with the monotonic clock, or, for an engine on the
+simulated device with a `VirtualClock`, in its virtual time: arrivals are then the clock's
+events, fired while a step sleeps, and no thread is needed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from harvest.engine import Engine, SamplingParams
+from harvest.engine.clock import VirtualClock
 from workloads.traces import Arrival
 
 
@@ -49,54 +52,68 @@ def replay(
     seed: int = 0,
     on_step=None,
     grace_s: float = 10.0,
+    clock: VirtualClock | None = None,
 ) -> ReplayRun:
     """Run `arrivals` (online) with `backlog` (offline prompts, max tokens) queued at t=0.
 
     Stops when every online request has finished, or `grace_s` after the last arrival: a
     policy that starves online work (fcfs behind a backlog) would otherwise run until the
     whole backlog is done. Online requests still unfinished then are reported censored:
-    their latencies are lower bounds measured at the stop.
+    their latencies are lower bounds measured at the stop. `clock`: the engine's, when it
+    runs in virtual time.
     """
     rng = random.Random(seed)
     online_prompts = [random_prompt(a.prompt_tokens, vocab, rng) for a in arrivals]
-    start = time.monotonic() + 0.01
+    now = clock.now if clock is not None else time.monotonic
+    start = now() + 0.01
     for i, (prompt, max_tokens) in enumerate(backlog):
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         engine.add_request(prompt, params, request_id=f"offline-{i}", arrival_time=start)
     wake = threading.Event()
     stop = threading.Event()
 
+    def arrive(i: int) -> None:
+        params = SamplingParams(max_tokens=arrivals[i].output_tokens, temperature=0, ignore_eos=True)
+        engine.add_request(
+            online_prompts[i],
+            params,
+            request_id=f"online-{i}",
+            request_class="online",
+            arrival_time=start + arrivals[i].time_s,
+        )
+        wake.set()
+
     def feed() -> None:
-        for i, (a, prompt) in enumerate(zip(arrivals, online_prompts)):
+        for i, a in enumerate(arrivals):
             delay = start + a.time_s - time.monotonic()
             if delay > 0 and stop.wait(delay):
                 return
-            params = SamplingParams(max_tokens=a.output_tokens, temperature=0, ignore_eos=True)
-            engine.add_request(
-                prompt,
-                params,
-                request_id=f"online-{i}",
-                request_class="online",
-                arrival_time=start + a.time_s,
-            )
-            wake.set()
+            arrive(i)
 
     feeder = threading.Thread(target=feed, daemon=True)
     online: list[OnlineResult] = []
     timeline: list[dict] = []
     busy = 0.0
     stats_before = (engine.stats.generated_online, engine.stats.generated_offline)
-    feeder.start()
+    if clock is None:
+        feeder.start()
+    else:
+        for i, a in enumerate(arrivals):
+            clock.call_at(start + a.time_s, lambda i=i: arrive(i))
     try:
         stop_at = start + (arrivals[-1].time_s if arrivals else 0.0) + grace_s
-        while len(online) < len(arrivals) and time.monotonic() < stop_at:
+        while len(online) < len(arrivals) and now() < stop_at:
             if not engine.has_unfinished():
-                wake.wait(0.05)
-                wake.clear()
+                if clock is None:
+                    wake.wait(0.05)
+                    wake.clear()
+                else:  # idle: straight to the next arrival
+                    due = clock.next_event()
+                    clock.advance_to(stop_at if due is None else due)
                 continue
-            t = time.perf_counter()
+            t = now()
             outputs = engine.step()
-            busy += time.perf_counter() - t
+            busy += now() - t
             timeline.append({**engine.last_step.as_dict(), "time": engine.last_step.time - start})
             if on_step is not None:
                 on_step(len(online))
@@ -105,13 +122,14 @@ def replay(
                     online.append(_online_result(out, start, int(out.request_id.split("-")[1])))
     finally:
         stop.set()
-        feeder.join()
-    now = time.monotonic()
-    duration = now - start
+        if clock is None:
+            feeder.join()
+    end = now()
+    duration = end - start
     done = {r.index for r in online}
     for i, a in enumerate(arrivals):
         if i not in done:  # censored: never finished (and maybe never started) within the run
-            online.append(OnlineResult(a.time_s, max(0.0, now - start - a.time_s), None, 0, i, censored=True))
+            online.append(OnlineResult(a.time_s, max(0.0, end - start - a.time_s), None, 0, i, censored=True))
     return ReplayRun(
         duration_s=duration,
         online=online,

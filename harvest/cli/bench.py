@@ -37,7 +37,11 @@ def bench(
     model: str | None = typer.Option(
         None, "--model", help="engine and coserve only: a model directory instead of the built tiny one."
     ),
-    device: str = typer.Option("cpu", "--device", help="engine and coserve only: cpu or cuda[:N]."),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="engine and coserve only: cpu or cuda[:N]; coserve also sim[:PROFILE], the simulated GPU.",
+    ),
 ) -> None:
     """Run a benchmark suite: prints a table, writes OUT/SUITE.json and PNG plots."""
     if suite not in SUITES:
@@ -51,6 +55,8 @@ def bench(
         raise typer.BadParameter("only the soak suite takes --minutes", param_hint="--minutes")
     if (model is not None or device != "cpu") and suite not in ("engine", "coserve"):
         raise typer.BadParameter("only the engine and coserve suites take --model and --device")
+    if device.split(":", 1)[0] == "sim" and suite != "coserve":
+        raise typer.BadParameter("only the coserve suite runs on the simulated device", param_hint="--device")
     options = {"repeat": repeat} if suite == "peers" else {"minutes": minutes} if suite == "soak" else {}
     if suite in ("engine", "coserve"):
         options = {"model": model, "device": device}

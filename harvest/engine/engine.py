@@ -6,7 +6,6 @@ import dataclasses
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from harvest.checkpoint.loader import CheckpointLoader
 from harvest.checkpoint.store import CheckpointStore, HostCheckpointStore
 from harvest.engine.attention import LayerAbort
 from harvest.engine.block_manager import BlockManager
+from harvest.engine.clock import WALL, Clock, WallClock
 from harvest.engine.config import CacheConfig, EngineConfig, Policy, SchedulerConfig, SLOConfig
 from harvest.engine.detokenizer import Detokenizer, decode_output
 from harvest.engine.fault import describe, is_engine_fault, isolate_forward, sample_rows
@@ -54,7 +54,14 @@ class Engine:
     `export` runs on the stepping thread, between steps.
     """
 
-    def __init__(self, config: EngineConfig, checkpoint_store: CheckpointStore | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, checkpoint_store: CheckpointStore | None = None, clock: Clock = WALL
+    ) -> None:
+        """`clock`: where every time the engine reads comes from (harvest/engine/clock.py); a
+        virtual one only with the simulated device, whose sleeps advance it."""
+        if not isinstance(clock, WallClock) and not config.simulated:
+            raise ValueError("only the simulated device runs on a virtual clock")
+        self.clock = clock
         model_path = str(resolve_model(config.model))  # a Hub id: from the cache, or downloaded
         config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, config.device, model_path))
         self.config = config
@@ -67,8 +74,12 @@ class Engine:
         block_bytes = shape.block_bytes(cache.block_size, DTYPES[config.dtype])
         num_blocks = cache.num_blocks or self._blocks_for(cache, block_bytes, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        runner = SimulatedRunner if config.simulated else ModelRunner
-        self.runner = runner(model_path, config.device, config.dtype, num_blocks, cache.block_size)
+        if config.simulated:
+            self.runner = SimulatedRunner(
+                model_path, config.device, config.dtype, num_blocks, cache.block_size, clock
+            )
+        else:
+            self.runner = ModelRunner(model_path, config.device, config.dtype, num_blocks, cache.block_size)
         # the KV of a token depends on the model and its dtype besides the tokens before it
         salt = f"{model_path}|{config.dtype}"
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching, salt)
@@ -77,7 +88,9 @@ class Engine:
         self.checkpoint_store = HostCheckpointStore() if checkpoint_store is None else checkpoint_store
         self.checkpointer = Checkpointer(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
         self.loader = CheckpointLoader(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.latency, self.loader.cancel)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, self.latency, self.loader.cancel, clock.now
+        )
         self._restored = 0  # tokens loaded since the last recorded step
         self.requests: dict[str, Request] = {}  # the stepping thread's, as `_detokenizers`
         self._detokenizers: dict[str, Detokenizer] = {}
@@ -95,14 +108,16 @@ class Engine:
             self.profile_latency()
 
     @classmethod
-    def from_pretrained(cls, model: str, checkpoint_store: CheckpointStore | None = None, **kwargs) -> Engine:
+    def from_pretrained(
+        cls, model: str, checkpoint_store: CheckpointStore | None = None, clock: Clock = WALL, **kwargs
+    ) -> Engine:
         """`Engine.from_pretrained(path or "ORG/NAME[@REVISION]", device=..., dtype=..., num_blocks=...,
         max_num_seqs=..., policy=..., enable_prefix_caching=...)`."""
         cache = CacheConfig(**{k: kwargs.pop(k) for k in CACHE_KEYS if k in kwargs})
         if isinstance(kwargs.get("slo"), dict):
             kwargs["slo"] = SLOConfig(**kwargs["slo"])
         sched = SchedulerConfig(**{k: kwargs.pop(k) for k in SCHEDULER_KEYS if k in kwargs})
-        return cls(EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs), checkpoint_store)
+        return cls(EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs), checkpoint_store, clock)
 
     def _blocks_for(self, cache: CacheConfig, block_bytes: int, model_path: str) -> int:
         enough = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
@@ -125,7 +140,7 @@ class Engine:
         """Fit the step-latency model to timed forwards over a grid of batch shapes."""
         sched = self.config.scheduler
         samples = profile(self.runner.execute, self.block_manager, sched.max_num_batched_tokens,
-                          sched.max_num_seqs, self.max_model_len)  # fmt: skip
+                          sched.max_num_seqs, self.max_model_len, now=self.clock.now)  # fmt: skip
         self.latency.profile_samples = [(s.features(), t) for s, t in samples]
         self.latency.fit()
 
@@ -149,6 +164,7 @@ class Engine:
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; this engine takes at most {limit - 1}")
         request_id = request_id or f"req-{next(self._ids)}"
+        arrival_time = self.clock.now() if arrival_time is None else arrival_time
         req = Request(request_id, ids, params, RequestClass(request_class), arrival_time, priority)
         self._enqueue(req, stream_text)
         return request_id
@@ -248,7 +264,7 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
-        start = time.perf_counter()  # the latency model learns whole steps, scheduling included
+        start = self.clock.now()  # the latency model learns whole steps, scheduling included
         outputs = self._drain_inbox()
         self._finish_loads()
         batch = self.scheduler.schedule()
@@ -345,12 +361,12 @@ class Engine:
         # split evenly over its tokens), attention's part per context is the smaller one, and a
         # token share adds up to the step, so the requests' device seconds sum to the time the
         # engine ran them. Aborted steps charge nobody: their work is redone and charged then.
-        share = (time.perf_counter() - start) / batch.num_tokens
+        share = (self.clock.now() - start) / batch.num_tokens
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
             req.device_seconds += n * share
             self.block_manager.cache_full_blocks(req)
-        now = time.monotonic()
+        now = self.clock.now()
         outputs = []
         for req, token in zip(sampling, token_ids):
             detok = self._detokenizers.get(req.request_id)
@@ -394,7 +410,7 @@ class Engine:
         self, batch: ScheduledBatch, start: float, aborted: bool = False, checkpointed: int = 0
     ) -> None:
         restored, self._restored = self._restored, 0
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock.now() - start
         if not aborted and batch.shape.seqs:
             self.latency.observe(batch.shape, elapsed)
             self.scheduler.observe(batch, elapsed)
@@ -411,6 +427,7 @@ class Engine:
             restored,
             checkpointed,
             aborted,
+            self.clock.now(),
         )
         self.last_step = m
         self.stats.add(m)
@@ -454,7 +471,7 @@ class Engine:
             if req.finish_reason is FinishReason.STOP and keep and keep[-1] in self.eos_token_ids:
                 keep = keep[:-1]
             text = decode_output(self.tokenizer, req.prompt_token_ids, keep)
-        metrics = {"arrival_time": req.arrival_time, "finish_time": time.monotonic()}
+        metrics = {"arrival_time": req.arrival_time, "finish_time": self.clock.now()}
         if req.first_scheduled_time is not None:
             metrics["first_scheduled_time"] = req.first_scheduled_time
         if req.first_token_time is not None:

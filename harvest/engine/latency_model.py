@@ -143,7 +143,15 @@ def profile_grid(max_tokens: int, max_seqs: int, max_len: int) -> list[list[tupl
     return [[(n, c) for n, c in shape if n <= max_tokens] for shape in shapes]
 
 
-def profile(execute, blocks: BlockManager, max_tokens: int, max_seqs: int, max_len: int, repeats: int = 3):
+def profile(
+    execute,
+    blocks: BlockManager,
+    max_tokens: int,
+    max_seqs: int,
+    max_len: int,
+    repeats: int = 3,
+    now=time.perf_counter,
+):
     """Time `execute(requests, num_new_tokens)` over `profile_grid` shapes.
 
     Dummy requests get real blocks (their KV contents are garbage, which costs the same).
@@ -167,9 +175,9 @@ def profile(execute, blocks: BlockManager, max_tokens: int, max_seqs: int, max_l
             shape.add(n, c)
         times = []
         for _ in range(2 + repeats):
-            start = time.perf_counter()
+            start = now()
             execute(reqs, [n for n, _ in entries])
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
         samples.append((shape, min(times[2:])))
         for r in reqs:
             blocks.free(r)

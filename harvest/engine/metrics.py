@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -119,14 +118,14 @@ class StepMetrics:
     @classmethod
     def of(
         cls, batch: ScheduledBatch, running: list[Request], unfinished: list[Request], num_blocks: int,
-        predicted_s: float, measured_s: float, restored: int, checkpointed: int, aborted: bool,
+        predicted_s: float, measured_s: float, restored: int, checkpointed: int, aborted: bool, now: float,
     ) -> StepMetrics:  # fmt: skip
         """The metrics of one step that ran `batch` (an aborted step computed nothing)."""
         online_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens) if r.is_online)
         online_running = sum(r.is_online for r in running)
         online_unfinished = sum(r.is_online for r in unfinished)
         return cls(
-            time=time.monotonic(),
+            time=now,
             online_running=online_running,
             offline_running=len(running) - online_running,
             online_waiting=online_unfinished - online_running,

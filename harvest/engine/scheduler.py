@@ -61,11 +61,13 @@ class Scheduler:
         blocks: BlockManager,
         latency: LatencyModel,
         cancel_load: Callable[[Request], None] = _no_loads,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.blocks = blocks
         self.latency = latency
         self.cancel_load = cancel_load
+        self.now = now
         self.online_waiting: deque[Request] = deque()
         self.waiting: deque[Request] = deque()  # offline, or everything under fcfs
         self.running: list[Request] = []  # everything holding blocks: RUNNING, or LOADING a checkpoint
@@ -136,7 +138,7 @@ class Scheduler:
         online = [r for r in (*self.running, *self.online_waiting) if r.is_online]
         if not online:
             return None
-        slo, now = self.config.slo, time.monotonic()
+        slo, now = self.config.slo, self.now()
         budget = slo.tpot_s
         for r in online:
             if r.first_token_time is None:
@@ -209,7 +211,7 @@ class Scheduler:
                 return None
         queue.remove(req)  # not popleft(): an eviction above may have put a request before it
         if req.first_scheduled_time is None:
-            req.first_scheduled_time = time.monotonic()
+            req.first_scheduled_time = self.now()
         self.running.append(req)
         if self.blocks.enable_prefix_caching:
             batch.prefix_queried_tokens += req.num_tokens

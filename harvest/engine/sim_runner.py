@@ -20,7 +20,6 @@ Sampling parameters do not change the token: each sampled row has one overwhelmi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -28,6 +27,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from harvest.engine.attention import LayerAbort
+from harvest.engine.clock import WALL, Clock
 from harvest.engine.latency_model import BatchShape
 from harvest.engine.model_runner import DTYPES, ModelShape
 from harvest.engine.request import Request
@@ -51,8 +51,11 @@ def mix(state: int, token: int, position: int) -> int:
 class SimulatedRunner:
     """Drop-in for `ModelRunner` on `device="sim[:PROFILE]"`; see the module docstring."""
 
-    def __init__(self, model_path: str, device: str, dtype: str, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, model_path: str, device: str, dtype: str, num_blocks: int, block_size: int, clock: Clock = WALL
+    ) -> None:
         self.profile: StepProfile = profile_for(device)
+        self.clock = clock
         self.device = torch.device("cpu")
         self.dtype = DTYPES[dtype]
         self.block_size = block_size
@@ -80,7 +83,7 @@ class SimulatedRunner:
         abort: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Sleep for the profile's step time; returns logits [num_sampling_rows, vocab]."""
-        start = time.perf_counter()
+        start = self.clock.now()
         shape = BatchShape()
         for req, n in zip(requests, num_new_tokens):
             shape.add(n, req.num_computed_tokens)
@@ -94,9 +97,9 @@ class SimulatedRunner:
             if abort is not None and abort():
                 raise LayerAbort
             # absolute deadlines: a sleep's overshoot is not carried into the next slice
-            wait = start + seconds * (i + 1) / slices - time.perf_counter()
+            wait = start + seconds * (i + 1) / slices - self.clock.now()
             if wait > 0:
-                time.sleep(wait)
+                self.clock.sleep(wait)
         self.device_s += seconds
         if slots:
             self.slot_hashes.index_copy_(0, torch.tensor(slots), torch.tensor(hashes))

@@ -37,7 +37,9 @@ def _ms_label(x: float, _pos) -> str:
     return f"{x:g}" if lead in (1, 2, 5) else ""
 
 
-def plot_latency_cdfs(latency: dict[str, dict[str, list[float]]], slo: dict | None, path: Path) -> None:
+def plot_latency_cdfs(
+    latency: dict[str, dict[str, list[float]]], slo: dict | None, path: Path, note: str = ""
+) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, values in latency.items():
         _cdf(axes[0], values["ttft_s"], name, COLORS.get(name))
@@ -52,7 +54,7 @@ def plot_latency_cdfs(latency: dict[str, dict[str, list[float]]], slo: dict | No
         ax.set_ylabel("fraction of online requests")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Online latency CDFs")
+    fig.suptitle(f"Online latency CDFs{note}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -68,7 +70,7 @@ def _bins(timeline: list[dict], key: str, width: float) -> tuple[list[float], li
     return [i * width for i in range(n)], [s / width for s in sums]
 
 
-def plot_throughput(timelines: dict[str, list[dict]], path: Path, width: float = 1.0) -> None:
+def plot_throughput(timelines: dict[str, list[dict]], path: Path, width: float = 1.0, note: str = "") -> None:
     names = [n for n in timelines if n != "online-only"] or list(timelines)
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 2.6 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
@@ -88,7 +90,7 @@ def plot_throughput(timelines: dict[str, list[dict]], path: Path, width: float =
             top = max(o + f for o, f in zip(online, offline)) or 1
             ax.plot(marks, [top * 1.02] * len(marks), "v", color="tab:red", markersize=4, label="preemption")
         ax.set_ylabel("tokens/s computed")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f"{name}{note}", fontsize=10)
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("time (s)")
@@ -97,7 +99,7 @@ def plot_throughput(timelines: dict[str, list[dict]], path: Path, width: float =
     plt.close(fig)
 
 
-def plot_budget(timeline: list[dict], path: Path) -> None:
+def plot_budget(timeline: list[dict], path: Path, note: str = "") -> None:
     fig, ax = plt.subplots(figsize=(11, 3.5))
     t = [s["time"] for s in timeline]
     ax.plot(
@@ -129,19 +131,25 @@ def plot_budget(timeline: list[dict], path: Path) -> None:
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="upper right", fontsize=8)
-    ax.set_title("harvest: offline budget vs online load")
+    ax.set_title(f"harvest: offline budget vs online load{note}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_coserve(
-    timelines: dict[str, list[dict]], latency: dict, slo: dict | None, out: Path, prefix: str = "coserve"
+    timelines: dict[str, list[dict]],
+    latency: dict,
+    slo: dict | None,
+    out: Path,
+    prefix: str = "coserve",
+    note: str = "",
 ) -> None:
-    plot_latency_cdfs(latency, slo, out / f"{prefix}_latency_cdf.png")
-    plot_throughput(timelines, out / f"{prefix}_throughput.png")
+    """`note`: appended to every title (what device, simulated or not)."""
+    plot_latency_cdfs(latency, slo, out / f"{prefix}_latency_cdf.png", note)
+    plot_throughput(timelines, out / f"{prefix}_throughput.png", note=note)
     if "harvest" in timelines:
-        plot_budget(timelines["harvest"], out / f"{prefix}_budget.png")
+        plot_budget(timelines["harvest"], out / f"{prefix}_budget.png", note)
 
 
 def plot_queue(report: dict, path: Path) -> None:
