@@ -497,9 +497,6 @@ def test_a_drained_node_hands_its_requests_to_the_other_worker_with_their_checkp
           f"{context - restored} recomputed")  # fmt: skip
 
 
-# flaky: failed once in five full runs on the 2-core box (cause not yet found), so it runs with
-# `pytest -m slow`, not in CI; the takeover above stays in CI
-@pytest.mark.slow
 def test_losing_a_whole_node_mid_job_loses_no_offline_request(seen):
     part = seen["node_loss"]
     assert any(k.startswith(part["job"]["id"]) for k in part["doomed_shards"])  # it held work
