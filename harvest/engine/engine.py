@@ -139,7 +139,7 @@ class Engine:
     def profile_latency(self) -> None:
         """Fit the step-latency model to timed forwards over a grid of batch shapes."""
         sched = self.config.scheduler
-        samples = profile(self.runner.execute, self.block_manager, sched.max_num_batched_tokens,
+        samples = profile(self.runner.execute_synchronized, self.block_manager, sched.max_num_batched_tokens,
                           sched.max_num_seqs, self.max_model_len, now=self.clock.now)  # fmt: skip
         self.latency.profile_samples = [(s.features(), t) for s, t in samples]
         self.latency.fit()

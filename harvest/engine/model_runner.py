@@ -173,3 +173,11 @@ class ModelRunner:
             harvest_batch=meta,
         )
         return out.logits[0].float()
+
+    def execute_synchronized(self, requests: list[Request], num_new_tokens: list[int]) -> torch.Tensor:
+        """`execute`, returning once the device is done: what a timer around it measures.
+        (A step needs no such wait: its sampled ids coming back to the host are one.)"""
+        logits = self.execute(requests, num_new_tokens)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return logits
