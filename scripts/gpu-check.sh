@@ -9,9 +9,10 @@
 # 3. greedy equality of the engine with transformers' own generate on CUDA, in float32 (must
 #    match token for token) and in bf16 (the share of equal sequences is reported: kernels
 #    differ and bf16 ties flip);
-# 4. `harvest bench engine` and 5. `harvest bench coserve` on CUDA with that model.
+# 4. the engine's start-up step-latency profile on that device (OUT/profile.json);
+# 5. `harvest bench engine` and 6. `harvest bench coserve` on CUDA with that model.
 # Each step has its own timeout; all of it is meant to take under 8 minutes. Results:
-# OUT/greedy.json, OUT/engine/engine.json, OUT/coserve/coserve.json, OUT/log.txt.
+# OUT/greedy.json, OUT/profile.json, OUT/engine/engine.json, OUT/coserve/coserve.json, OUT/log.txt.
 #
 # Overrides, for a dry run on CPU or a machine with its own setup:
 #   GPU_CHECK_PYTHON=/path/to/python  use this interpreter, no venv or installs
@@ -131,6 +132,27 @@ with open(out, "w") as f:
     json.dump(report, f, indent=2)
 f32 = report["float32"]
 sys.exit(0 if f32["equal_sequences"] == f32["sequences"] else "float32 greedy outputs differ from transformers")
+EOF
+
+step "step profile" 120 "$PY" - "$MODEL" "$DEVICE" "$OUT/profile.json" <<'EOF'
+# the step times the engine profiles at start-up on this device, in bf16 with 64 sequences and
+# 512 tokens a step: what the simulated GPU profiles (harvest/engine/sim_profile.py) stand in for
+import json
+import sys
+
+from harvest.engine import Engine
+from harvest.engine.latency_model import NUM_FEATURES
+
+model_dir, device, out = sys.argv[1:]
+engine = Engine.from_pretrained(model_dir, device=device, dtype="bfloat16", max_num_seqs=64)
+names = ["constant", "tokens", "decodes", "chunks", "padded_decode_context_k", "prefill_attention_k"]
+samples = [dict(zip(names, f), seconds=t) for f, t in engine.latency.profile_samples]
+weights = dict(zip(names, engine.latency.weights[:NUM_FEATURES]))
+with open(out, "w") as f:
+    json.dump({"device": device, "dtype": "bfloat16", "weights_s": weights, "samples": samples}, f, indent=2)
+for s in samples:
+    print({k: round(v, 5) for k, v in s.items()})
+print("fitted weights (s):", weights)
 EOF
 
 step "bench engine" 150 "${HARVEST[@]}" bench engine --quick --model "$MODEL" --device "$DEVICE" --out "$OUT/engine"
