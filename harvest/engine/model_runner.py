@@ -8,10 +8,12 @@ finish catching up this step (the ones that sample a token).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from harvest.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, PrefillChunk
@@ -165,14 +167,28 @@ class ModelRunner:
         """Run the step; returns float32 logits [num_sampling_rows, vocab] in batch order."""
         ids, pos, meta, sample_index = self.prepare(requests, num_new_tokens)
         meta.abort = abort
-        out = self.model(
-            input_ids=ids[None],
-            position_ids=pos[None],
-            use_cache=False,
-            logits_to_keep=sample_index,
-            harvest_batch=meta,
-        )
+        with self._attention_backends():
+            out = self.model(
+                input_ids=ids[None],
+                position_ids=pos[None],
+                use_cache=False,
+                logits_to_keep=sample_index,
+                harvest_batch=meta,
+            )
         return out.logits[0].float()
+
+    def _attention_backends(self):
+        """SDPA's kernels for this step: on CUDA every one but cuDNN's.
+
+        PyTorch prefers cuDNN attention on Hopper (sm90) once its bundled cuDNN is recent
+        enough (torch 2.11), and cuDNN builds an execution graph for every new shape, at
+        milliseconds each. A paged batch's shapes change every step (the decode context
+        grows, prefill chunks differ), so that cache never warms: on an H200 the attention
+        calls took 2-7 ms each, the steps of a served trace 65-210 ms where the start-up
+        profile (its shapes repeated) timed 15 (docs/BENCHMARKS.md, GPU check)."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def execute_synchronized(self, requests: list[Request], num_new_tokens: list[int]) -> torch.Tensor:
         """`execute`, returning once the device is done: what a timer around it measures.
