@@ -5,7 +5,7 @@
 #
 # 1. a venv under OUT with the CUDA torch wheel and harvest (editable, from this checkout);
 # 2. a random model of realistic shape: Llama architecture, hidden 2048, 16 layers, 16 heads
-#    (8 KV heads), a 32k vocab, saved in bf16 (~1.1B parameters, 2.2 GB);
+#    (8 KV heads), a 32k vocab, saved in bf16 (0.89B parameters, 1.8 GB);
 # 3. greedy equality of the engine with transformers' own generate on CUDA, in float32 (must
 #    match token for token) and in bf16 (the share of equal sequences is reported: kernels
 #    differ and bf16 ties flip);
