@@ -107,7 +107,7 @@ class Scheduler:
         by_arrival = sorted(self.running, key=lambda r: r.order)
         if self.config.has_classes:
             online = [r for r in by_arrival if r.is_online]
-            if self.config.policy is Policy.HARVEST:
+            if self.config.policy is Policy.HARVEST and self.config.cut_online_prefills:
                 # decodes first: an online prefill is then cut to what they can wait for
                 online.sort(key=lambda r: r.num_uncomputed_tokens > 1)
                 batch.online_prefill_budget_s = self._online_prefill_budget()
