@@ -367,3 +367,63 @@ def test_a_decoding_request_keeps_the_learned_reserve_before_lending_slack():
     assert budget == pytest.approx((SLO.tpot_s - 0.001) * SLO.headroom, rel=0.05)
     online.first_token_time = time.monotonic() + SLO.tpot_s  # one that banked a TPOT of slack
     assert sched._latency_budget() == pytest.approx(SLO.tpot_s * SLO.headroom)
+
+
+# ---------------------------------------------------------------- online prefill chunks
+
+
+def _decoding_online(sched: Scheduler) -> Request:
+    """An online request that has its first token and no slack banked: its next is due now + 1 TPOT."""
+    decoding = make_request(8, max_tokens=50, online=True)
+    sched.add(decoding)
+    step(sched)
+    _due_in_one_tpot(decoding)
+    return decoding
+
+
+def _due_in_one_tpot(req: Request) -> None:
+    req.first_token_time = time.monotonic() - (req.num_output_tokens - 1) * SLO.tpot_s
+
+
+@pytest.mark.parametrize("policy", ["harvest", "online-only"])
+def test_a_long_online_prompt_is_cut_to_what_the_decoding_requests_can_wait(policy):
+    """Under harvest a 200-token prompt beside a request due its next token in one TPOT (80 ms
+    planned, 1 ms a token) runs 79 tokens a step, not all 200 in one 201 ms step; its first
+    token still comes within its TTFT target. online-only runs it whole, as a plain engine does."""
+    sched = make_scheduler(policy)
+    decoding = _decoding_online(sched)
+    prompt = make_request(200, online=True)
+    sched.add(prompt)
+    batch = step(sched)
+    assert ids(batch.requests) == ids([decoding, prompt])
+    if policy == "online-only":
+        assert batch.num_new_tokens == [1, 200]
+        return
+    assert batch.online_prefill_budget_s == pytest.approx(SLO.tpot_s * SLO.headroom, rel=0.05)
+    assert batch.num_new_tokens == [1, 79]
+    assert sched.latency.predict(batch.shape) <= batch.online_prefill_budget_s
+    chunks = [79]
+    while prompt.first_token_time is None:
+        _due_in_one_tpot(decoding)
+        chunks.append(step(sched).num_new_tokens[1])
+    assert chunks == [79, 79, 42]
+
+
+def test_an_online_prompt_is_not_cut_past_its_own_ttft_target():
+    """Cut into 79-token chunks, a 200-token prompt would take three steps; one whose TTFT target
+    leaves less than that runs whole (the decoders' slack is spent instead)."""
+    sched = make_scheduler("harvest")
+    _decoding_online(sched)
+    prompt = make_request(200, online=True)
+    prompt.arrival_time -= SLO.ttft_s * SLO.headroom - 0.2  # 200 ms left: three 80 ms steps do not fit
+    sched.add(prompt)
+    assert step(sched).num_new_tokens == [1, 200]
+
+
+def test_decoders_with_banked_slack_let_a_prompt_run_whole():
+    sched = make_scheduler("harvest")
+    decoding = _decoding_online(sched)
+    decoding.first_token_time = time.monotonic() + 1.0  # a second ahead of schedule
+    prompt = make_request(200, online=True)
+    sched.add(prompt)
+    assert step(sched).num_new_tokens == [1, 200]

@@ -62,6 +62,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     policy: Policy = Policy.HARVEST
     slo: SLOConfig = field(default_factory=SLOConfig)
+    # harvest: an online prompt's prefill is cut to what the decoding online requests can
+    # wait for (Scheduler._online_prefill_budget); off, it runs whole as under online-only
+    cut_online_prefills: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:

@@ -39,7 +39,7 @@ from harvest.engine.sim_runner import SimulatedRunner
 from harvest.models.resolve import resolve_model
 
 CACHE_KEYS = ("block_size", "num_blocks", "kv_cache_bytes", "kv_cache_fraction", "enable_prefix_caching")
-SCHEDULER_KEYS = ("max_num_batched_tokens", "max_num_seqs", "policy", "slo")
+SCHEDULER_KEYS = ("max_num_batched_tokens", "max_num_seqs", "policy", "slo", "cut_online_prefills")
 
 log = logging.getLogger(__name__)
 

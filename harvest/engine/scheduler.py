@@ -22,7 +22,8 @@ class ScheduledBatch:
     # prefix (the engine starts the loads; they join a batch once their blocks are in)
     loads: list[tuple[Request, int]] = field(default_factory=list)
     shape: BatchShape = field(default_factory=BatchShape)
-    latency_budget_s: float | None = None
+    latency_budget_s: float | None = None  # offline work's (harvest)
+    online_prefill_budget_s: float | None = None  # an online prefill chunk's (harvest)
     offline_token_budget: int = 0
     recomputed_tokens: int = 0  # of num_tokens, those their request had computed before a preemption
     prefix_queried_tokens: int = 0  # tokens of the requests admitted this step
@@ -105,7 +106,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         by_arrival = sorted(self.running, key=lambda r: r.order)
         if self.config.has_classes:
-            for req in [r for r in by_arrival if r.is_online]:
+            online = [r for r in by_arrival if r.is_online]
+            if self.config.policy is Policy.HARVEST and self.config.cut_online_prefills:
+                # decodes first: an online prefill is then cut to what they can wait for
+                online.sort(key=lambda r: r.num_uncomputed_tokens > 1)
+                batch.online_prefill_budget_s = self._online_prefill_budget()
+            for req in online:
                 budget -= self._schedule_running(req, budget, batch, online=True)
             while self.online_waiting and budget:
                 if (n := self._admit(self.online_waiting, budget, batch, online=True)) is None:
@@ -148,6 +154,46 @@ class Scheduler:
                 budget = min(budget, due - self.reserve_s - now)
         return max(0.0, budget * slo.headroom / self.latency.margin())
 
+    def _online_prefill_budget(self) -> float | None:
+        """How long a step that carries an online prompt's prefill may take: as long as the
+        decoding online requests can wait for their next token (what each banked ahead of
+        its TPOT deadline, at least one TPOT), planned to the headroom like offline work.
+        None when no online request is decoding, or the model is not fitted: nothing to cut for.
+
+        An online-only engine runs a whole prompt (up to the step's token budget) in one
+        step, and that step is its own tail: the decoding requests beside it take one long
+        gap (the coserve bench's long steps were 384-token prefills, 2-3 TPOT targets). Cut
+        into chunks sized to the decoders' slack, as Sarathi-Serve's stall-free batching
+        does, the prompt costs them nothing; the prompt's own request pays a few steps of
+        TTFT, and only while its TTFT target allows (`_cut_online_prefill`)."""
+        if not self.latency.fitted:
+            return None
+        slo, now = self.config.slo, self.now()
+        slack = [
+            r.first_token_time + r.num_output_tokens * slo.tpot_s - now
+            for r in self.running
+            if r.is_online and r.first_token_time is not None and r.num_uncomputed_tokens == 1
+        ]
+        if not slack:
+            return None
+        return max(slo.tpot_s, min(slack)) * slo.headroom / self.latency.margin()
+
+    def _cut_online_prefill(self, req: Request, n: int, computed: int, batch: ScheduledBatch) -> int:
+        """The online prefill chunk of `req` this step: `n` tokens, or fewer when the step
+        would outlast `batch.online_prefill_budget_s`, down to one block, and only while the
+        request's own first token still comes in time over the chunks that remain."""
+        limit = batch.online_prefill_budget_s
+        if limit is None or n <= self.blocks.block_size:
+            return n
+        if self.latency.predict(batch.shape.with_added(n, computed)) <= limit:
+            return n
+        cut = max(self._fit(n, computed, batch, limit), self.blocks.block_size)
+        slo = self.config.slo
+        steps = -(-(req.num_tokens - computed) // cut)
+        if self.now() + steps * limit > req.arrival_time + slo.ttft_s * slo.headroom:
+            return n  # cut, it would miss its TTFT: the decoders' slack is spent instead
+        return cut
+
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
         """Learn the reserve: how far the steps with online work that overran the TPOT target
         overran it.
@@ -176,6 +222,8 @@ class Scheduler:
         n = min(req.num_uncomputed_tokens, budget)
         if not online:
             n = self._fit(n, req.num_computed_tokens, batch)
+        elif n > 1:
+            n = self._cut_online_prefill(req, n, req.num_computed_tokens, batch)
         if n == 0 or not self._allocate(req, n, batch, online):
             return 0  # paused this step (or evicted)
         batch.add(req, n)
@@ -205,6 +253,8 @@ class Scheduler:
             n = min(req.num_tokens - computed, budget)
             if not online:
                 n = self._fit(n, computed, batch)
+            elif n > 1:
+                n = self._cut_online_prefill(req, n, computed, batch)
             req.num_computed_tokens = computed
             if n == 0 or not self._allocate(req, n, batch, online, hit):
                 req.num_computed_tokens = before
@@ -270,9 +320,10 @@ class Scheduler:
         queue.appendleft(req)
         batch.preempted.append(req)
 
-    def _fit(self, n: int, context_len: int, batch: ScheduledBatch) -> int:
-        """The most of `n` new tokens (at `context_len`) the step's latency budget admits."""
-        limit = batch.latency_budget_s
+    def _fit(self, n: int, context_len: int, batch: ScheduledBatch, limit: float | None = None) -> int:
+        """The most of `n` new tokens (at `context_len`) the step's latency budget (or
+        `limit`) admits."""
+        limit = batch.latency_budget_s if limit is None else limit
         if limit is None or n == 0 or not self.latency.fitted:
             return n
         if self.latency.predict(batch.shape.with_added(n, context_len)) <= limit:
