@@ -200,18 +200,26 @@ def test_online_requests_claim_seats_from_offline():
     assert online in batch.requests and ids(batch.preempted) == ids(offline[1:])
 
 
-def test_a_flex_request_takes_the_first_free_seat_before_waiting_batch_lines():
-    sched = make_scheduler("harvest", max_num_seqs=2, ms_per_token=None)
-    batch_lines = [make_request(4, max_tokens=n) for n in (3, 8, 8, 8)]
+@pytest.mark.parametrize("policy", ["harvest", "priority-recompute"])
+def test_a_flex_request_takes_a_seat_from_the_latest_batch_line_when_none_is_free(policy):
+    """Flex requests are served from harvested capacity like batch lines, but someone waits
+    on each: when batch lines hold every seat, the latest one gives its seat up (harvest
+    keeps its checkpoint) rather than the flex request waiting for one to finish."""
+    sched = make_scheduler(policy, max_num_seqs=2, ms_per_token=None)
+    batch_lines = [make_request(4, max_tokens=40) for _ in range(3)]
     for r in batch_lines:
         sched.add(r)
-    assert ids(step(sched).requests) == ids(batch_lines[:2])
+    step(sched)
+    step(sched)
     flex = make_request(4, max_tokens=2, priority=FLEX_PRIORITY)
-    sched.add(flex)  # behind two waiting batch lines
-    while flex.status is RequestStatus.WAITING:
+    sched.add(flex)
+    batch = step(sched)
+    assert flex in batch.requests and ids(batch.preempted) == ids([batch_lines[1]])
+    while not flex.is_finished:
+        assert batch_lines[0].status is RequestStatus.RUNNING  # the earliest keeps its seat
         step(sched)
-    assert batch_lines[0].is_finished  # the first seat to come free
-    assert all(r.status is RequestStatus.WAITING for r in batch_lines[2:])
+    # a batch line never takes a seat from another: the third waits for one to come free
+    assert batch_lines[2].status is RequestStatus.WAITING and batch_lines[2].num_preemptions == 0
     run(sched)
     assert all(r.is_finished for r in batch_lines)
 

@@ -122,6 +122,7 @@ class Scheduler:
         if self.config.policy is Policy.HARVEST:
             batch.latency_budget_s = self._latency_budget()
         batch.offline_token_budget = self._fit(budget, 0, batch)
+        self._free_a_seat_for_flex(batch)
         for req in [r for r in by_arrival if not (r.is_online and self.config.has_classes)]:
             budget -= self._schedule_running(req, budget, batch, online=False)
         while self.waiting and budget:
@@ -236,7 +237,8 @@ class Scheduler:
         could not start.
 
         Offline, that is the first request of the lowest priority value in the queue's order
-        (arrival, preempted ones back at the front): a flex request before any batch line."""
+        (arrival, preempted ones back at the front): a flex request before any batch line,
+        and when batch lines hold every seat it takes the latest one's (`_free_a_seat_for_flex`)."""
         req = queue[0] if online else min(queue, key=lambda r: r.priority)
         if len(self.running) >= self.config.max_num_seqs and not (online and self._evict(batch, req)):
             return None
@@ -273,6 +275,19 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             batch.add(req, n)
         return n
+
+    def _free_a_seat_for_flex(self, batch: ScheduledBatch) -> None:
+        """When every seat is taken and the first waiting offline request is of a better
+        priority class than a running offline one (a flex request, batch lines holding the
+        seats), the latest of those gives its seat up, as it would to an online request.
+        Before the running offline requests join the step: a request in it cannot be evicted.
+        Within a class a request waits for a seat to come free."""
+        if not self.waiting or len(self.running) < self.config.max_num_seqs:
+            return
+        req = min(self.waiting, key=lambda r: r.priority)
+        classes = self.config.has_classes
+        if any(r.priority > req.priority for r in self.running if not (r.is_online and classes)):
+            self._evict(batch, req)
 
     def _allocate(self, req: Request, n: int, batch: ScheduledBatch, online: bool,
                   cached: Sequence[int] = ()) -> bool:  # fmt: skip
