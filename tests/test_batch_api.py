@@ -578,3 +578,33 @@ def test_completion_windows_in_bounds(api):
         with pytest.raises(openai.BadRequestError) as exc:
             api.client.batches.create(input_file_id=f.id, endpoint=COMPLETIONS, completion_window=window)
         assert exc.value.body["param"] == "completion_window" and "5m to 7d" in exc.value.body["message"]
+
+
+def test_a_tenants_listing_reads_only_its_own_records(redis_server, tmp_path):
+    """Per-tenant indexes: bob's page costs the same whether alice has 3 files or 300."""
+    import redis as redis_lib
+
+    from harvest.batch.files import FileRegistry
+
+    r = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    registry = FileRegistry(r, FileStore(tmp_path / "files"))
+
+    def new_file(owner: str, purpose: str = "batch") -> str:
+        upload = registry.start("x.jsonl", purpose, owner=owner)
+        upload.write(b'{"custom_id": "a"}\n')
+        return upload.commit().id
+
+    def hgetalls() -> int:
+        return int(r.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+
+    bobs = [new_file("bob"), new_file("bob", "batch_output")]
+    for _ in range(300):
+        new_file("alice")
+    before = hgetalls()
+    page, more = registry.list(tenant="bob")
+    assert [f.id for f in page] == bobs[::-1] and not more
+    assert registry.list(tenant="bob", purpose="batch_output")[0][0].id == bobs[1]
+    assert hgetalls() - before == 4  # two pages of bob's two records; none of alice's 300
+    assert len(registry.list(tenant="alice", limit=1000)[0]) == 300
+    assert len(registry.list(limit=1000)[0]) == 302  # the operator's view: everyone's
+    assert registry.delete(bobs[0], "bob") and [f.id for f in registry.list(tenant="bob")[0]] == [bobs[1]]

@@ -154,7 +154,10 @@ class BatchRegistry:
     def __init__(self, store: JobStore, files: FileRegistry) -> None:
         self.store = store
         self.files = files
-        self.index = f"{store.prefix}:batches"
+        self.index = f"{store.prefix}:batches"  # every tenant's, for the operator's view
+
+    def _index(self, tenant: str | None) -> str:
+        return self.index if tenant is None else f"{self.store.prefix}:tenant:{tenant}:batches"
 
     def create(
         self,
@@ -200,7 +203,11 @@ class BatchRegistry:
             **self._estimate(job_id),
         }
         self.store.r.hset(self.store.job_key(job_id), mapping=fields)
-        self.store.r.zadd(self.index, {job_id: time.time()})
+        with self.store.r.pipeline() as pipe:
+            now = time.time()
+            pipe.zadd(self.index, {job_id: now})
+            pipe.zadd(self._index(tenant), {job_id: now})
+            pipe.execute()
         view = self.get(job_id, tenant)
         assert view is not None
         return view
@@ -242,23 +249,22 @@ class BatchRegistry:
         self, limit: int = 20, after: str | None = None, tenant: str | None = None
     ) -> tuple[list[BatchView], bool]:
         """A page of `tenant`'s batches, newest first, after the id `after`; and whether more follow.
-        The index holds every tenant's: a page skips the others' (a per-tenant index would
-        spare that walk, at the price of a second structure to keep in step)."""
+        Walks `tenant`'s own index (None: every tenant's); an id whose job expired is dropped
+        from the index as the walk meets it."""
+        index = self._index(tenant)
         start = 0
-        if after is not None:
-            rank = self.store.r.zrevrank(self.index, after)
-            owner = self.store.r.hget(self.store.job_key(after), "owner") or ""
-            if rank is None or (tenant is not None and owner != tenant):  # another's: as unknown
+        if after is not None:  # another tenant's id is not in this index: an unknown cursor
+            rank = self.store.r.zrevrank(index, after)
+            if rank is None:
                 return [], False
             start = rank + 1
         self.store.sweep()
         views: list[BatchView] = []
-        for batch_id in self.store.r.zrevrange(self.index, start, -1):
+        for batch_id in self.store.r.zrevrange(index, start, -1):
             view = self.get(batch_id, sweep=False)
             if view is None:  # its job expired (job TTL) or was purged
+                self.store.r.zrem(index, batch_id)
                 self.store.r.zrem(self.index, batch_id)
-                continue
-            if tenant is not None and view.job.owner != tenant:
                 continue
             if len(views) == limit:
                 return views, True

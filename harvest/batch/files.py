@@ -120,6 +120,11 @@ class FileRegistry:
     def _key(self, file_id: str) -> str:
         return f"{self.prefix}:file:{file_id}"
 
+    def _index(self, tenant: str | None) -> str:
+        """Every file by creation time (None: the operator's view), or one tenant's: a tenant's
+        page reads only its own files however many others there are."""
+        return f"{self.prefix}:files" if tenant is None else f"{self.prefix}:tenant:{tenant}:files"
+
     def start(self, filename: str, purpose: str = "batch", limited: bool = True, owner: str = "") -> Upload:
         """A new file of `owner`'s to write; `limited`: refuse it past `max_file_bytes` (uploads,
         not outputs)."""
@@ -128,7 +133,9 @@ class FileRegistry:
     def record(self, record: FileRecord) -> None:
         with self.r.pipeline() as pipe:  # MULTI: a file is listed exactly when its record exists
             pipe.hset(self._key(record.id), mapping=asdict(record))
-            pipe.zadd(f"{self.prefix}:files", {record.id: time.time()})
+            now = time.time()
+            pipe.zadd(self._index(None), {record.id: now})
+            pipe.zadd(self._index(record.owner), {record.id: now})
             pipe.execute()
 
     def get(self, file_id: str, tenant: str | None = None) -> FileRecord | None:
@@ -147,29 +154,43 @@ class FileRegistry:
         tenant: str | None = None,
     ) -> tuple[list[FileRecord], bool]:
         """A page of `tenant`'s files (newest first for `desc`) after the id `after`; and whether
-        more follow."""
-        index = f"{self.prefix}:files"
-        ids = self.r.zrevrange(index, 0, -1) if order == "desc" else self.r.zrange(index, 0, -1)
-        if after is not None:  # another tenant's id reads as an unknown one
-            ids = ids[ids.index(after) + 1 :] if after in ids and self.get(after, tenant) else []
+        more follow. Reads `tenant`'s own index, a page's records in one round trip each."""
+        index = self._index(tenant)
+        start = 0
+        if after is not None:  # another tenant's id is not in this index: an unknown cursor
+            rank = self.r.zrevrank(index, after) if order == "desc" else self.r.zrank(index, after)
+            if rank is None:
+                return [], False
+            start = rank + 1
         records: list[FileRecord] = []
-        for file_id in ids:
-            record = self.get(file_id, tenant)
-            if record is None or (purpose is not None and record.purpose != purpose):
-                continue
-            if len(records) == limit:
-                return records, True
-            records.append(record)
-        return records, False
+        page = max(limit + 1, 100)
+        while True:
+            end = start + page - 1
+            ids = self.r.zrevrange(index, start, end) if order == "desc" else self.r.zrange(index, start, end)
+            if not ids:
+                return records, False
+            with self.r.pipeline(transaction=False) as pipe:
+                for file_id in ids:
+                    pipe.hgetall(self._key(file_id))
+                hashes = pipe.execute()
+            for h in hashes:
+                if not h or (purpose is not None and h.get("purpose") != purpose):
+                    continue
+                if len(records) == limit:
+                    return records, True
+                records.append(FileRecord.from_hash(h))
+            start += len(ids)
 
     def delete(self, file_id: str, tenant: str | None = None) -> bool:
         """Forget the file, then drop its bytes; False if `tenant` has no such file."""
-        if self.get(file_id, tenant) is None:
+        record = self.get(file_id, tenant)
+        if record is None:
             return False
         with self.r.pipeline() as pipe:
             pipe.delete(self._key(file_id))
-            pipe.zrem(f"{self.prefix}:files", file_id)
-            existed, _ = pipe.execute()
+            pipe.zrem(self._index(None), file_id)
+            pipe.zrem(self._index(record.owner), file_id)
+            existed, *_ = pipe.execute()
         if existed:
             self.store.delete(f"{file_id}.jsonl")
         return bool(existed)
