@@ -217,6 +217,27 @@ class RedisProcess:
         client = redis.Redis.from_url(self.url)
         return {"used_memory": int(client.info("memory")["used_memory"]), "keys": int(client.dbsize())}
 
+    def key_patterns(self) -> dict[str, dict[str, int]]:
+        """The keyspace by pattern (`key_pattern`): how many keys, and how many never expire."""
+        client = redis.Redis.from_url(self.url)
+        keys = list(client.scan_iter(count=1000))
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pttl(key)
+            ttls = pipe.execute()
+        patterns: dict[str, dict[str, int]] = {}
+        for key, ttl in zip(keys, ttls):
+            entry = patterns.setdefault(key_pattern(key.decode(errors="replace")), {"keys": 0, "no_ttl": 0})
+            entry["keys"] += 1
+            entry["no_ttl"] += ttl == -1
+        return dict(sorted(patterns.items()))
+
+
+def key_pattern(key: str) -> str:
+    """`key` with every segment that holds a digit (ids, shard numbers) as `*`: what a soak
+    compares between its start and end to find a kind of key that piles up."""
+    return ":".join("*" if any(c.isdigit() for c in part) else part for part in key.split(":"))
+
 
 @contextlib.contextmanager
 def private_redis(data_dir: Path) -> Iterator[str]:

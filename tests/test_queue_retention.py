@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from harvest.queue import JobNotFoundError, JobOptions, JobStatus, Progress
@@ -89,3 +91,26 @@ def test_a_lease_outliving_its_expired_job_recreates_nothing(queue_store, make_j
     wait_for(lambda: queue_store.sweep() or queue_store.r.zcard("harvest:leases") == 0)
     assert job_keys(queue_store, job_id) == []
     assert queue_store.release(lease) == "lost"
+
+
+def test_a_job_run_by_a_real_worker_leaves_no_key_of_its_own_once_its_ttl_passes(
+    queue_store, make_job, queue_engine, redis_server
+):
+    """Every key a job's run creates anywhere in Redis (not only under its own prefix: leases,
+    placement, dedup, accounting) is gone after the TTL. What stays are the store's fixed keys,
+    whose names hold no id (the soak's `key_pattern` maps them to themselves)."""
+    from harvest.local_redis import key_pattern
+    from harvest.queue import WorkerConfig, run_local
+
+    queue_store.set_job_ttl(1)
+    jobs = [make_job(6, shard_size=2), make_job(4, shard_size=4, sampling={"temperature": 0.7, "seed": 3})]
+    run_local(queue_store, queue_engine, WorkerConfig(), exit_when_idle=True)
+    assert all(queue_store.get_job(j).status is JobStatus.COMPLETED for j in jobs)
+
+    def leftovers() -> list[str]:
+        return [k for k in map(bytes.decode, queue_store.r.scan_iter()) if key_pattern(k) != k]
+
+    deadline = time.monotonic() + 5.0
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers() == []

@@ -171,6 +171,19 @@ def _growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[st
     return out
 
 
+KeyPatterns = dict[str, dict[str, int]]
+
+
+def _key_growth(start: KeyPatterns, end: KeyPatterns) -> KeyPatterns:
+    """The key patterns with more keys at the end than at the warm-up: where Redis grows."""
+    grew = {}
+    for pattern, n in end.items():
+        before = start.get(pattern, {}).get("keys", 0)
+        if n["keys"] > before:
+            grew[pattern] = {"at_warmup": before, "at_end": n["keys"], "no_ttl": n["no_ttl"]}
+    return grew
+
+
 def plot_memory(samples: list[dict[str, Any]], warmup_s: float, path: Path) -> None:
     import matplotlib
 
@@ -233,6 +246,7 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
                 threads = [load.run(), jobs.run()]
                 duration = 60 * cfg["minutes"]
                 t0 = time.monotonic()
+                keys_at_warmup: KeyPatterns | None = None
                 try:
                     with Progress(console=console, transient=True) as progress:
                         task = progress.add_task("soaking", total=duration)
@@ -252,7 +266,10 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
                                 description=f"soaking: {len(load.requests)} online, "
                                 f"{jobs.completed_jobs} jobs",
                             )
+                            if keys_at_warmup is None and now >= cfg["warmup_s"]:
+                                keys_at_warmup = redis.key_patterns()
                             time.sleep(cfg["sample_s"])
+                    keys_at_end = redis.key_patterns()
                 finally:
                     load.stop.set()
                     jobs.stop.set()
@@ -262,6 +279,7 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
         finally:
             redis.stop()
     growth = _growth(samples, cfg["warmup_s"])
+    key_growth = _key_growth(keys_at_warmup or {}, keys_at_end)
     online_failed = sum(r.end > 0 and not r.ok for r in load.requests)
     worst = max(growth.items(), key=lambda kv: kv[1]["growth_pct_per_hour"])
     result = {
@@ -276,6 +294,7 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
         "target_met": online_failed == 0
         and all(g["growth_pct_per_hour"] <= TARGET_GROWTH_PCT_PER_HOUR for g in growth.values()),
         "samples": samples,
+        "redis_keys": {"at_warmup": keys_at_warmup, "at_end": keys_at_end, "grew": key_growth},
     }
     print_table(
         f"soak: {cfg['minutes']:.0f} min, growth after a {cfg['warmup_s']:.0f} s warm-up",
@@ -285,6 +304,12 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
             for name, g in sorted(growth.items())
         ],
     )
+    if key_growth:
+        print_table(
+            "Redis keys that grew after the warm-up (ids as *)",
+            ["pattern", "at warm-up", "at end", "never expire"],
+            [[p, g["at_warmup"], g["at_end"], g["no_ttl"]] for p, g in key_growth.items()],
+        )
     verdict = "met" if result["target_met"] else "MISSED"
     console.print(
         f"online: {len(load.requests)} requests, {online_failed} failed; offline: {jobs.completed_jobs} "
