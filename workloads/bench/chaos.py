@@ -14,7 +14,9 @@ job to finish:
 | serve-controller | SIGKILL of Serve's controller (Ray restarts it) |
 
 Reported per phase: online requests failed, of those how many had already received
-tokens (streaming on the killed worker: the only failures the design allows), the longest
+tokens (streaming on the killed worker: the only failures the design allows), how many
+connections broke before any response and were sent again by the client (as the openai
+SDK does; `load.CLIENT_RETRIES`), the longest
 gap with no online token delivered, and, for the job, requests lost (no result),
 duplicated (more than one result row), and lease attempts charged beyond the one each
 shard needs. The rule under test: a fault costs exactly what caused it.
@@ -185,6 +187,8 @@ def _phase(phase: str, load: OnlineLoad, redis: RedisProcess, cfg: dict[str, Any
         "online_requests": len(window),
         "online_failed": len(failed),
         "online_failed_mid_stream": sum(r.got_tokens for r in failed),
+        # connections that broke before any response, sent again by the client (load.CLIENT_RETRIES)
+        "online_client_retries": sum(r.retries for r in window),
         "online_failures": sorted({r.error or "" for r in failed}),
         "longest_online_gap_s": longest_gap(load.token_times, t_fault, t_done),
         "recovery_s": t_done - t_fault,
@@ -290,6 +294,7 @@ def run(quick: bool, out: Path) -> dict:
             "phase",
             "online failed",
             "of which mid-stream",
+            "client retries",
             "longest gap s",
             "offline lost",
             "duplicated",
@@ -301,6 +306,7 @@ def run(quick: bool, out: Path) -> dict:
                 p["phase"],
                 p["online_failed"],
                 p["online_failed_mid_stream"],
+                p["online_client_retries"],
                 p["longest_online_gap_s"],
                 p["offline_lost"],
                 p["offline_duplicated"],

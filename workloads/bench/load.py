@@ -20,6 +20,15 @@ class OnlineRequest:
     tokens: int = 0
     got_tokens: bool = False  # something had streamed before it ended
     error: str | None = None
+    retries: int = 0  # sent again after its connection broke before any response (CLIENT_RETRIES)
+
+
+# How often a client sends a request again when its connection breaks before any response
+# came back: what the openai SDK does by default (max_retries=2, for any connection error).
+# HTTP/1.1 keep-alive has a race no server can close: a proxy may close an idle connection
+# (HAProxy's soft stop on every Serve reload does) just as the client sends on it, and the
+# request dies unseen by any engine. A client that never retries would count those.
+CLIENT_RETRIES = 2
 
 
 @dataclass
@@ -63,29 +72,39 @@ class OnlineLoad:
             }
             req = OnlineRequest(start=time.monotonic())
             self.requests.append(req)
-            try:
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    req.status = r.status_code
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            req.error = event["error"].get("message")
-                        elif any(c.get("text") for c in event.get("choices", [])):
-                            req.tokens += 1
-                            req.got_tokens = True
-                            self.token_times.append(time.monotonic())
-                req.ok = r.status_code == 200 and req.error is None and req.tokens > 0
-                if r.status_code != 200:
-                    req.error = f"HTTP {r.status_code}"
-            except (httpx.HTTPError, json.JSONDecodeError) as exc:
-                req.error = f"{type(exc).__name__}: {exc}"
+            while True:
+                try:
+                    await self._send(client, body, req)
+                except httpx.TransportError as exc:
+                    if req.status is None and req.retries < CLIENT_RETRIES:
+                        req.retries += 1
+                        continue
+                    req.error = f"{type(exc).__name__}: {exc}"
+                except (httpx.HTTPError, json.JSONDecodeError) as exc:
+                    req.error = f"{type(exc).__name__}: {exc}"
+                break
             req.end = time.monotonic()
             if self.rate_per_client:
                 await asyncio.sleep(max(0.0, req.start + 1 / self.rate_per_client - req.end))
             elif not req.ok:
                 await asyncio.sleep(0.1)  # a client backs off a little after an error
+
+    async def _send(self, client, body: dict, req: OnlineRequest) -> None:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            req.status = r.status_code
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    req.error = event["error"].get("message")
+                elif any(c.get("text") for c in event.get("choices", [])):
+                    req.tokens += 1
+                    req.got_tokens = True
+                    self.token_times.append(time.monotonic())
+        req.ok = r.status_code == 200 and req.error is None and req.tokens > 0
+        if r.status_code != 200:
+            req.error = f"HTTP {r.status_code}"
 
 
 def longest_gap(times: list[float], start: float, end: float) -> float:
