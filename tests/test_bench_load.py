@@ -57,4 +57,5 @@ def test_a_connection_dropped_before_any_response_is_sent_again(drops):
 def test_past_its_retries_the_request_fails_and_says_why():
     req, seen = first_request(CLIENT_RETRIES + 1)
     assert not req.ok and req.retries == CLIENT_RETRIES and req.status is None
+    assert seen[: CLIENT_RETRIES + 1] == ["dropped"] * (CLIENT_RETRIES + 1)
     assert "RemoteProtocolError" in req.error
