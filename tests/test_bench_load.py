@@ -22,14 +22,25 @@ def serve(drops: int) -> tuple[int, list[str]]:
     listener = socket.create_server(("127.0.0.1", 0))
     seen: list[str] = []
 
+    def read_request(conn: socket.socket) -> None:  # all of it: closing with unread bytes resets
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next(int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n"))
+                      if k.strip().lower() == b"content-length")  # fmt: skip
+        while len(body) < length:
+            body += conn.recv(65536)
+
     def loop() -> None:
         while True:
             conn, _ = listener.accept()
             with conn:
-                data = conn.recv(65536)
+                read_request(conn)
                 seen.append("dropped" if len(seen) < drops else "answered")
-                if seen[-1] == "answered" and data:
+                if seen[-1] == "answered":
                     conn.sendall(SSE)
+                conn.shutdown(socket.SHUT_WR)
 
     threading.Thread(target=loop, daemon=True).start()
     return listener.getsockname()[1], seen

@@ -191,8 +191,10 @@ class Scheduler:
         cut = max(self._fit(n, computed, batch, limit), self.blocks.block_size)
         slo = self.config.slo
         steps = -(-(req.num_tokens - computed) // cut)
-        if self.now() + steps * limit > req.arrival_time + slo.ttft_s * slo.headroom:
-            return n  # cut, it would miss its TTFT: the decoders' slack is spent instead
+        # each chunk's step counted at a whole TPOT target, not the planned `limit`: a slow
+        # spell of the machine must not turn the cut into a TTFT miss
+        if self.now() + steps * slo.tpot_s > req.arrival_time + slo.ttft_s * slo.headroom:
+            return n  # cut, it could miss its TTFT: the decoders' slack is spent instead
         return cut
 
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
