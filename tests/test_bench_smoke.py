@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -9,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from harvest.cli import app
+from harvest.cli.bench import SUITES
 
 POLICY_FIELDS = (
     "ttft_p50_s",
@@ -22,6 +24,13 @@ POLICY_FIELDS = (
     "preemptions",
     "recomputed_tokens",
 )
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_suite_module_imports_and_has_run(suite):
+    """Cheap and always in CI: the slow-marked suites' quick runs are not, and a suite that
+    no longer imports (a name moved in a merge) would otherwise go unseen."""
+    assert callable(importlib.import_module(SUITES[suite]).run)
 
 
 def test_bench_coserve_quick(tmp_path):

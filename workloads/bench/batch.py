@@ -34,7 +34,8 @@ from harvest.queue.store import JobStore
 from workloads.bench.common import console, local_ray, print_table, write_result
 from workloads.bench.e2e import bench_config, start_service
 from workloads.bench.plots import plot_latency_cdfs, plot_tenants
-from workloads.http_replay import LATENCY_KEYS, latency_samples, latency_summary, replay_http
+from workloads.http_replay import latency_samples, latency_summary, replay_http
+from workloads.stats import LATENCY_KEYS
 from workloads.traces import gamma_arrivals
 
 MODEL = "bench"
