@@ -213,9 +213,15 @@ class RedisProcess:
         self.start()
 
     def memory(self) -> dict[str, int]:
-        """Used memory (bytes) and number of keys."""
+        """Used memory (bytes), number of keys, and of those how many never expire."""
         client = redis.Redis.from_url(self.url)
-        return {"used_memory": int(client.info("memory")["used_memory"]), "keys": int(client.dbsize())}
+        used, keys = int(client.info("memory")["used_memory"]), int(client.dbsize())
+        patterns = self.key_patterns()
+        return {
+            "used_memory": used,
+            "keys": keys,
+            "keys_without_ttl": sum(p["no_ttl"] for p in patterns.values()),
+        }
 
     def key_patterns(self) -> dict[str, dict[str, int]]:
         """The keyspace by pattern (`key_pattern`): how many keys, and how many never expire."""

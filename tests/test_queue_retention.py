@@ -119,3 +119,26 @@ def test_a_job_run_by_a_real_worker_leaves_no_key_of_its_own_once_its_ttl_passes
     while lasting() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert lasting() == []
+
+
+def test_the_soaks_keyspace_view_counts_keys_by_pattern_and_those_that_never_expire(tmp_path):
+    import redis as redis_lib
+
+    from harvest.local_redis import RedisProcess, key_pattern
+
+    assert key_pattern("harvest:job:batch_1a2b:shard:3:results") == "harvest:job:*:shard:*:results"
+    assert key_pattern("harvest:served") == "harvest:served"
+    server = RedisProcess(tmp_path)
+    server.start()
+    try:
+        r = redis_lib.Redis.from_url(server.url)
+        r.set("harvest:job:j1", 1, ex=60)
+        r.set("harvest:job:j2", 1)
+        r.set("harvest:served", 1)
+        assert server.key_patterns() == {
+            "harvest:job:*": {"keys": 2, "no_ttl": 1},
+            "harvest:served": {"keys": 1, "no_ttl": 1},
+        }
+        assert server.memory()["keys"] == 3 and server.memory()["keys_without_ttl"] == 2
+    finally:
+        server.stop()

@@ -159,6 +159,7 @@ def _growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[st
             series[f"rss {role}"].append((s["time"], mib))
         series["redis used memory"].append((s["time"], s["redis"]["used_memory"] / 2**20))
         series["redis keys"].append((s["time"], s["redis"]["keys"]))
+        series["redis keys without a TTL"].append((s["time"], s["redis"]["keys_without_ttl"]))
     out = {}
     for name, points in series.items():
         times, values = [t for t, _ in points], [v for _, v in points]
@@ -169,6 +170,17 @@ def _growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[st
             "growth_pct_per_hour": growth_pct_per_hour(times, values),
         }
     return out
+
+
+def _judged(growth: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The series the target holds to: all but the count of Redis keys that carry a TTL.
+
+    Those expire by construction (a finished job's keys after the job TTL, the throughput
+    buckets after 10 minutes), so their count follows the job rate times the TTL: a soak
+    whose box gets faster (session 10's, once the tests sharing it stopped) shows them
+    'growing' with nothing leaking. A key that would pile up is one without a TTL, and its
+    own series is judged (with used memory)."""
+    return {name: g for name, g in growth.items() if name != "redis keys"}
 
 
 KeyPatterns = dict[str, dict[str, int]]
@@ -281,7 +293,7 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
     growth = _growth(samples, cfg["warmup_s"])
     key_growth = _key_growth(keys_at_warmup or {}, keys_at_end)
     online_failed = sum(r.end > 0 and not r.ok for r in load.requests)
-    worst = max(growth.items(), key=lambda kv: kv[1]["growth_pct_per_hour"])
+    worst = max(_judged(growth).items(), key=lambda kv: kv[1]["growth_pct_per_hour"])
     result = {
         "config": {**cfg, "quick": quick},
         "online_requests": len(load.requests),
@@ -292,7 +304,7 @@ def run(quick: bool, out: Path, minutes: float | None = None) -> dict:
         "growth": growth,
         "worst_series": worst[0],
         "target_met": online_failed == 0
-        and all(g["growth_pct_per_hour"] <= TARGET_GROWTH_PCT_PER_HOUR for g in growth.values()),
+        and all(g["growth_pct_per_hour"] <= TARGET_GROWTH_PCT_PER_HOUR for g in _judged(growth).values()),
         "samples": samples,
         "redis_keys": {"at_warmup": keys_at_warmup, "at_end": keys_at_end, "grew": key_growth},
     }
