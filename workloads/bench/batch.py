@@ -14,7 +14,7 @@ compare with the e2e suite's. Three phases:
    once; their cumulative shares of the harvested tokens are sampled for `fair_s` seconds (or
    until one batch is done), and judged at the last sample where both still had work.
 
-Harvested tokens are the queue's own per-tenant counters (`JobStore.tenant_tokens`, prompt +
+Harvested tokens are the queue's own per-tenant counters (`JobStore.tenant_usage`, prompt +
 completion tokens of the results written), read from Redis every half second.
 """
 
@@ -102,7 +102,7 @@ def create(client, file_id: str, window: str):
 def sample(store: JobStore, start: float, jobs: dict[str, str]) -> dict[str, Any]:
     """Each tenant's harvested tokens so far, its batch's (tenant -> id) completed requests and
     whether that batch is done."""
-    tokens = store.tenant_tokens()
+    tokens = store.tenant_usage()
     counts = {tenant: store.get_job(job_id).request_counts for tenant, job_id in jobs.items()}
     return {
         "t": time.monotonic() - start,
