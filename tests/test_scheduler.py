@@ -369,10 +369,11 @@ def test_a_decoding_request_keeps_the_learned_reserve_before_lending_slack():
     offline_only = ScheduledBatch(requests=make_requests(1, 8))
     sched.observe(offline_only, 1.0)  # an offline-only step has no online request to delay
     assert len(sched._overruns) == 8
-    # the next token is due one TPOT after the first: the budget is that less the reserve
+    # the next token is due one planned TPOT (target x headroom) after the first: the budget
+    # is that less the reserve
     online.first_token_time = time.monotonic()
     budget = sched._latency_budget()
-    assert budget == pytest.approx((SLO.tpot_s - 0.001) * SLO.headroom, rel=0.05)
+    assert budget == pytest.approx(SLO.tpot_s * SLO.headroom - 0.001, rel=0.05)
     online.first_token_time = time.monotonic() + SLO.tpot_s  # one that banked a TPOT of slack
     assert sched._latency_budget() == pytest.approx(SLO.tpot_s * SLO.headroom)
 
@@ -390,7 +391,8 @@ def _decoding_online(sched: Scheduler) -> Request:
 
 
 def _due_in_one_tpot(req: Request) -> None:
-    req.first_token_time = time.monotonic() - (req.num_output_tokens - 1) * SLO.tpot_s
+    """Its next token due one planned TPOT (the target times the headroom) from now."""
+    req.first_token_time = time.monotonic() - (req.num_output_tokens - 1) * SLO.tpot_s * SLO.headroom
 
 
 @pytest.mark.parametrize("policy", ["harvest", "online-only"])
@@ -435,3 +437,23 @@ def test_decoders_with_banked_slack_let_a_prompt_run_whole():
     prompt = make_request(200, online=True)
     sched.add(prompt)
     assert step(sched).num_new_tokens == [1, 200]
+
+
+def test_a_request_whose_mean_tpot_reached_the_target_lends_no_more():
+    """The next-token schedule is planned to the headroom: a request whose tokens so far came
+    at the full target pace is behind that plan, and its steps carry no offline work until it
+    is back on it (on the target's own schedule it would still lend 80 ms a step, and the
+    next step that ran past its prediction would make it a miss)."""
+    sched = make_scheduler("harvest")
+    online = make_request(8, max_tokens=50, online=True)
+    sched.add(online)
+    for r in make_requests(2, 100):
+        sched.add(r)
+    while online.num_output_tokens < 5:
+        step(sched)
+    n = online.num_output_tokens
+    online.first_token_time = time.monotonic() - (n - 1) * SLO.tpot_s  # mean TPOT so far: the target
+    assert sched._latency_budget() == 0.0
+    assert all(r.is_online for r in step(sched).requests)
+    online.first_token_time = time.monotonic() - (n - 1) * SLO.tpot_s * SLO.headroom / 2  # well ahead
+    assert sched._latency_budget() == pytest.approx(SLO.tpot_s * SLO.headroom)
