@@ -214,13 +214,12 @@ class RedisProcess:
 
     def memory(self) -> dict[str, int]:
         """Used memory (bytes), number of keys, and of those how many never expire."""
-        client = redis.Redis.from_url(self.url)
-        used, keys = int(client.info("memory")["used_memory"]), int(client.dbsize())
-        patterns = self.key_patterns()
+        used = int(redis.Redis.from_url(self.url).info("memory")["used_memory"])
+        patterns = self.key_patterns().values()  # one scan counts both
         return {
             "used_memory": used,
-            "keys": keys,
-            "keys_without_ttl": sum(p["no_ttl"] for p in patterns.values()),
+            "keys": sum(p["keys"] for p in patterns),
+            "keys_without_ttl": sum(p["no_ttl"] for p in patterns),
         }
 
     def key_patterns(self) -> dict[str, dict[str, int]]:

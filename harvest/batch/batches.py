@@ -264,7 +264,8 @@ class BatchRegistry:
             view = self.get(batch_id, sweep=False)
             if view is None:  # its job expired (job TTL) or was purged
                 self.store.r.zrem(index, batch_id)
-                self.store.r.zrem(self.index, batch_id)
+                if index != self.index:
+                    self.store.r.zrem(self.index, batch_id)
                 continue
             if len(views) == limit:
                 return views, True

@@ -198,9 +198,9 @@ class Scheduler:
         limit = batch.online_prefill_budget_s
         if limit is None or n <= self.blocks.block_size:
             return n
-        if self.latency.predict(batch.shape.with_added(n, computed)) <= limit:
+        if (cut := self._fit(n, computed, batch, limit)) == n:
             return n
-        cut = max(self._fit(n, computed, batch, limit), self.blocks.block_size)
+        cut = max(cut, self.blocks.block_size)
         slo = self.config.slo
         steps = -(-(req.num_tokens - computed) // cut)
         # each chunk's step counted at a whole TPOT target, not the planned `limit`: a slow
