@@ -84,6 +84,7 @@ def step(sched: Scheduler) -> ScheduledBatch:
             if not req.is_online:
                 req.checkpointed_tokens = req.num_computed_tokens // BLOCK * BLOCK
     sched.blocks.check_integrity(sched.running)  # the running requests hold every used block
+    sched.check_integrity()
     assert len(sched.running) <= sched.config.max_num_seqs
     assert batch.num_tokens <= sched.config.max_num_batched_tokens
     return batch
@@ -457,3 +458,34 @@ def test_a_request_whose_mean_tpot_reached_the_target_lends_no_more():
     assert all(r.is_online for r in step(sched).requests)
     online.first_token_time = time.monotonic() - (n - 1) * SLO.tpot_s * SLO.headroom / 2  # well ahead
     assert sched._latency_budget() == pytest.approx(SLO.tpot_s * SLO.headroom)
+
+
+def test_the_waiting_counts_follow_admissions_preemptions_and_aborts():
+    """The scheduler counts its waiting requests by priority and class as they come and go,
+    rather than scanning a backlog of thousands every step: the counts must match the queues
+    after every kind of move (`step` checks them too)."""
+    sched = make_scheduler("harvest", max_num_seqs=2, ms_per_token=None)
+    lines = [make_request(4, max_tokens=6) for _ in range(4)]
+    flex = make_request(4, max_tokens=2, priority=FLEX_PRIORITY)
+    for r in lines:
+        sched.add(r)
+    assert sched.waiting_counts() == (0, 4)
+    step(sched)  # two admitted
+    assert sched.waiting_counts() == (0, 2)
+    sched.add(flex)
+    sched.add(make_request(4, online=True))
+    assert sched.waiting_counts() == (1, 3)
+    batch = step(sched)  # the flex and the online request each take a batch line's seat
+    assert flex in batch.requests and len(batch.preempted) == 2
+    assert sched.waiting_counts() == (0, 4)
+    sched.finish(lines[3])  # an abort of a request still waiting
+    sched.check_integrity()
+    assert sched.waiting_counts() == (0, 3)
+    run(sched)
+    assert sched.waiting_counts() == (0, 0) and not sched._waiting_priorities
+    # fcfs has one queue for both classes: its counts still tell them apart
+    sched = make_scheduler("fcfs", ms_per_token=None)
+    sched.add(make_request(4))
+    sched.add(make_request(4, online=True))
+    assert sched.waiting_counts() == (1, 1)
+    run(sched)

@@ -420,7 +420,7 @@ class Engine:
         m = StepMetrics.of(
             batch,
             sched.running,
-            sched.unfinished(),
+            sched.waiting_counts(),
             blocks,
             predicted,
             elapsed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -113,23 +113,22 @@ class StepMetrics:
     aborted: bool = False  # abandoned at a layer boundary for an arriving online request
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # flat fields: asdict's deep copy costs a step ~0.1 ms
 
     @classmethod
     def of(
-        cls, batch: ScheduledBatch, running: list[Request], unfinished: list[Request], num_blocks: int,
+        cls, batch: ScheduledBatch, running: list[Request], waiting: tuple[int, int], num_blocks: int,
         predicted_s: float, measured_s: float, restored: int, checkpointed: int, aborted: bool, now: float,
     ) -> StepMetrics:  # fmt: skip
         """The metrics of one step that ran `batch` (an aborted step computed nothing)."""
         online_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens) if r.is_online)
         online_running = sum(r.is_online for r in running)
-        online_unfinished = sum(r.is_online for r in unfinished)
         return cls(
             time=now,
             online_running=online_running,
             offline_running=len(running) - online_running,
-            online_waiting=online_unfinished - online_running,
-            offline_waiting=(len(unfinished) - online_unfinished) - (len(running) - online_running),
+            online_waiting=waiting[0],
+            offline_waiting=waiting[1],
             online_tokens=0 if aborted else online_tokens,
             offline_tokens=0 if aborted else batch.num_tokens - online_tokens,
             kv_blocks_online=sum(len(r.block_table) for r in running if r.is_online),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -71,6 +71,10 @@ class Scheduler:
         self.now = now
         self.online_waiting: deque[Request] = deque()
         self.waiting: deque[Request] = deque()  # offline, or everything under fcfs
+        # of `waiting`, counted as they enter and leave: a step must not scan a backlog of
+        # thousands to find its best priority or count its classes
+        self._waiting_priorities: Counter[int] = Counter()
+        self._waiting_online = 0
         self.running: list[Request] = []  # everything holding blocks: RUNNING, or LOADING a checkpoint
         # how far recent steps with online work that overran the TPOT target overran it (observe)
         self._overruns: deque[float] = deque(maxlen=64)
@@ -78,14 +82,44 @@ class Scheduler:
         self.reserve_s = 0.0
 
     def add(self, request: Request) -> None:
-        queue = self.online_waiting if request.is_online and self.config.has_classes else self.waiting
-        queue.append(request)
+        self._enqueue(request)
+
+    def _enqueue(self, req: Request, front: bool = False) -> None:
+        queue = self.online_waiting if req.is_online and self.config.has_classes else self.waiting
+        queue.appendleft(req) if front else queue.append(req)
+        if queue is self.waiting:
+            self._waiting_priorities[req.priority] += 1
+            self._waiting_online += req.is_online
+
+    def _dequeue(self, queue: deque[Request], req: Request) -> None:
+        queue.remove(req)
+        if queue is self.waiting:
+            self._waiting_priorities[req.priority] -= 1
+            if not self._waiting_priorities[req.priority]:
+                del self._waiting_priorities[req.priority]
+            self._waiting_online -= req.is_online
+
+    def _first_waiting(self) -> Request:
+        """The first offline waiting request of the best priority value: a flex request before
+        any batch line, otherwise the head (arrival order, preempted ones back at the front)."""
+        best = min(self._waiting_priorities)
+        return next(r for r in self.waiting if r.priority == best)
+
+    def waiting_counts(self) -> tuple[int, int]:
+        """(online, offline) requests waiting for a seat."""
+        return len(self.online_waiting) + self._waiting_online, len(self.waiting) - self._waiting_online
 
     def has_unfinished(self) -> bool:
         return bool(self.online_waiting or self.waiting or self.running)
 
     def unfinished(self) -> list[Request]:
         return [*self.running, *self.online_waiting, *self.waiting]
+
+    def check_integrity(self) -> None:
+        """The waiting counts match the queues; no request is in two places."""
+        assert self._waiting_priorities == Counter(r.priority for r in self.waiting), "priority counts drifted"
+        assert self._waiting_online == sum(r.is_online for r in self.waiting), "online count drifted"
+        assert len({id(r) for r in self.unfinished()}) == len(self.unfinished()), "a request is queued twice"
 
     def schedule(self) -> ScheduledBatch:
         """Build one step.
@@ -253,7 +287,7 @@ class Scheduler:
         Offline, that is the first request of the lowest priority value in the queue's order
         (arrival, preempted ones back at the front): a flex request before any batch line,
         and when batch lines hold every seat it takes the latest one's (`_free_a_seat_for_flex`)."""
-        req = queue[0] if online else min(queue, key=lambda r: r.priority)
+        req = queue[0] if online else self._first_waiting()
         if len(self.running) >= self.config.max_num_seqs and not (online and self._evict(batch, req)):
             return None
         hit = self.blocks.cached_prefix(req)
@@ -275,7 +309,7 @@ class Scheduler:
             if n == 0 or not self._allocate(req, n, batch, online, hit):
                 req.num_computed_tokens = before
                 return None
-        queue.remove(req)  # not popleft(): an eviction above may have put a request before it
+        self._dequeue(queue, req)  # not popleft(): an eviction above may have put a request before it
         if req.first_scheduled_time is None:
             req.first_scheduled_time = self.now()
         self.running.append(req)
@@ -298,7 +332,7 @@ class Scheduler:
         Within a class a request waits for a seat to come free."""
         if not self.waiting or len(self.running) < self.config.max_num_seqs:
             return
-        req = min(self.waiting, key=lambda r: r.priority)
+        req = self._first_waiting()
         classes = self.config.has_classes
         if any(r.priority > req.priority for r in self.running if not (r.is_online and classes)):
             self._evict(batch, req)
@@ -345,8 +379,7 @@ class Scheduler:
         req.checkpointed_tokens = req.checkpointed_tokens if self.config.checkpoints else 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
-        queue = self.online_waiting if req.is_online and self.config.has_classes else self.waiting
-        queue.appendleft(req)
+        self._enqueue(req, front=True)
         batch.preempted.append(req)
 
     def _fit(self, n: int, context_len: int, batch: ScheduledBatch, limit: float | None = None) -> int:
@@ -367,9 +400,11 @@ class Scheduler:
         return lo
 
     def finish(self, req: Request) -> None:
-        for queue in (self.running, self.online_waiting, self.waiting):
+        if req in self.running:
+            self.running.remove(req)
+        for queue in (self.online_waiting, self.waiting):
             if req in queue:
-                queue.remove(req)
+                self._dequeue(queue, req)
         if req.status is RequestStatus.LOADING:
             self.cancel_load(req)
         self.blocks.free(req)
