@@ -117,7 +117,8 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         """The waiting counts match the queues; no request is in two places."""
-        assert self._waiting_priorities == Counter(r.priority for r in self.waiting), "priority counts drifted"
+        priorities = Counter(r.priority for r in self.waiting)
+        assert self._waiting_priorities == priorities, "priority counts drifted"
         assert self._waiting_online == sum(r.is_online for r in self.waiting), "online count drifted"
         assert len({id(r) for r in self.unfinished()}) == len(self.unfinished()), "a request is queued twice"
 
