@@ -489,3 +489,22 @@ def test_the_waiting_counts_follow_admissions_preemptions_and_aborts():
     sched.add(make_request(4, online=True))
     assert sched.waiting_counts() == (1, 1)
     run(sched)
+
+
+def test_prompts_arriving_together_are_not_cut():
+    """The cut protects decoders from one prompt's long prefill. With two prompts pending, the
+    steps that would carry one prompt's chunks carry the other's prefill too, longer than the
+    cut's TTFT guard counts them: the cut stands aside and both run whole, as online-only runs them."""
+    sched = make_scheduler("harvest", num_blocks=128)
+    _decoding_online(sched)
+    first, second = make_request(150, online=True), make_request(100, online=True)
+    sched.add(first)
+    sched.add(second)
+    batch = step(sched)
+    assert batch.online_prefill_budget_s is None
+    assert batch.num_new_tokens == [1, 150, 100]
+    # alone, the same 150-token prompt is cut (79 tokens a step, as above)
+    sched = make_scheduler("harvest")
+    _decoding_online(sched)
+    sched.add(make_request(150, online=True))
+    assert step(sched).num_new_tokens == [1, 79]

@@ -213,8 +213,14 @@ class Scheduler:
         gap (the coserve bench's long steps were 384-token prefills, 2-3 TPOT targets). Cut
         into chunks sized to the decoders' slack, as Sarathi-Serve's stall-free batching
         does, the prompt costs them nothing; the prompt's own request pays a few steps of
-        TTFT, and only while its TTFT target allows (`_cut_online_prefill`)."""
-        if not self.latency.fitted:
+        TTFT, and only while its TTFT target allows (`_cut_online_prefill`).
+
+        Only for a lone prompt: with several pending (a burst), the steps carrying one's
+        chunks carry the others' prefills too, so they run longer than the guard counts
+        them, the cut prompt's TTFT slips, and the decoders pay for the chunks' repeated
+        fixed costs all the same (in virtual time, the coserve bench's extra misses beside
+        online-only's were such bursts)."""
+        if not self.latency.fitted or self._online_prefills_pending() > 1:
             return None
         slo, now = self.config.slo, self.now()
         slack = [
@@ -225,6 +231,11 @@ class Scheduler:
         if not slack:
             return None
         return max(slo.tpot_s * slo.headroom, min(slack)) / self.latency.margin()
+
+    def _online_prefills_pending(self) -> int:
+        return len(self.online_waiting) + sum(
+            1 for r in self.running if r.is_online and r.num_uncomputed_tokens > 1
+        )
 
     def _cut_online_prefill(self, req: Request, n: int, computed: int, batch: ScheduledBatch) -> int:
         """The online prefill chunk of `req` this step: `n` tokens, or fewer when the step
