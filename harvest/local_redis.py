@@ -213,28 +213,40 @@ class RedisProcess:
         self.start()
 
     def memory(self) -> dict[str, int]:
-        """Used memory (bytes), number of keys, and of those how many never expire."""
+        """Used memory (bytes), number of keys, of those how many never expire, and how many
+        of those belong to no live job (`key_patterns`)."""
         used = int(redis.Redis.from_url(self.url).info("memory")["used_memory"])
-        patterns = self.key_patterns().values()  # one scan counts both
+        patterns = self.key_patterns().values()  # one scan counts them all
         return {
             "used_memory": used,
             "keys": sum(p["keys"] for p in patterns),
             "keys_without_ttl": sum(p["no_ttl"] for p in patterns),
+            "stray_keys_without_ttl": sum(p["no_ttl"] - p["live_job"] for p in patterns),
         }
 
-    def key_patterns(self) -> dict[str, dict[str, int]]:
-        """The keyspace by pattern (`key_pattern`): how many keys, and how many never expire."""
+    def key_patterns(self, prefix: str = "harvest") -> dict[str, dict[str, int]]:
+        """The keyspace by pattern (`key_pattern`): how many keys, how many never expire, and
+        how many of those are a live job's own (`{prefix}:job:ID...` while the job's record
+        has no TTL either: a job's keys get theirs when it finishes, so a running job's are
+        in flight, not piling up)."""
         client = redis.Redis.from_url(self.url)
-        keys = list(client.scan_iter(count=1000))
+        keys = [k.decode(errors="replace") for k in client.scan_iter(count=1000)]
         with client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.pttl(key)
             ttls = pipe.execute()
+        jobs = f"{prefix}:job:"
+
+        def job_of(key: str) -> str | None:  # the record of the job a key belongs to
+            return jobs + key[len(jobs) :].split(":")[0] if key.startswith(jobs) else None
+
+        live = {key for key, ttl in zip(keys, ttls) if ttl == -1 and job_of(key) == key}
         patterns: dict[str, dict[str, int]] = {}
         for key, ttl in zip(keys, ttls):
-            entry = patterns.setdefault(key_pattern(key.decode(errors="replace")), {"keys": 0, "no_ttl": 0})
+            entry = patterns.setdefault(key_pattern(key), {"keys": 0, "no_ttl": 0, "live_job": 0})
             entry["keys"] += 1
             entry["no_ttl"] += ttl == -1
+            entry["live_job"] += ttl == -1 and job_of(key) in live
         return dict(sorted(patterns.items()))
 
 

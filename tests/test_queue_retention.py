@@ -132,13 +132,44 @@ def test_the_soaks_keyspace_view_counts_keys_by_pattern_and_those_that_never_exp
     server.start()
     try:
         r = redis_lib.Redis.from_url(server.url)
-        r.set("harvest:job:j1", 1, ex=60)
-        r.set("harvest:job:j2", 1)
+        r.set("harvest:job:j1", 1, ex=60)  # a finished job: its record expires...
+        r.set("harvest:job:j1:shard:0", 1)  # ...and a key of it that never will: a stray
+        r.set("harvest:job:j2", 1)  # a running job: no TTL until it finishes
+        r.set("harvest:job:j2:shard:0", 1)  # its keys are in flight
         r.set("harvest:served", 1)
         assert server.key_patterns() == {
-            "harvest:job:*": {"keys": 2, "no_ttl": 1},
-            "harvest:served": {"keys": 1, "no_ttl": 1},
+            "harvest:job:*": {"keys": 2, "no_ttl": 1, "live_job": 1},
+            "harvest:job:*:shard:*": {"keys": 2, "no_ttl": 2, "live_job": 1},
+            "harvest:served": {"keys": 1, "no_ttl": 1, "live_job": 0},
         }
-        assert server.memory()["keys"] == 3 and server.memory()["keys_without_ttl"] == 2
+        memory = server.memory()
+        assert memory["keys"] == 5 and memory["keys_without_ttl"] == 4
+        assert memory["stray_keys_without_ttl"] == 2  # j1's shard and the counter
     finally:
         server.stop()
+
+
+def test_the_soak_judges_stray_keys_not_jobs_in_flight():
+    """The soak's verdict: a series of keys without a TTL that swings with the jobs in flight
+    (as in session 12's run: 10 -> 27 -> 21) is reported, not judged; the stray count is."""
+    from workloads.bench.soak import _growth, _judged
+
+    samples = [
+        {"time": t, "rss_mib": {"bench driver": 500 + t, "harvest worker replica": 560.0},
+         "redis": {"used_memory": 5 * 2**20, "keys": 500, "keys_without_ttl": 10 + 17 * (i % 2),
+                   "stray_keys_without_ttl": 10}}
+        for i, t in enumerate(range(0, 1200, 5))
+    ]  # fmt: skip
+    growth = _growth(samples, warmup_s=600)
+    assert growth["redis keys without a TTL"]["max"] == 27
+    judged = _judged(growth)
+    assert "redis keys without a TTL" not in judged and "rss bench driver" not in judged
+    assert judged["redis keys without a TTL, live jobs' aside"]["growth_pct_per_hour"] == 0
+    assert judged["rss harvest worker replica"]["growth_pct_per_hour"] == 0
+    samples[-1]["redis"]["stray_keys_without_ttl"] = 40  # one kind of key piling up
+    assert (
+        _judged(_growth(samples, warmup_s=600))["redis keys without a TTL, live jobs' aside"][
+            "growth_pct_per_hour"
+        ]
+        > 5
+    )
