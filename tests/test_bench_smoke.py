@@ -48,6 +48,13 @@ def test_bench_coserve_quick(tmp_path):
             assert math.isfinite(p[field]), (name, field)
     assert data["policies"]["online-only"]["offline_tokens_per_s"] == 0
     assert data["policies"]["harvest"]["offline_tokens_per_s"] > 0
+    timeline = json.loads((tmp_path / "coserve_timeline.json").read_text())
+    for name, p in data["policies"].items():
+        # every miss is listed, each past at least one of its targets, and found in the timeline
+        assert len(p["misses"]) == round((1 - p["slo_attainment"]) * p["num_online"]), name
+        for m in p["misses"]:
+            assert m["censored"] or m["ttft_x"] > 1 or (m["tpot_x"] or 0) > 1, (name, m)
+        assert timeline[name] and all("measured_latency_s" in step for step in timeline[name])
     assert data["git_commit"] and data["machine"]["cpu_count"] >= 1
     for plot in ("coserve_latency_cdf.png", "coserve_throughput.png", "coserve_budget.png"):
         assert (tmp_path / plot).stat().st_size > 0

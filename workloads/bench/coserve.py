@@ -19,6 +19,7 @@ coserve-PROFILE.json.
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import tempfile
@@ -91,7 +92,20 @@ def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, en
         for r in run.online
         if ttft_slo is not None
     ]
+    missed = [r for r, good in zip(run.online, ok) if not good]
     return {
+        # each miss by how far past its targets, to find in the step timeline (NAME_timeline.json)
+        "misses": [
+            {
+                "index": r.index,
+                "arrival_s": r.arrival_s,
+                "ttft_x": r.ttft_s / ttft_slo,
+                "tpot_x": None if r.tpot_s is None else r.tpot_s / tpot_slo,
+                "output_tokens": r.output_tokens,
+                "censored": r.censored,
+            }
+            for r in sorted(missed, key=lambda r: r.arrival_s)
+        ],
         **latency_percentiles(ttft, tpot),
         "slo_attainment": sum(ok) / len(ok) if ok else float("nan"),
         "online_tokens_per_s": run.online_tokens / run.duration_s,
@@ -254,6 +268,8 @@ def run(quick: bool, out: Path, **overrides) -> dict:
     _print(result)
     plot_coserve(timelines, online_latency, slo, out, prefix=name, note=note)
     write_result(out, name, result)
+    # every step of every policy (time from the run's start), for the misses above
+    (out / f"{name}_timeline.json").write_text(json.dumps(timelines))
     return result
 
 
