@@ -86,7 +86,10 @@ class Scheduler:
 
     def _enqueue(self, req: Request, front: bool = False) -> None:
         queue = self.online_waiting if req.is_online and self.config.has_classes else self.waiting
-        queue.appendleft(req) if front else queue.append(req)
+        if front:
+            queue.appendleft(req)
+        else:
+            queue.append(req)
         if queue is self.waiting:
             self._waiting_priorities[req.priority] += 1
             self._waiting_online += req.is_online
