@@ -44,7 +44,7 @@ KEYS = {name: f"sk-bench-{name}" for name in ("online", "bulk", "urgent", "fair-
 FAIR = ("fair-a", "fair-b")
 LONG_WINDOW, SHORT_WINDOW, SHORT_WINDOW_S = "24h", "5m", 300  # 5m: the service's shortest
 FAIR_SHARE_TOLERANCE = 0.10  # each tenant's share within 10% of the equal share
-P99_RATIO_BOUND = 1.3  # the service issue's bound for co-serving end to end (the e2e suite)
+P99_RATIO_BOUND = 1.2  # the Batch API issue's bound: online P99s beside batches within 1.2x of alone
 SAMPLE_S = 0.5
 
 
@@ -287,7 +287,7 @@ def targets(result: dict) -> dict[str, dict]:
     }
     for metric in ("ttft", "tpot"):
         ratio = result[f"{metric}_p99_ratio"]
-        found[f"online_{metric}_p99_within_1_3x"] = {
+        found[f"online_{metric}_p99_within_1_2x"] = {
             "value": ratio,
             "bound": P99_RATIO_BOUND,
             "met": ratio <= P99_RATIO_BOUND,
