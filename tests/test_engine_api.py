@@ -114,7 +114,6 @@ def test_abort_returns_blocks(tiny_model):
     outs = {o.request_id: o for o in engine.step()}
     assert outs[ids[1]].finished and outs[ids[1]].finish_reason == FinishReason.ABORT
     assert outs[ids[1]].num_output_tokens == 2
-    engine.block_manager.check_integrity(engine.scheduler.unfinished())
     engine.scheduler.check_integrity()
     engine.abort(ids[1])  # a second abort is a no-op
     assert ids[1] not in {o.request_id for o in engine.step()}
@@ -253,7 +252,6 @@ def test_adds_from_another_thread_while_the_engine_steps_are_neither_lost_nor_do
     while adder.is_alive() or engine.has_unfinished():
         for out in engine.step():
             outputs[out.request_id].append(out)
-        engine.block_manager.check_integrity(engine.scheduler.unfinished())
         engine.scheduler.check_integrity()
     adder.join()
     assert sorted(outputs) == sorted(f"r{i}" for i in range(len(prompts)))

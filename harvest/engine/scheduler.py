@@ -119,7 +119,9 @@ class Scheduler:
         return [*self.running, *self.online_waiting, *self.waiting]
 
     def check_integrity(self) -> None:
-        """The waiting counts match the queues; no request is in two places."""
+        """The block manager's own check over every request this scheduler holds; the waiting
+        counts match the queues; no request is in two places."""
+        self.blocks.check_integrity(self.unfinished())
         priorities = Counter(r.priority for r in self.waiting)
         assert self._waiting_priorities == priorities, "priority counts drifted"
         assert self._waiting_online == sum(r.is_online for r in self.waiting), "online count drifted"
