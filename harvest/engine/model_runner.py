@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from harvest.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, PrefillChunk
+from harvest.engine.host_memory import keep_freed_memory
 from harvest.engine.request import Request
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,6 +79,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.block_size = block_size
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a CPU step's activations: reused, not mapped afresh each step
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
         ).to(self.device)
