@@ -158,12 +158,13 @@ class GPUWorker:
         threading.Thread(target=self._heartbeats, args=(period_s,), name="heartbeat", daemon=True).start()
 
     def _heartbeats(self, period_s: float) -> None:
-        me, controller = ray.get_runtime_context().current_actor, None
+        me, controller, send_handle = ray.get_runtime_context().current_actor, None, True
         while not self._stop.wait(period_s):
             self.check_termination_notice()
             try:
                 controller = controller or ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-                reply = ray.get(controller.heartbeat.remote(self.worker_id, self.stats(), me),
+                handle = me if send_handle else None  # the controller asks for it when it lacks it
+                reply = ray.get(controller.heartbeat.remote(self.worker_id, self.stats(), handle),
                                 timeout=max(2.0, 4 * period_s))  # fmt: skip
             except ray.exceptions.GetTimeoutError:
                 continue  # restarting: online serving does not depend on the controller
@@ -172,6 +173,7 @@ class GPUWorker:
                 continue
             self.apply(reply)
             period_s = reply.get("period_s", period_s)  # a large fleet reports less often
+            send_handle = reply.get("send_handle", True)
 
     # ------------------------------------------------------------------ drain
 

@@ -71,9 +71,11 @@ class HarvestController:
         self.config_store.put(self.config)
         self.period_s = self.config.get("monitor_period_s", 0.25)
         # the fleet's heartbeats, all together, at most this often: each costs the controller
-        # a Ray call (~100 µs of its core), so past `max_heartbeats_per_s` x period workers
-        # each one reports less often than every period (see `heartbeat_period`)
-        self.max_heartbeats_per_s = self.config.get("max_heartbeats_per_s", 400.0)
+        # a Ray call, 0.45 ms of its core for an empty one on the 2-core CI box (0.1-0.2 ms on
+        # a fast host), so past `max_heartbeats_per_s` x period workers each one reports less
+        # often than every period (see `heartbeat_period`). 150 keeps the controller near a
+        # tenth of a core on the slow box whatever the fleet (BENCHMARKS, scale)
+        self.max_heartbeats_per_s = self.config.get("max_heartbeats_per_s", 150.0)
         self.view: dict[str, dict[str, Any]] = {}  # worker -> its last report, and when it came
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
         self.drains: dict[str, dict[str, Any]] = {}  # worker -> its drain order, until it leaves
@@ -92,11 +94,17 @@ class HarvestController:
     # ------------------------------------------------------------------ workers
 
     @ray.method(concurrency_group="heartbeats")
-    def heartbeat(self, name: str, stats: dict[str, Any], actor: Any) -> dict[str, Any]:
-        """A worker's report; the answer is what it should do now, and when to report next."""
+    def heartbeat(self, name: str, stats: dict[str, Any], actor: Any = None) -> dict[str, Any]:
+        """A worker's report; the answer is what it should do now, and when to report next.
+
+        `actor`, the worker's handle (to ask a silent worker whether it lives), comes only
+        while the answer's `send_handle` asks for it: once, and again after a controller
+        restart. Deserializing a handle costs a call a quarter more, every call."""
         with self._lock:
             self.view[name] = {**stats, "seen": time.time()}
-            self.actors[name] = actor
+            if actor is not None:
+                self.actors[name] = actor
+            send_handle = name not in self.actors
         slo = self._slo()
         target = (slo["ttft_s"], slo["tpot_s"]) if slo else None
         return {
@@ -104,11 +112,12 @@ class HarvestController:
             "slo": target,
             "period_s": self.heartbeat_period(),
             "drain": self.drains.get(name),
+            "send_handle": send_handle,
         }
 
     def heartbeat_period(self) -> float:
         """Seconds between a worker's heartbeats: the monitor period while the fleet is small,
-        longer once its reports would pass `max_heartbeats_per_s` (1,000 workers: 2.5 s)."""
+        longer once its reports would pass `max_heartbeats_per_s` (1,000 workers: 6.7 s)."""
         return max(self.period_s, len(self.view) / self.max_heartbeats_per_s)
 
     def _offline_allowed(self, stats: dict[str, Any]) -> bool:
@@ -129,8 +138,10 @@ class HarvestController:
         """A worker silent for a while is asked if it lives; a dead one's shards go back."""
         cutoff = time.time() - 4 * self.heartbeat_period()
         with self._lock:
-            silent = [(n, self.actors[n]) for n, s in self.view.items() if s["seen"] < cutoff]
+            silent = [(n, self.actors.get(n)) for n, s in self.view.items() if s["seen"] < cutoff]
         for name, actor in silent:
+            if actor is None:
+                continue  # reported once, without its handle yet: the next report brings it
             try:
                 ray.get(actor.__ray_ready__.remote(), timeout=1.0)
             except ray.exceptions.GetTimeoutError:

@@ -16,7 +16,6 @@ def test_a_large_fleet_reports_less_often_and_stays_in_view(redis_server):
             "redis_url": redis_server.url,
             "num_workers": 1000,
             "monitor_period_s": 0.25,
-            "max_heartbeats_per_s": 400,
         }
     )
     try:
@@ -24,7 +23,8 @@ def test_a_large_fleet_reports_less_often_and_stays_in_view(redis_server):
             controller.heartbeat(f"sim-{i:04d}", worker_stats(i), None)["period_s"] for i in range(1000)
         ]
         assert periods[0] == 0.25  # a small fleet: the monitor period
-        assert periods[99] == 0.25 and periods[-1] == 2.5  # 1,000 workers x 1/2.5 s = 400 a second
+        # the default budget, 150 heartbeats a second: 37 workers at 0.25 s, 1,000 at 6.7 s
+        assert periods[36] == 0.25 and periods[99] == 100 / 150 and periods[-1] == 1000 / 150
         assert controller.ready()
         status = controller.status()
         assert len(status["workers"]) == 1000
@@ -35,3 +35,26 @@ def test_a_large_fleet_reports_less_often_and_stays_in_view(redis_server):
         assert len(controller.status()["workers"]) == 1000
     finally:
         controller.shutdown()
+
+
+def test_a_worker_sends_its_handle_until_the_controller_holds_it(redis_server):
+    """The handle rides along only when asked: once, and again after a controller restart
+    (whose view starts empty). A worker in the view without its handle yet is not pinged."""
+    config = {"redis_url": redis_server.url, "num_workers": 1, "monitor_period_s": 0.25}
+    controller = HarvestController(config)
+    handle = object()  # what the controller keeps to ping a silent worker; any value here
+    try:
+        assert controller.heartbeat("w0", worker_stats(0), None)["send_handle"]
+        controller.view["w0"]["seen"] = 0.0  # silent, but no handle to ask with: left alone
+        controller._check_silent()
+        assert "w0" in controller.view
+        assert not controller.heartbeat("w0", worker_stats(0), handle)["send_handle"]
+        assert not controller.heartbeat("w0", worker_stats(0), None)["send_handle"]
+        assert controller.actors["w0"] is handle  # kept across reports without it
+    finally:
+        controller.shutdown()
+    restarted = HarvestController(config)
+    try:
+        assert restarted.heartbeat("w0", worker_stats(0), None)["send_handle"]
+    finally:
+        restarted.shutdown()

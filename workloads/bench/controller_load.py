@@ -2,14 +2,15 @@
 interval (the period the controller answers with) into the real `HarvestController` actor.
 
 The reporters are asyncio tasks inside a few Ray actors (`REPORTER_ACTORS`), each task one
-worker: it waits the worker's period, then sends `heartbeat(worker_id, stats, handle)` with a
-stats dict of a real worker's shape (`worker_stats`: the engine loop's snapshot with its
+worker: it waits the worker's period, then sends `heartbeat(worker_id, stats, handle)` with
+a stats dict of a real worker's shape (`worker_stats`: the engine loop's snapshot with its
 totals and latency histograms, plus the fields `GPUWorker.stats()` adds) and its actor's own
-handle, as a real worker's heartbeat thread does. Measured over a window after a warm-up:
-the controller process's CPU seconds / wall seconds (psutil on its pid), the heartbeat
-round trip as the reporters saw it, the heartbeats the controller got vs the nominal rate
-(the reporters must keep up, and their own CPU is reported beside), and the staleness of
-its view: the age of the oldest worker entry in `status()` at sampling times.
+handle while the controller asks for it (once), as a real worker's heartbeat thread does.
+Measured over a window after a warm-up: the controller process's CPU seconds / wall seconds
+(psutil on its pid), the heartbeat round trip as the reporters saw it, the heartbeats the
+controller got vs the nominal rate (the reporters must keep up, and their own CPU is
+reported beside), and the staleness of its view: the age of the oldest worker entry in
+`status()` at sampling times.
 """
 
 from __future__ import annotations
@@ -94,19 +95,20 @@ class Reporters:
         async def worker(slot: int, name: str, stats: dict[str, Any]) -> None:
             nonlocal errors
             await asyncio.sleep(period_s * slot / len(self.workers))  # phases spread, as in a fleet
-            period = period_s
+            period, send_handle = period_s, True
             while not self.stopped.is_set():
                 await asyncio.sleep(period)  # the heartbeat thread's `stop.wait(period_s)`
                 stats["uptime_s"] += period
                 stats["last_step"]["time"] = time.monotonic()
                 now, sent = time.time(), time.perf_counter()
                 try:
-                    reply = await self.controller.heartbeat.remote(name, stats, me)
+                    reply = await self.controller.heartbeat.remote(name, stats, me if send_handle else None)
                 except Exception:  # counted: a fleet's heartbeats may fail
                     errors += 1
                     continue
                 calls.append((now, time.perf_counter() - sent))
-                period = reply["period_s"]  # as the worker's heartbeat thread does
+                # as the worker's heartbeat thread does
+                period, send_handle = reply["period_s"], reply["send_handle"]
 
         await asyncio.gather(*(worker(i, n, s) for i, (n, s) in enumerate(self.workers)))
         return {"calls": calls, "errors": errors}
