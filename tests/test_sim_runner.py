@@ -156,11 +156,14 @@ def test_layer_abort_stops_the_sleep_and_writes_nothing(tiny_model):
     start = time.perf_counter()
     with pytest.raises(LayerAbort):
         runner.execute([req], [299], abort)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5 * runner.profile.weights[0]  # a tenth of the step, not all of it
+    aborted = time.perf_counter() - start
     assert runner.kv_cache.equal(before)
+    start = time.perf_counter()
     logits = runner.execute([req], [299])  # run again, uninterrupted: one sampled row
+    whole = time.perf_counter() - start
     assert logits.shape == (1, runner.vocab_size) and not runner.kv_cache.equal(before)
+    # a few polls into the step, not all of it (measured side by side: a loaded box slows both)
+    assert aborted < 0.5 * whole, (aborted, whole)
 
 
 def record_batches(engine) -> list[tuple]:
