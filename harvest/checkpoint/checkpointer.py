@@ -63,19 +63,22 @@ class Checkpointer:
         self._pending.append((req, full - done, host, chunk, event))
         return full - done
 
-    def poll(self, wait: bool = False) -> None:
-        """Hand finished copies to the store (all of them, in order, when `wait`)."""
-        still = []
+    def poll(self, wait: bool = False) -> list[Request]:
+        """Hand finished copies to the store (all of them, in order, when `wait`); returns
+        the requests whose checkpoints that moved (saved further, or lost)."""
+        still, landed = [], []
         for req, n, host, chunk, event in self._pending:
             if still or not (wait or event.query()):
                 still.append((req, n, host, chunk, event))
                 continue
             event.synchronize()
+            landed.append(req)
             if req.request_id not in self._failed and self._put(
                 req, req.checkpointed_tokens // self.block_size, host
             ):
                 req.checkpointed_tokens += n * self.block_size
         self._pending = still
+        return landed
 
     def _put(self, req: Request, first_block: int, chunk: torch.Tensor) -> bool:
         try:

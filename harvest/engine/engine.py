@@ -211,7 +211,8 @@ class Engine:
         req = self.requests.get(request_id) or self._take_from_inbox(request_id)
         if self.scheduler.config.checkpoints and req.status is RequestStatus.RUNNING:
             self.checkpointer.save(req)
-            self.checkpointer.poll(wait=True)
+            for landed in self.checkpointer.poll(wait=True):  # others' copies land here too
+                self._refresh_handle(landed)
         if not self.scheduler.config.checkpoints:
             req.checkpointed_tokens, req.checkpoint = 0, None
         elif req.status is RequestStatus.RUNNING:  # a waiting or loading one's handle is as it was
@@ -292,7 +293,7 @@ class Engine:
             self._record(batch, start, aborted=True)
             return outputs
         outputs += self._update(batch, logits, start)
-        checkpointed = self._checkpoint()
+        checkpointed = self._checkpoint(batch)
         self._record(batch, start, checkpointed=checkpointed)
         return outputs
 
@@ -325,13 +326,14 @@ class Engine:
             self._refresh_handle(req)
             self._restored += (load.loaded_blocks - load.first_block) * bs
 
-    def _checkpoint(self) -> int:
+    def _checkpoint(self, batch: ScheduledBatch) -> int:
         if not self.scheduler.config.checkpoints:
             return 0
-        offline = [r for r in self.scheduler.running if not r.is_online and r.status is RequestStatus.RUNNING]
-        saved = sum(self.checkpointer.save(r) for r in offline)
-        self.checkpointer.poll()
-        for req in offline:
+        # only a request that computed tokens this step can have filled a block: the paused
+        # ones beside it (dozens, next to online work) cost nothing here
+        stepped = [r for r in batch.requests if not r.is_online and r.status is RequestStatus.RUNNING]
+        saved = sum(self.checkpointer.save(r) for r in stepped)
+        for req in dict.fromkeys([*stepped, *self.checkpointer.poll()]):
             self._refresh_handle(req)
         return saved
 
