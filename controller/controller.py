@@ -73,9 +73,9 @@ class HarvestController:
         # the fleet's heartbeats, all together, at most this often: each costs the controller
         # a Ray call, 0.45 ms of its core for an empty one on the 2-core CI box (0.1-0.2 ms on
         # a fast host), so past `max_heartbeats_per_s` x period workers each one reports less
-        # often than every period (see `heartbeat_period`). 150 keeps the controller near a
-        # tenth of a core on the slow box whatever the fleet (BENCHMARKS, scale)
-        self.max_heartbeats_per_s = self.config.get("max_heartbeats_per_s", 150.0)
+        # often than every period (see `heartbeat_period`). 110 keeps the controller under a
+        # tenth of a core on the slow box whatever the fleet (BENCHMARKS, scale: 150 gave 0.13)
+        self.max_heartbeats_per_s = self.config.get("max_heartbeats_per_s", 110.0)
         self.view: dict[str, dict[str, Any]] = {}  # worker -> its last report, and when it came
         self.actors: dict[str, Any] = {}  # worker -> its replica's actor handle (liveness)
         self.drains: dict[str, dict[str, Any]] = {}  # worker -> its drain order, until it leaves
@@ -117,7 +117,7 @@ class HarvestController:
 
     def heartbeat_period(self) -> float:
         """Seconds between a worker's heartbeats: the monitor period while the fleet is small,
-        longer once its reports would pass `max_heartbeats_per_s` (1,000 workers: 6.7 s)."""
+        longer once its reports would pass `max_heartbeats_per_s` (1,000 workers: 9.1 s)."""
         return max(self.period_s, len(self.view) / self.max_heartbeats_per_s)
 
     def _offline_allowed(self, stats: dict[str, Any]) -> bool:

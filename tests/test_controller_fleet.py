@@ -23,8 +23,8 @@ def test_a_large_fleet_reports_less_often_and_stays_in_view(redis_server):
             controller.heartbeat(f"sim-{i:04d}", worker_stats(i), None)["period_s"] for i in range(1000)
         ]
         assert periods[0] == 0.25  # a small fleet: the monitor period
-        # the default budget, 150 heartbeats a second: 37 workers at 0.25 s, 1,000 at 6.7 s
-        assert periods[36] == 0.25 and periods[99] == 100 / 150 and periods[-1] == 1000 / 150
+        # the default budget, 110 heartbeats a second: 27 workers at 0.25 s, 1,000 at 9.1 s
+        assert periods[26] == 0.25 and periods[99] == 100 / 110 and periods[-1] == 1000 / 110
         assert controller.ready()
         status = controller.status()
         assert len(status["workers"]) == 1000
