@@ -65,7 +65,7 @@ class Checkpointer:
 
     def poll(self, wait: bool = False) -> list[Request]:
         """Hand finished copies to the store (all of them, in order, when `wait`); returns
-        the requests whose checkpoints that moved (saved further, or lost)."""
+        the requests whose checkpoints moved (saved further, or lost)."""
         still, landed = [], []
         for req, n, host, chunk, event in self._pending:
             if still or not (wait or event.query()):
