@@ -274,35 +274,24 @@ class Scheduler:
             due = req.arrival_time + self.config.slo.ttft_s
             batch.first_token_due = due if batch.first_token_due is None else min(batch.first_token_due, due)
 
-    def _joins_first_tokens(self, req: Request, n: int, computed: int, batch: ScheduledBatch) -> bool:
+    def _joins_first_tokens(self, n: int, computed: int, batch: ScheduledBatch) -> bool:
         """Whether a waiting online prompt's `n` tokens may join a step that already makes other
-        prompts' first tokens. It waits for the next step only when that costs nobody a
-        target: joining would push one of theirs past its TTFT target (and theirs were in time
-        without it), while its own first token, a step later, would still be in time.
+        prompts' first tokens: not when that would push one of theirs past its TTFT target
+        (unless it was past already). It waits for the next step instead.
 
         An online-only engine puts every pending prompt into one step, up to the token budget,
         so in a burst all their first tokens come at the end of one long step; under harvest
         the burst often lands during a step in flight, and the prompts that wait for it
         arrive together. In virtual time, on the coserve bench's profile, harvest's misses
         beside online-only's were such bursts: five prompts in one 22 ms step, every first
-        token 0-4% past the target, where the first four alone would have made it. Holding a
-        prompt back whenever the others gain, even at its own target, cost more on the CPU
-        than it saved: each extra step pays its fixed cost, and predictions are noisy there."""
+        token 0-4% past the target, where the first four alone would have made it."""
         due = batch.first_token_due
         if self.config.policy is not Policy.HARVEST or due is None or not self.latency.fitted:
             return True
-        now, margin, predict = self.now(), self.latency.margin(), self.latency.predict
-        if now + predict(batch.shape.with_added(n, computed)) * margin <= due:
+        now, margin = self.now(), self.latency.margin()
+        if now + self.latency.predict(batch.shape.with_added(n, computed)) * margin <= due:
             return True
-        end = now + predict(batch.shape) * margin
-        if end > due:
-            return True  # theirs are late anyway
-        nxt = BatchShape()  # the next step: everyone in this one decodes, and this prompt
-        for r, k in zip(batch.requests, batch.num_new_tokens):
-            if r.is_online:
-                nxt.add(1, r.num_computed_tokens + k)
-        nxt.add(n, computed)
-        return end + predict(nxt) * margin > req.arrival_time + self.config.slo.ttft_s
+        return now + self.latency.predict(batch.shape) * margin > due  # they miss anyway
 
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
         """Learn the reserve: how far the steps with online work that overran the TPOT target
@@ -368,7 +357,7 @@ class Scheduler:
                 n = self._fit(n, computed, batch)
             elif n > 1:
                 n = self._cut_online_prefill(req, n, computed, batch)
-                if not self._joins_first_tokens(req, n, computed, batch):
+                if not self._joins_first_tokens(n, computed, batch):
                     return None
             req.num_computed_tokens = computed
             if n == 0 or not self._allocate(req, n, batch, online, hit):
