@@ -491,38 +491,6 @@ def test_the_waiting_counts_follow_admissions_preemptions_and_aborts():
     run(sched)
 
 
-@pytest.mark.parametrize("policy", ["harvest", "online-only"])
-def test_a_prompt_that_would_make_others_miss_their_first_token_waits_a_step(policy):
-    """Three 200-token prompts with 500 ms of their TTFT target left, at 1 ms a token: in one
-    600 ms step all three first tokens would come late. Under harvest the first two run (400
-    ms, in time) and the third waits for the next step: it misses alone, as it would have
-    anyway. online-only runs all three in one step, as a plain engine does."""
-    sched = make_scheduler(policy, num_blocks=256, max_num_batched_tokens=1024)
-    prompts = [make_request(200, online=True) for _ in range(3)]
-    for p in prompts:
-        p.arrival_time -= SLO.ttft_s - 0.5
-        sched.add(p)
-    batch = step(sched)
-    if policy == "online-only":
-        assert batch.num_new_tokens == [200, 200, 200]
-        return
-    assert ids(batch.requests) == ids(prompts[:2])
-    assert sched.latency.predict(batch.shape) <= 0.5
-    nxt = step(sched)  # the two decode, the third prefills
-    assert ids(nxt.requests) == ids(prompts) and nxt.num_new_tokens == [1, 1, 200]
-
-
-def test_prompts_that_miss_their_first_token_anyway_run_together():
-    """With 100 ms left and 200 ms for the first prompt alone, its first token is late whatever
-    joins it: the others are not held back for it."""
-    sched = make_scheduler("harvest", num_blocks=256, max_num_batched_tokens=1024)
-    prompts = [make_request(200, online=True) for _ in range(3)]
-    for p in prompts:
-        p.arrival_time -= SLO.ttft_s - 0.1
-        sched.add(p)
-    assert step(sched).num_new_tokens == [200, 200, 200]
-
-
 def test_prompts_arriving_together_are_not_cut():
     """The cut protects decoders from one prompt's long prefill. With two prompts pending, the
     steps that would carry one prompt's chunks carry the other's prefill too, longer than the
