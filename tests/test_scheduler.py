@@ -514,6 +514,20 @@ def test_a_prompt_that_would_make_others_miss_their_first_token_waits_a_step(pol
     assert ids(nxt.requests) == ids(prompts) and nxt.num_new_tokens[:2] == [1, 1]
 
 
+def test_a_prompt_is_held_back_only_if_it_makes_its_target_behind_all_that_wait_with_it():
+    """As above with a second 300-token prompt behind the third: held back, the third would run
+    in the next step beside the fourth (602 ms, past its own target), not alone (302 ms, in
+    time): it joins, and the fourth with it."""
+    sched = make_scheduler("harvest", num_blocks=512, max_num_batched_tokens=2048)
+    first = [make_request(200, online=True) for _ in range(2)]
+    late = [make_request(300, online=True) for _ in range(2)]
+    for p in first:
+        p.arrival_time -= SLO.ttft_s - 0.5
+    for p in first + late:
+        sched.add(p)
+    assert step(sched).num_new_tokens == [200, 200, 300, 300]
+
+
 @pytest.mark.parametrize("left_s", [0.5, 0.1])
 def test_a_prompt_is_not_held_back_at_the_cost_of_its_own_first_token(left_s):
     """Three 200-token prompts that arrived together: holding the third back would keep the

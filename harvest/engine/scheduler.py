@@ -297,11 +297,15 @@ class Scheduler:
         end = now + predict(batch.shape) * margin
         if end > due:
             return True  # theirs are late anyway
-        nxt = BatchShape()  # the next step: everyone in this one decodes, and this prompt
+        # the next step at best: everyone in this one decodes, and every prompt waiting now
+        # (this one and those behind it, which wait with it) prefills: counting this one alone,
+        # a burst's prompts were held back one step after another until they missed
+        nxt = BatchShape()
         for r, k in zip(batch.requests, batch.num_new_tokens):
             if r.is_online:
                 nxt.add(1, r.num_computed_tokens + k)
-        nxt.add(n, computed)
+        for r in self.online_waiting:
+            nxt.add(r.num_tokens - r.num_computed_tokens, r.num_computed_tokens)
         return end + predict(nxt) * margin > req.arrival_time + self.config.slo.ttft_s
 
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
