@@ -91,3 +91,36 @@ def test_bench_coserve_quick_on_the_simulated_gpu(tmp_path):
     assert fcfs["ttft_p99_s"] > 10 * harvest["ttft_p99_s"]
     for plot in ("latency_cdf", "throughput", "budget"):
         assert (tmp_path / f"coserve-h100-8b_{plot}.png").stat().st_size > 0
+
+
+def test_bench_coserve_quick_on_this_hosts_fitted_profile(tmp_path):
+    """`sim:fit`: the profile the engine's start-up fit finds here, the CPU run's engine size,
+    virtual time. Every step takes exactly what that profile predicts for its shape."""
+    args = ["bench", "coserve", "--quick", "--device", "sim:fit", "--seed", "3", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "SIMULATED on fit" in result.output
+    data = json.loads((tmp_path / "coserve-fit.json").read_text())
+    assert data["simulated_device"]["profile"] == "fit"
+    assert "on this host" in data["simulated_device"]["source"]
+    assert data["config"]["max_num_seqs"] == 32 and data["config"]["seed"] == 3  # the CPU run's size
+    # harvest fits its latency model at start, in virtual time: to the profile itself
+    timeline = json.loads((tmp_path / "coserve-fit_timeline.json").read_text())["harvest"]
+    steps = [(s["measured_latency_s"], s["predicted_latency_s"]) for s in timeline if not s["aborted"]]
+    assert steps and all(m == pytest.approx(p, rel=1e-3) for m, p in steps)
+    p = data["policies"]
+    assert p["harvest"]["offline_tokens_per_s"] > 0 and p["online-only"]["slo_attainment"] > 0.5
+
+
+def test_sim_fit_needs_a_fitted_profile_and_seed_is_coserves(tmp_path):
+    with pytest.raises(ValueError, match="no profile has been fitted"):
+        from harvest.engine.sim_profile import PROFILES, profile_for
+
+        saved = PROFILES.pop("fit", None)
+        try:
+            profile_for("sim:fit")
+        finally:
+            if saved is not None:
+                PROFILES["fit"] = saved
+    result = CliRunner().invoke(app, ["bench", "engine", "--seed", "1", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "only the coserve suite takes --seed" in result.output

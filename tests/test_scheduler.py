@@ -491,6 +491,57 @@ def test_the_waiting_counts_follow_admissions_preemptions_and_aborts():
     run(sched)
 
 
+@pytest.mark.parametrize("policy", ["harvest", "online-only"])
+def test_a_prompt_that_would_make_others_miss_their_first_token_waits_a_step(policy):
+    """Two 200-token prompts with 500 ms of their TTFT target left and a third that just
+    arrived, at 1 ms a token: in one 600 ms step the first two first tokens would come late.
+    Under harvest the first two run (400 ms, in time) and the third waits for the next step,
+    where its first token still comes within its own target. online-only runs all three in
+    one step, as a plain engine does."""
+    sched = make_scheduler(policy, num_blocks=256, max_num_batched_tokens=1024)
+    prompts = [make_request(200, online=True) for _ in range(3)]
+    for p in prompts[:2]:
+        p.arrival_time -= SLO.ttft_s - 0.5
+    for p in prompts:
+        sched.add(p)
+    batch = step(sched)
+    if policy == "online-only":
+        assert batch.num_new_tokens == [200, 200, 200]
+        return
+    assert ids(batch.requests) == ids(prompts[:2])
+    assert sched.latency.predict(batch.shape) <= 0.5
+    nxt = step(sched)  # the two decode, the third prefills (cut for them, within its own target)
+    assert ids(nxt.requests) == ids(prompts) and nxt.num_new_tokens[:2] == [1, 1]
+
+
+def test_a_prompt_is_held_back_only_if_it_makes_its_target_behind_all_that_wait_with_it():
+    """As above with a second 300-token prompt behind the third: held back, the third would run
+    in the next step beside the fourth (602 ms, past its own target), not alone (302 ms, in
+    time): it joins, and the fourth with it."""
+    sched = make_scheduler("harvest", num_blocks=512, max_num_batched_tokens=2048)
+    first = [make_request(200, online=True) for _ in range(2)]
+    late = [make_request(300, online=True) for _ in range(2)]
+    for p in first:
+        p.arrival_time -= SLO.ttft_s - 0.5
+    for p in first + late:
+        sched.add(p)
+    assert step(sched).num_new_tokens == [200, 200, 300, 300]
+
+
+@pytest.mark.parametrize("left_s", [0.5, 0.1])
+def test_a_prompt_is_not_held_back_at_the_cost_of_its_own_first_token(left_s):
+    """Three 200-token prompts that arrived together: holding the third back would keep the
+    first two in time (500 ms left) but make its own first token late a step later, so it
+    joins; and with 100 ms left the first two are late whatever joins them. Either way all
+    three run in one step."""
+    sched = make_scheduler("harvest", num_blocks=256, max_num_batched_tokens=1024)
+    prompts = [make_request(200, online=True) for _ in range(3)]
+    for p in prompts:
+        p.arrival_time -= SLO.ttft_s - left_s
+        sched.add(p)
+    assert step(sched).num_new_tokens == [200, 200, 200]
+
+
 def test_prompts_arriving_together_are_not_cut():
     """The cut protects decoders from one prompt's long prefill. With two prompts pending, the
     steps that would carry one prompt's chunks carry the other's prefill too, longer than the

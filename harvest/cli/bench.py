@@ -40,7 +40,11 @@ def bench(
     device: str = typer.Option(
         "cpu",
         "--device",
-        help="engine and coserve only: cpu or cuda[:N]; coserve also sim[:PROFILE], the simulated GPU.",
+        help="engine and coserve only: cpu or cuda[:N]; coserve also sim[:PROFILE], the simulated GPU, "
+        "or sim:fit, this host's own step costs fitted at start-up, in virtual time.",
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="coserve only: another trace and backlog (default 0)."
     ),
 ) -> None:
     """Run a benchmark suite: prints a table, writes OUT/SUITE.json and PNG plots."""
@@ -57,7 +61,11 @@ def bench(
         raise typer.BadParameter("only the engine and coserve suites take --model and --device")
     if device.split(":", 1)[0] == "sim" and suite != "coserve":
         raise typer.BadParameter("only the coserve suite runs on the simulated device", param_hint="--device")
+    if seed is not None and suite != "coserve":
+        raise typer.BadParameter("only the coserve suite takes --seed", param_hint="--seed")
     options = {"repeat": repeat} if suite == "peers" else {"minutes": minutes} if suite == "soak" else {}
     if suite in ("engine", "coserve"):
         options = {"model": model, "device": device}
+    if seed is not None:
+        options["seed"] = seed
     import_module(SUITES[suite]).run(quick=quick, out=out, **options)

@@ -110,12 +110,28 @@ PROFILES: dict[str, StepProfile] = {
     "a100-8b": roofline("a100-8b", bandwidth=2.04e12, peak_flops=312e12, launch_s=1.5e-3, **LLAMA_8B),
 }
 DEFAULT_PROFILE = "h100-8b"
+FITTED = "fit"  # `sim:fit`: registered by whoever fitted it (`register_fitted`)
+
+
+def register_fitted(weights: list[float], layers: int, source: str) -> StepProfile:
+    """Make `sim:fit` the profile an engine's start-up fit found on this host.
+
+    The simulated device then takes exactly this machine's own mean step costs, without its
+    jitter, its cache and its neighbours: a scheduling policy can be compared on the same
+    trace in virtual time, seed after seed, in seconds (the coserve bench's `--device
+    sim:fit`), where on the CPU itself the box's speed moves more between two runs than
+    the policies differ."""
+    profile = StepProfile(FITTED, tuple(weights), layers, source)
+    PROFILES[FITTED] = profile
+    return profile
 
 
 def profile_for(device: str) -> StepProfile:
     """The profile a `sim[:NAME]` device names (plain `sim`: the default GPU profile)."""
     _, _, name = device.partition(":")
     name = name or DEFAULT_PROFILE
+    if name == FITTED and name not in PROFILES:
+        raise ValueError(f"device {device!r}: no profile has been fitted on this host yet (register_fitted)")
     if name not in PROFILES:
         raise ValueError(
             f"device {device!r}: unknown sim profile {name!r}; choose from {', '.join(PROFILES)}"

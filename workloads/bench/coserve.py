@@ -28,7 +28,7 @@ from pathlib import Path
 
 from harvest.engine import Engine
 from harvest.engine.clock import WALL, VirtualClock
-from harvest.engine.sim_profile import profile_for
+from harvest.engine.sim_profile import FITTED, profile_for, register_fitted
 from workloads.bench.common import console, print_table, write_result
 from workloads.bench.plots import plot_coserve
 from workloads.replay import ReplayRun, random_prompt, replay
@@ -82,6 +82,11 @@ class CoserveConfig:
     @property
     def simulated(self) -> bool:
         return self.device == "sim" or self.device.startswith("sim:")
+
+    @property
+    def fitted(self) -> bool:
+        """`sim:fit`: simulated on this host's own step costs, at the CPU run's engine size."""
+        return self.device == f"sim:{FITTED}"
 
 
 def summarize(run: ReplayRun, ttft_slo: float | None, tpot_slo: float | None, engine: Engine) -> dict:
@@ -137,6 +142,14 @@ def make_engine(model_dir: Path, cfg: CoserveConfig, policy: str, slo: dict | No
     )
 
 
+def fit_profile(model_dir: Path, cfg: CoserveConfig) -> None:
+    """Register `sim:fit`: what the engine's start-up profile of this model finds on this host."""
+    engine = make_engine(model_dir, replace(cfg, device="cpu"), "harvest")  # harvest profiles at start
+    model = cfg.model or "the tiny Llama"
+    source = f"fitted at start-up: Engine.profile_latency of {model} on this host's cpu"
+    register_fitted(engine.latency.weights, engine.runner.shape.num_layers, source)
+
+
 def calibrate_rate(model_dir: Path, cfg: CoserveConfig, vocab: int) -> float:
     """Requests/s at which an online-only engine would be busy `target_busy` of the time."""
     engine = make_engine(model_dir, cfg, "online-only")
@@ -187,7 +200,7 @@ def run(quick: bool, out: Path, **overrides) -> dict:
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     cfg = CoserveConfig(**{**(QUICK if quick else {}), **overrides})
-    if cfg.simulated:  # the engine sized as on the GPU the profile stands for
+    if cfg.simulated and not cfg.fitted:  # the engine sized as on the GPU the profile stands for
         cfg = replace(cfg, **{k: v for k, v in SIM.items() if k not in overrides})
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = (
@@ -197,6 +210,8 @@ def run(quick: bool, out: Path, **overrides) -> dict:
                 Path(tmp) / "coserve-llama", "llama", hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads
             )
         )
+        if cfg.fitted:
+            fit_profile(model_dir, cfg)
         vocab = 500
         rate = cfg.rate or calibrate_rate(model_dir, cfg, vocab)
         arrivals = gamma_arrivals(
