@@ -278,7 +278,8 @@ class Scheduler:
         """Whether a waiting online prompt's `n` tokens may join a step that already makes other
         prompts' first tokens. It waits for the next step only when that costs nobody a
         target: joining would push one of theirs past its TTFT target (and theirs were in time
-        without it), while its own first token, a step later, would still be in time.
+        without it), while its own first token, a step later beside every prompt waiting now,
+        would still be in time.
 
         An online-only engine puts every pending prompt into one step, up to the token budget,
         so in a burst all their first tokens come at the end of one long step; under harvest
