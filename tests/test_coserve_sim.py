@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from harvest.cli import app
 from harvest.engine import SamplingParams
 from harvest.engine.clock import VirtualClock
+from harvest.engine.sim_profile import FITTED, PROFILES, profile_for
 from tests.helpers import make_engine, make_prompts
 
 DEVICE = "sim:h100-8b"
@@ -113,14 +114,12 @@ def test_bench_coserve_quick_on_this_hosts_fitted_profile(tmp_path):
 
 
 def test_sim_fit_needs_a_fitted_profile_and_seed_is_coserves(tmp_path):
-    with pytest.raises(ValueError, match="no profile has been fitted"):
-        from harvest.engine.sim_profile import PROFILES, profile_for
-
-        saved = PROFILES.pop("fit", None)
-        try:
+    saved = PROFILES.pop(FITTED, None)  # another test may have fitted one in this process
+    try:
+        with pytest.raises(ValueError, match="no profile has been fitted"):
             profile_for("sim:fit")
-        finally:
-            if saved is not None:
-                PROFILES["fit"] = saved
+    finally:
+        if saved is not None:
+            PROFILES[FITTED] = saved
     result = CliRunner().invoke(app, ["bench", "engine", "--seed", "1", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "only the coserve suite takes --seed" in result.output

@@ -25,8 +25,6 @@ class ScheduledBatch:
     latency_budget_s: float | None = None  # offline work's (harvest)
     online_prefill_budget_s: float | None = None  # an online prefill chunk's (harvest)
     offline_token_budget: int = 0
-    # the earliest TTFT deadline of the online prompts whose first token this step makes (harvest)
-    first_token_due: float | None = None
     recomputed_tokens: int = 0  # of num_tokens, those their request had computed before a preemption
     prefix_queried_tokens: int = 0  # tokens of the requests admitted this step
     prefix_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
@@ -267,13 +265,6 @@ class Scheduler:
             return n  # cut, it could miss its TTFT: the decoders' slack is spent instead
         return cut
 
-    def _note_first_token(self, req: Request, n: int, batch: ScheduledBatch) -> None:
-        if self.config.policy is not Policy.HARVEST or req.first_token_time is not None:
-            return
-        if req.num_computed_tokens + n == req.num_tokens:  # its prompt completes in this step
-            due = req.arrival_time + self.config.slo.ttft_s
-            batch.first_token_due = due if batch.first_token_due is None else min(batch.first_token_due, due)
-
     def _joins_first_tokens(self, req: Request, n: int, computed: int, batch: ScheduledBatch) -> bool:
         """Whether a waiting online prompt's `n` tokens may join a step that already makes other
         prompts' first tokens. It waits for the next step only when that costs nobody a
@@ -289,8 +280,16 @@ class Scheduler:
         token 0-4% past the target, where the first four alone would have made it. Holding a
         prompt back whenever the others gain, even at its own target, cost more on the CPU
         than it saved: each extra step pays its fixed cost, and predictions are noisy there."""
-        due = batch.first_token_due
-        if self.config.policy is not Policy.HARVEST or due is None or not self.latency.fitted:
+        if self.config.policy is not Policy.HARVEST or not self.latency.fitted:
+            return True
+        ttft = self.config.slo.ttft_s
+        # the earliest TTFT deadline of the prompts whose first token this step makes
+        due = min(
+            (r.arrival_time + ttft for r, k in zip(batch.requests, batch.num_new_tokens)
+             if r.is_online and r.first_token_time is None and r.num_computed_tokens + k == r.num_tokens),
+            default=None,
+        )  # fmt: skip
+        if due is None:
             return True
         now, margin, predict = self.now(), self.latency.margin(), self.latency.predict
         if now + predict(batch.shape.with_added(n, computed)) * margin <= due:
@@ -307,7 +306,7 @@ class Scheduler:
                 nxt.add(1, r.num_computed_tokens + k)
         for r in self.online_waiting:
             nxt.add(r.num_tokens - r.num_computed_tokens, r.num_computed_tokens)
-        return end + predict(nxt) * margin > req.arrival_time + self.config.slo.ttft_s
+        return end + predict(nxt) * margin > req.arrival_time + ttft
 
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
         """Learn the reserve: how far the steps with online work that overran the TPOT target
@@ -342,8 +341,6 @@ class Scheduler:
         if n == 0 or not self._allocate(req, n, batch, online):
             return 0  # paused this step (or evicted)
         batch.add(req, n)
-        if online:
-            self._note_first_token(req, n, batch)
         return n
 
     def _admit(self, queue: deque[Request], budget: int, batch: ScheduledBatch, online: bool) -> int | None:
@@ -392,8 +389,6 @@ class Scheduler:
         else:
             req.status = RequestStatus.RUNNING
             batch.add(req, n)
-            if online:
-                self._note_first_token(req, n, batch)
         return n
 
     def _free_a_seat_for_flex(self, batch: ScheduledBatch) -> None:
