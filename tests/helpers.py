@@ -33,16 +33,22 @@ def make_prompts(engine: Engine, lengths: list[int] = PROMPT_LENGTHS, start: int
     return [ids[start + 7 * i : start + 7 * i + n] for i, n in enumerate(lengths)]
 
 
+def step_checked(engine: Engine) -> list[RequestOutput]:
+    """One step, then the scheduler's integrity check (block manager, queues, counts)."""
+    outs = engine.step()
+    engine.scheduler.check_integrity()
+    return outs
+
+
 def run_checked(engine: Engine, max_steps: int = 5000) -> dict[str, RequestOutput]:
-    """Step to completion, checking block-manager integrity after every step."""
+    """Step to completion, checking integrity after every step."""
     done: dict[str, RequestOutput] = {}
     for _ in range(max_steps):
         if not engine.has_unfinished():
             break
-        for out in engine.step():
+        for out in step_checked(engine):
             if out.finished:
                 done[out.request_id] = out
-        engine.scheduler.check_integrity()
     assert not engine.has_unfinished(), f"stuck after {max_steps} steps: {engine.scheduler.unfinished()}"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     return done

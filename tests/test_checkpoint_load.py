@@ -13,7 +13,7 @@ from harvest.checkpoint import CheckpointHandle
 from harvest.checkpoint.store import HostCheckpointStore
 from harvest.engine import RequestStatus, SamplingParams
 from harvest.queue import Progress
-from tests.helpers import make_engine, make_prompts, run_checked
+from tests.helpers import make_engine, make_prompts, run_checked, step_checked
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 ONLINE = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -45,12 +45,6 @@ def elsewhere(states):
 class UnreadableStore(HostCheckpointStore):
     def get(self, key):
         raise OSError("checkpoint backend gone")
-
-
-def step_checked(engine):
-    outs = engine.step()
-    engine.scheduler.check_integrity()
-    return outs
 
 
 def reference(model, prompts, params=GREEDY):

@@ -9,16 +9,10 @@ import pytest
 
 from harvest.checkpoint.store import HostCheckpointStore
 from harvest.engine import FinishReason, SamplingParams
-from tests.helpers import make_engine, make_prompts, run_checked
+from tests.helpers import make_engine, make_prompts, run_checked, step_checked
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 ONLINE = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-
-
-def step_checked(engine):
-    outs = engine.step()
-    engine.scheduler.check_integrity()
-    return outs
 
 
 def reference(model, prompts, params=GREEDY):
