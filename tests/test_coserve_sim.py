@@ -4,6 +4,7 @@ abort, and `harvest bench coserve --device sim:PROFILE`'s policies ordered as th
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +14,8 @@ from harvest.engine import SamplingParams
 from harvest.engine.clock import VirtualClock
 from harvest.engine.sim_profile import FITTED, PROFILES, profile_for
 from tests.helpers import make_engine, make_prompts
+from workloads.replay import random_prompt, replay
+from workloads.traces import gamma_arrivals
 
 DEVICE = "sim:h100-8b"
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -58,6 +61,25 @@ def test_an_arrival_in_virtual_time_aborts_an_offline_step_at_a_layer_boundary(t
         outputs |= {o.request_id: o for o in engine.step() if o.finished}
     assert set(outputs) == {"offline", "online"}
     assert outputs["online"].metrics["arrival_time"] == 2e-3
+
+
+def test_a_trace_in_virtual_time_replays_the_same_with_checkpoint_loads(tiny_model):
+    """Preempted offline requests come back from their checkpoints (a load) in every run, and
+    two runs of one trace take the same steps: a load lands in the step it was started in, not
+    whenever a thread gets to it (that made `sim:fit` repeats differ)."""
+    arrivals = gamma_arrivals(40.0, 2.0, num_requests=30, prompt_len="lognormal:96:0.5:384",
+                              output_len="lognormal:32:0.5:96", seed=1)  # fmt: skip
+    rng = random.Random(2)
+    backlog = [(random_prompt(rng.randint(100, 500), 500, rng), rng.randint(20, 120)) for _ in range(80)]
+    runs = []
+    for _ in range(2):
+        clock = VirtualClock()
+        engine = make_engine(tiny_model, device=DEVICE, clock=clock, policy="harvest", block_size=16,
+                             num_blocks=300, slo={"ttft_s": 0.2, "tpot_s": 0.02})  # fmt: skip
+        run = replay(engine, arrivals, backlog, 500, clock=clock)
+        assert engine.stats.preemptions > 0 and engine.stats.restored_tokens > 0
+        runs.append([(t["time"], t["offline_tokens"], t["restored_tokens"]) for t in run.timeline])
+    assert runs[0] == runs[1]
 
 
 def test_only_the_simulated_device_runs_on_a_virtual_clock(tiny_model):

@@ -63,9 +63,16 @@ class Load:
 
 
 class CheckpointLoader:
-    """Runs loads on one thread, in submission order, and hands finished ones back."""
+    """Runs loads on one thread, in submission order, and hands finished ones back.
 
-    def __init__(self, kv_cache: torch.Tensor, block_size: int, store: CheckpointStore) -> None:
+    `inline`: run each load in `submit`, on the caller's thread, instead. The simulated device
+    in virtual time wants that: its steps take no wall time, so a load on a thread finishes a
+    step earlier or later from run to run, and the same trace gave different preemptions and
+    restores each time; there is no device copy to overlap anyway."""
+
+    def __init__(
+        self, kv_cache: torch.Tensor, block_size: int, store: CheckpointStore, inline: bool = False
+    ) -> None:
         layers, two, slots, kv_heads, head_dim = kv_cache.shape
         self.blocks_view = kv_cache.view(layers, two, slots // block_size, block_size, kv_heads, head_dim)
         self.store = store
@@ -79,6 +86,7 @@ class CheckpointLoader:
         # held while a copy is written: a cancel that got it knows no copy is under way
         self._copying = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.inline = inline
 
     @property
     def pending(self) -> bool:
@@ -96,6 +104,9 @@ class CheckpointLoader:
         self._pending[load.key] = load
         with self._cond:
             self._unfinished += 1
+        if self.inline:
+            self._serve(load)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="checkpoint-loader", daemon=True)
             self._thread.start()
@@ -157,15 +168,17 @@ class CheckpointLoader:
 
     def _run(self) -> None:
         while True:
-            load = self._inbox.get()
-            try:
-                self._load(load)
-            except Exception:  # the thread serves every later load: a bug here costs one recompute
-                log.exception("checkpoint load of %s failed: it recomputes", load.key)
-            with self._cond:
-                self._done.append(load)
-                self._unfinished -= 1
-                self._cond.notify_all()
+            self._serve(self._inbox.get())
+
+    def _serve(self, load: Load) -> None:
+        try:
+            self._load(load)
+        except Exception:  # the thread serves every later load: a bug here costs one recompute
+            log.exception("checkpoint load of %s failed: it recomputes", load.key)
+        with self._cond:
+            self._done.append(load)
+            self._unfinished -= 1
+            self._cond.notify_all()
 
     def _load(self, load: Load) -> None:
         if not load.cancelled and load.handle is not None:

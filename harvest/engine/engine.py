@@ -87,7 +87,9 @@ class Engine:
         self.policy = config.scheduler.policy
         self.checkpoint_store = HostCheckpointStore() if checkpoint_store is None else checkpoint_store
         self.checkpointer = Checkpointer(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
-        self.loader = CheckpointLoader(self.runner.kv_cache, cache.block_size, self.checkpoint_store)
+        # in virtual time a load on a thread would land a step earlier or later from run to run
+        inline = not isinstance(clock, WallClock)
+        self.loader = CheckpointLoader(self.runner.kv_cache, cache.block_size, self.checkpoint_store, inline)
         self.scheduler = Scheduler(
             config.scheduler, self.block_manager, self.latency, self.loader.cancel, clock.now
         )
