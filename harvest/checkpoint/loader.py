@@ -65,10 +65,10 @@ class Load:
 class CheckpointLoader:
     """Runs loads on one thread, in submission order, and hands finished ones back.
 
-    `inline`: run each load in `submit`, on the caller's thread, instead. The simulated device
-    in virtual time wants that: its steps take no wall time, so a load on a thread finishes a
-    step earlier or later from run to run, and the same trace gave different preemptions and
-    restores each time; there is no device copy to overlap anyway."""
+    `inline`: do the thread's part of each load in `submit`, on the caller's thread. The
+    simulated device in virtual time wants that: its steps take no wall time, so a load on a
+    thread finishes a step earlier or later from run to run, and the same trace gave different
+    preemptions and restores each time; there is no device copy to overlap anyway."""
 
     def __init__(
         self, kv_cache: torch.Tensor, block_size: int, store: CheckpointStore, inline: bool = False
